@@ -102,7 +102,8 @@ def quantizable_linears(model_or_block, prefix=None):
     Given a model, names are ``model.layers.{i}.{LINEAR_NAMES}``; given one block, just ``LINEAR_NAMES``.
     Every other module of dbllm_lab finds its layers through this function.
     """
-    if hasattr(model_or_block, "model") and hasattr(model_or_block.model, "layers"):
+    from transformers import PreTrainedModel
+    if isinstance(model_or_block, PreTrainedModel):
         out = {}
         for i, block in enumerate(decoder_layers(model_or_block)):
             out.update(quantizable_linears(block, prefix=f"model.layers.{i}"))
