@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: machine description and the common result layout.
+
+Every result table is one JSON file: {"machine": {...}, "settings": {...}, "rows": [{"method", "ppl",
+"bits_per_weight", ...}, ...]} plus a markdown rendering of the rows next to it (same name, .md).
+"""
+import json
+import os
+import platform
+import time
+
+
+def machine_info():
+    """CPU model, cores, RAM, GPU (if any), and library versions, for the top of every result file."""
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram = None
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows, columns=None):
+    """Rows (list of dicts) as a GitHub markdown table; columns default to the union of keys in order."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path_json, rows, settings, columns=None):
+    """Write {machine, settings, rows} to ``path_json`` atomically and the rows as markdown beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path_json)), exist_ok=True)
+    doc = {"machine": machine_info(), "settings": settings, "rows": rows}
+    tmp = path_json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path_json)
+    md = os.path.splitext(path_json)[0] + ".md"
+    with open(md + ".tmp", "w") as f:
+        f.write(markdown_table(rows, columns))
+    os.replace(md + ".tmp", md)
+    print(f"wrote {path_json} and {md}")
+    return doc
+
+
+def load_results(path_json):
+    """The rows already written (for resumable benchmarks), or [] if the file does not exist."""
+    if not os.path.isfile(path_json):
+        return []
+    with open(path_json) as f:
+        return json.load(f)["rows"]
