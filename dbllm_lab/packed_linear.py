@@ -1,0 +1,153 @@
+"""``PackedDualBinaryLinear``: the inference-time DB-LLM linear layer, stored as packed bit-planes.
+
+    y = x @ w_hat.T + bias,   w_hat = a1 * b1 + a2 * b2 per (row, group of g input columns)   (method.md §1)
+
+Buffers: ``p1``, ``p2`` (out, in // 32) int32 words (``dbllm_lab.packing`` layout), ``a1``, ``a2``
+(out, in // g) scales (fp16 by default: the packed format; fp32 keeps the simulated model's scales exactly),
+optional ``bias``. Storage is 2 + 2 * 16 / g bits per weight (2.5 at g = 64).
+
+Forward picks its path automatically:
+  * CUDA tensors (with triton): the Triton kernels of ``dbllm_lab.kernel`` (GEMV for <= 8 rows, GEMM above),
+    straight from the packed words, no dense weight ever materialised;
+  * CPU (or no triton): a vectorised torch path: unpack once into a dense ``w_hat`` in the activation dtype,
+    cache it, then ``F.linear``. The cache costs the dense weight's memory; ``cache=False`` dequantizes on
+    every call instead (packed memory only, slower).
+``backend='triton'`` forces the kernel (on CPU only under TRITON_INTERPRET=1); ``backend='torch'`` forces torch.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .kernel import BACKENDS, HAS_TRITON, SCALE_DTYPES, bits_per_weight, dequantize, dual_binary_matmul, interpreting
+from .packing import WORD_BITS, pack_bits
+
+
+class PackedDualBinaryLinear(nn.Module):
+    """Dual-binarized linear layer from packed bit-planes; see the module docstring for the formula and paths."""
+
+    def __init__(self, in_features, out_features, group_size=64, bias=False, scale_dtype=torch.float16,
+                 backend="auto", cache=True, device=None):
+        super().__init__()
+        if group_size <= 0 or group_size % WORD_BITS:
+            raise ValueError(f"group_size={group_size} is not supported: it must be a positive multiple of "
+                             f"{WORD_BITS} (e.g. 32, 64, 128)")
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={scale_dtype} is not one of {SCALE_DTYPES}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.backend, self.cache = backend, cache
+        words, groups = in_features // WORD_BITS, in_features // group_size
+        self.register_buffer("p1", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("p2", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("a1", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("a2", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._w_cache = None  # (key, dense w_hat) for the CPU path
+
+    # ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_bitplanes(cls, b1, b2, a1, a2, group_size, bias=None, scale_dtype=torch.float16, **kwargs):
+        """Build from {0,1} bit-planes b1, b2 (out, in) and scales a1, a2 (out, in // group_size)."""
+        if b1.shape != b2.shape or b1.dim() != 2:
+            raise ValueError(f"b1 and b2 must be 2-D (out, in) of one shape, got {tuple(b1.shape)} and {tuple(b2.shape)}")
+        out_f, in_f = b1.shape
+        if in_f % WORD_BITS:
+            raise ValueError(f"in_features={in_f} is not a multiple of {WORD_BITS}; packed bit-planes need in % 32 == 0")
+        if tuple(a1.shape) != tuple(a2.shape):
+            raise ValueError(f"a1 and a2 shapes differ: {tuple(a1.shape)} vs {tuple(a2.shape)}")
+        layer = cls(in_f, out_f, group_size=group_size, bias=bias is not None, scale_dtype=scale_dtype,
+                    device=b1.device, **kwargs)
+        if tuple(a1.shape) != (out_f, in_f // group_size):
+            raise ValueError(f"scales have shape {tuple(a1.shape)}, expected (out, in // group_size) = "
+                             f"({out_f}, {in_f // group_size}) for group_size={group_size}")
+        with torch.no_grad():
+            layer.p1.copy_(pack_bits(b1))
+            layer.p2.copy_(pack_bits(b2))
+            layer.a1.copy_(a1.detach().to(scale_dtype))
+            layer.a2.copy_(a2.detach().to(scale_dtype))
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+        return layer
+
+    @classmethod
+    def from_dual_binary(cls, layer, scale_dtype=torch.float16, **kwargs):
+        """Freeze a trained/initialised ``DualBinaryLinear`` (modules.py): its current bit-planes
+        ``layer.bitplanes()`` and scales ``layer.a1``, ``layer.a2``."""
+        for attr in ("bitplanes", "a1", "a2", "group_size"):
+            if not hasattr(layer, attr):
+                raise TypeError(f"{type(layer).__name__} has no {attr!r}; from_dual_binary expects a DualBinaryLinear")
+        with torch.no_grad():
+            b1, b2 = layer.bitplanes()
+            bias = getattr(layer, "bias", None)
+            return cls.from_bitplanes(b1, b2, layer.a1, layer.a2, int(layer.group_size), bias=bias,
+                                      scale_dtype=scale_dtype, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    def dequantize(self, dtype=torch.float32):
+        """Dense (out, in) ``w_hat = a1 * b1 + a2 * b2``."""
+        return dequantize(self.p1, self.p2, self.a1, self.a2, self.group_size, dtype=dtype)
+
+    @property
+    def bits_per_weight(self):
+        return bits_per_weight(self.group_size, scale_bits=torch.finfo(self.a1.dtype).bits)
+
+    def packed_bytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.p1, self.p2, self.a1, self.a2))
+
+    def use_kernel(self, x):
+        """True when forward(x) runs the Triton kernel, False for the torch path."""
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        return x.is_cuda and HAS_TRITON and not interpreting()
+
+    def _dense(self, dtype):
+        key = (dtype, self.p1.device, self.p1._version, self.p2._version, self.a1._version, self.a2._version,
+               self.p1.data_ptr(), self.a1.data_ptr())
+        if self._w_cache is not None and self._w_cache[0] == key:
+            return self._w_cache[1]
+        w = self.dequantize(dtype)
+        if self.cache:
+            self._w_cache = (key, w)
+        return w
+
+    def clear_cache(self):
+        self._w_cache = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.half() invalidate the dense cache
+        self._w_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
+        if self.use_kernel(x):
+            y = dual_binary_matmul(x, self.p1, self.p2, self.a1, self.a2, self.group_size, backend="triton")
+        else:
+            if x.device != self.p1.device:
+                raise ValueError(f"input is on {x.device} but the packed weights are on {self.p1.device}")
+            y = F.linear(x, self._dense(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}, scales={str(self.a1.dtype).replace('torch.', '')}, "
+                f"bits_per_weight={self.bits_per_weight:g}, backend={self.backend}")
+
+
+def pack_model(model, scale_dtype=torch.float16, **kwargs):
+    """Replace every ``DualBinaryLinear`` among ``quantizable_linears(model)`` by a ``PackedDualBinaryLinear``
+    (in place). Returns the list of replaced names."""
+    from .model import quantizable_linears, set_module
+    names = []
+    for name, module in quantizable_linears(model).items():
+        if hasattr(module, "bitplanes") and hasattr(module, "a1"):
+            set_module(model, name, PackedDualBinaryLinear.from_dual_binary(module, scale_dtype=scale_dtype, **kwargs))
+            names.append(name)
+    return names
