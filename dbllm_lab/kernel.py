@@ -32,6 +32,7 @@ interpreted kernels instead of kernels that cannot launch).
 """
 import functools
 import os
+import sys
 
 import torch
 
@@ -139,20 +140,47 @@ def dual_binary_matmul_reference(x, p1, p2, a1, a2, group_size):
     return y.reshape(*x.shape[:-1], N)
 
 
-def dequantize(p1, p2, a1, a2, group_size, dtype=torch.float32, rows_per_chunk=1024):
-    """Dense ``w_hat = a1 * b1 + a2 * b2`` of shape (out, in) in ``dtype`` (computed in fp32, chunked over rows)."""
+_BYTE_LUT = {}
+
+
+def _byte_lut(device):
+    """(256, 8) fp32 table: row v holds bits 0..7 of byte v (LSB first), i.e. 8 consecutive columns."""
+    if device not in _BYTE_LUT:
+        v = torch.arange(256, dtype=torch.int32, device=device)
+        _BYTE_LUT[device] = ((v[:, None] >> torch.arange(8, dtype=torch.int32, device=device)) & 1).float()
+    return _BYTE_LUT[device]
+
+
+def _unpack_f32(words, rows, G, group_size):
+    """(rows, KW) int32 -> (rows, G, g) fp32 of {0, 1}: byte lookup on little-endian hosts, shifts otherwise."""
+    if sys.byteorder == "little":  # byte j of word k holds columns 32k + 8j .. 32k + 8j + 7
+        return torch.nn.functional.embedding(words.contiguous().view(torch.uint8).long(),
+                                             _byte_lut(words.device)).view(rows, G, group_size)
+    shifts = torch.arange(WORD_BITS, dtype=torch.int32, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).float().view(rows, G, group_size)
+
+
+def dequantize(p1, p2, a1, a2, group_size, dtype=torch.float32, rows_per_chunk=128):
+    """Dense ``w_hat = a1 * b1 + a2 * b2`` of shape (out, in) in ``dtype``; computed in fp32 in chunks of rows
+    (byte-table unpacking, per-group scales broadcast, no int64 or repeated-scale temporaries)."""
     if p1.dtype != torch.int32 or p2.dtype != torch.int32 or p1.shape != p2.shape or p1.dim() != 2:
         raise ValueError(f"p1, p2 must be 2-D int32 of one shape, got {p1.dtype} {tuple(p1.shape)} and "
                          f"{p2.dtype} {tuple(p2.shape)}")
     N, KW = p1.shape
     K = KW * WORD_BITS
     check_inputs(torch.empty(0, K, dtype=torch.float32, device=p1.device), p1, p2, a1, a2, group_size)
+    G = K // group_size
     w = torch.empty(N, K, dtype=dtype, device=p1.device)
     for r in range(0, N, rows_per_chunk):
         sl = slice(r, r + rows_per_chunk)
-        s1 = a1[sl].float().repeat_interleave(group_size, dim=1)
-        s2 = a2[sl].float().repeat_interleave(group_size, dim=1)
-        w[sl] = (unpack_bits(p1[sl]) * s1 + unpack_bits(p2[sl]) * s2).to(dtype)
+        rows = p1[sl].shape[0]
+        b1 = _unpack_f32(p1[sl], rows, G, group_size)
+        b2 = _unpack_f32(p2[sl], rows, G, group_size)
+        out = w[sl].view(rows, G, group_size) if dtype == torch.float32 else torch.empty_like(b1)
+        torch.mul(b1, a1[sl].float().unsqueeze(-1), out=out)
+        out.addcmul_(b2, a2[sl].float().unsqueeze(-1))
+        if dtype != torch.float32:
+            w[sl] = out.view(rows, K).to(dtype)
     return w
 
 

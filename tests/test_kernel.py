@@ -194,7 +194,16 @@ def test_reference_equals_dense_dequantize():
     s2 = a2.float().repeat_interleave(g, 1)
     w = s1 * b1.float() + s2 * b2.float()
     torch.testing.assert_close(K.dequantize(p1, p2, a1, a2, g, rows_per_chunk=16), w)
+    torch.testing.assert_close(K.dequantize(p1, p2, a1, a2, g, dtype=torch.float16), w.half())
     torch.testing.assert_close(K.dual_binary_matmul_reference(x, p1, p2, a1, a2, g), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_without_byte_table(monkeypatch):
+    """The shift-based unpacking (used on big-endian hosts) agrees with the byte-table one."""
+    _, _, p1, p2, a1, a2 = make(20, 96, 32)
+    w = K.dequantize(p1, p2, a1, a2, 32)
+    monkeypatch.setattr(K.sys, "byteorder", "big")
+    torch.testing.assert_close(K.dequantize(p1, p2, a1, a2, 32, rows_per_chunk=7), w)
 
 
 def test_bits_per_weight():

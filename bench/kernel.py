@@ -1,0 +1,276 @@
+"""Dual-bit-plane matmul benchmark: packed DB-LLM layer vs the dense matmul, against the bandwidth limit.
+
+    python bench/kernel.py                      # CUDA if present, else the CPU torch path
+    python bench/kernel.py --batches 1 --shapes 576x576   # a subset
+
+Shapes are out x in (LLaMA-7B 4096x4096, 4096x11008 = down_proj, 11008x4096 = up/gate; the embedded
+SmolLM2-135M's 576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536 down); batches 1, 4, 16 activation rows.
+
+On CUDA (writes bench/results/kernel_<gpu>.json): the Triton kernel (GEMV for <= 8 rows, GEMM above) vs
+torch fp16 ``F.linear`` with the dense weight. Median of ``triton.testing.do_bench`` (L2 flushed before
+every repetition). Each timed call is a CUDA graph replaying the op on ``--copies`` distinct weight copies
+(time divided by the copies), so Python launch overhead is not timed and every launch reads cold weights;
+the eager time (one Python call, launch overhead included) is reported too. Achieved GB/s = bytes moved /
+time with bytes = packed planes + scales + activations + output (dense: fp16 weight + activations +
+output). A memory-bound kernel can beat fp16 by at most 16 / bits-per-weight (6.4 at g = 64).
+
+On CPU (writes bench/results/kernel_cpu.json): what PackedDualBinaryLinear runs there, i.e. unpack once,
+cache the dense weight, ``F.linear`` (fp32), vs the fp32 dense matmul, plus the uncached path (unpack on
+every call) and the one-time unpack cost; median of a few ``time.perf_counter`` repeats; memory of each form.
+
+Both count the ones in each bit-plane (sparsity) of weights quantized with FDB (quant.fdb_init /
+dual_binarize when available, else the min-max FDB initialisation of method.md §1 implemented here):
+Gaussian weights for the LLaMA-7B shapes and, where loadable, the embedded model's layer-0 weights for its shapes.
+"""
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    print("CUDA present: unsetting TRITON_INTERPRET (set by the Makefile for CPU tests) to time compiled kernels")
+    os.environ["TRITON_INTERPRET"] = "0"
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import machine_info, write_results  # noqa: E402
+
+from dbllm_lab import kernel as K  # noqa: E402
+from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
+
+LLAMA7B = ["4096x4096", "4096x11008", "11008x4096"]
+EMBEDDED = ["576x576", "192x576", "1536x576", "576x1536"]
+# layer-0 weight of the embedded model with this (out, in) shape
+EMBEDDED_LAYER = {(576, 576): "self_attn.q_proj", (192, 576): "self_attn.k_proj", (1536, 576): "mlp.up_proj",
+                  (576, 1536): "mlp.down_proj"}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Weights -> FDB bit-planes
+# ------------------------------------------------------------------------------------------------------
+def fdb_minmax(w, g):
+    """Min-max FDB init (method.md §1) with orientation by range: grid {-s, 0, s, 2s} (a1 = 2s, a2 = -s),
+    s = max(-min, max / 2), or its mirror {-2s, -s, 0, s} (a1 = -2s, a2 = s) when the group leans negative;
+    bits = nearest of the four levels {0, a2, a1, a1 + a2}."""
+    out_f, in_f = w.shape
+    wg = w.float().view(out_f, in_f // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    neg = -lo > hi
+    s = torch.where(neg, torch.maximum(hi, -lo / 2), torch.maximum(-lo, hi / 2)).clamp_min(1e-8)
+    a1 = torch.where(neg, -2 * s, 2 * s)
+    a2 = torch.where(neg, s, -s)
+    levels = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], -1)  # (b1, b2) = 00, 01, 10, 11
+    idx = (wg.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)
+    b1 = (idx >= 2).to(torch.uint8).view(out_f, in_f)
+    b2 = (idx % 2).to(torch.uint8).view(out_f, in_f)
+    return b1, b2, a1, a2
+
+
+def quantize(w, g):
+    """(b1, b2, a1, a2, how): the project's FDB when dbllm_lab.quant exists, else fdb_minmax."""
+    try:
+        from dbllm_lab import quant
+        a1, a2 = quant.fdb_init(w.float(), g)
+        b1, b2 = quant.dual_binarize(w.float(), a1, a2, g)
+        return b1.to(torch.uint8), b2.to(torch.uint8), a1, a2, "dbllm_lab.quant.fdb_init + dual_binarize"
+    except (ImportError, AttributeError, TypeError) as e:
+        return (*fdb_minmax(w, g), f"bench fdb_minmax (dbllm_lab.quant unavailable: {type(e).__name__})")
+
+
+def weights_for(shapes, g, use_embedded):
+    """{(out, in): (w, source)}; embedded-model layer-0 weights for its shapes if requested and loadable."""
+    real = {}
+    if use_embedded and any(s in EMBEDDED_LAYER for s in shapes):
+        try:
+            from dbllm_lab.model import load_model, quantizable_linears
+            model, _ = load_model()
+            lins = quantizable_linears(model.model.layers[0])
+            real = {s: (lins[n].weight.detach().float().clone(), f"embedded layer 0 {n}")
+                    for s, n in EMBEDDED_LAYER.items()}
+            del model
+        except Exception as e:  # noqa: BLE001  (no model package on a bare GPU box: Gaussian instead)
+            print(f"embedded model not loadable ({type(e).__name__}: {e}); Gaussian weights for its shapes")
+    gen = torch.Generator().manual_seed(0)
+    return {s: real.get(s) or (torch.randn(*s, generator=gen) * 0.02, "gaussian(0, 0.02)") for s in shapes}
+
+
+def sparsity(b1, b2):
+    n = b1.numel()
+    return {"ones_b1": b1.sum().item() / n, "ones_b2": b2.sum().item() / n,
+            "both_zero": ((b1 == 0) & (b2 == 0)).sum().item() / n}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------------
+def cpu_median_ms(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def cuda_graph_ms(fns, warmup, rep):
+    """Median ms per op of a CUDA graph that runs every fn once (L2 flushed before each replay)."""
+    import triton
+    for f in fns:  # autotune + compile outside the capture
+        f()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for f in fns:
+                f()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / len(fns)
+
+
+def bench_cuda(shape, M, planes, args):
+    import triton
+    from torch.nn import functional as F
+    N, Kin = shape
+    g = args.group_size
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    b1, b2, a1, a2 = planes
+    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g).cuda()
+    w16 = layer.dequantize(dt)
+    x = torch.randn(M, Kin, device="cuda", dtype=dt)
+    copies = [(layer.p1.clone(), layer.p2.clone(), layer.a1.clone(), layer.a2.clone()) for _ in range(args.copies)]
+    dense = [w16.clone() for _ in range(args.copies)]
+    run_k = [lambda c=c: K.dual_binary_matmul(x, *c, g, backend="triton") for c in copies]
+    run_d = [lambda w=w: F.linear(x, w) for w in dense]
+    y = run_k[0]()
+    ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    t_k = cuda_graph_ms(run_k, args.warmup, args.rep)
+    t_d = cuda_graph_ms(run_d, args.warmup, args.rep)
+    t_k_eager = triton.testing.do_bench(run_k[0], warmup=args.warmup, rep=args.rep, return_mode="median")
+    t_d_eager = triton.testing.do_bench(run_d[0], warmup=args.warmup, rep=args.rep, return_mode="median")
+    esz = x.element_size()
+    io = (M * Kin + M * N) * esz
+    bytes_k = layer.packed_bytes() + io
+    bytes_d = N * Kin * esz + io
+    tuned = K._gemv_tuned if M <= K.GEMV_MAX_ROWS else K._gemm_tuned
+    bpw = layer.bits_per_weight
+    return {"path": "gemv" if M <= K.GEMV_MAX_ROWS else "gemm", "kernel_ms": t_k, "fp16_ms": t_d,
+            "kernel_eager_ms": t_k_eager, "fp16_eager_ms": t_d_eager,
+            "kernel_GBps": bytes_k / t_k / 1e6, "fp16_GBps": bytes_d / t_d / 1e6,
+            "speedup_vs_fp16": t_d / t_k, "speedup_limit": 16 / bpw, "fraction_of_limit": (t_d / t_k) / (16 / bpw),
+            "bytes_kernel": bytes_k, "bytes_fp16": bytes_d, "max_rel_err_vs_reference": err,
+            "config": str(getattr(tuned, "best_config", None))}
+
+
+def bench_cpu(shape, M, planes, args):
+    from torch.nn import functional as F
+    N, Kin = shape
+    g = args.group_size
+    b1, b2, a1, a2 = planes
+    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g)  # fp16 scales: the packed format
+    t0 = time.perf_counter()
+    w32 = layer.dequantize(torch.float32)
+    unpack_ms = (time.perf_counter() - t0) * 1e3
+    wdense = w32.clone()  # the dense fp32 baseline weight
+    x = torch.randn(M, Kin)
+    t_dense = cpu_median_ms(lambda: F.linear(x, wdense), args.cpu_repeats)
+    layer(x)  # fill the cache
+    t_cached = cpu_median_ms(lambda: layer(x), args.cpu_repeats)
+    nocache = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, cache=False)
+    t_uncached = cpu_median_ms(lambda: nocache(x), max(1, args.cpu_repeats // 2))
+    ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
+    err = ((layer(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    packed = layer.packed_bytes()
+    return {"path": "torch cpu (unpack once, cached dense fp32, F.linear)",
+            "packed_cached_ms": t_cached, "fp32_dense_ms": t_dense, "packed_uncached_ms": t_uncached,
+            "unpack_once_ms": unpack_ms, "speedup_cached_vs_fp32": t_dense / t_cached,
+            "speedup_uncached_vs_fp32": t_dense / t_uncached,
+            "fp32_dense_GBps": (N * Kin * 4 + (M * Kin + M * N) * 4) / t_dense / 1e6,
+            "packed_MiB": packed / 2**20, "dense_cache_MiB": N * Kin * 4 / 2**20, "fp16_MiB": N * Kin * 2 / 2**20,
+            "fp32_MiB": N * Kin * 4 / 2**20, "max_rel_err_vs_reference": err}
+
+
+def parse_shape(s):
+    m = re.fullmatch(r"(\d+)[xX](\d+)", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"shape {s!r} is not OUTxIN, e.g. 4096x11008")
+    return int(m.group(1)), int(m.group(2))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in LLAMA7B + EMBEDDED],
+                    help="OUTxIN (default: LLaMA-7B and embedded-model shapes)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="CUDA activation dtype")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--no-embedded-weights", action="store_true", help="Gaussian weights for every shape")
+    ap.add_argument("--cpu-repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU torch threads (default 1: on a shared, loaded machine multi-threaded OpenMP "
+                         "matmuls of these sizes stall for ~16 ms per call); 0 keeps torch's default")
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--copies", type=int, default=8, help="weight copies per CUDA graph replay")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA device is visible")
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.out is None:
+        tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
+        args.out = os.path.join(results, f"kernel_{tag}.json")
+
+    data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
+    rows, how = [], None
+    for shape in args.shapes:
+        w, source = data[shape]
+        b1, b2, a1, a2, how = quantize(w, args.group_size)
+        sp = sparsity(b1, b2)
+        for M in args.batches:
+            fn = bench_cuda if device == "cuda" else bench_cpu
+            row = {"shape": f"{shape[0]}x{shape[1]}", "out": shape[0], "in": shape[1], "batch": M,
+                   "weights": source, **sp, "bits_per_weight": K.bits_per_weight(args.group_size),
+                   **fn(shape, M, (b1, b2, a1, a2), args)}
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    settings = {"device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
+                "quantizer": how, "torch_threads": torch.get_num_threads(),
+                "triton": getattr(K.triton, "__version__", None), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+                "bandwidth_limit": "speedup over fp16 <= 16 / bits_per_weight (memory-bound decode)"}
+    if device == "cuda":
+        settings.update({"timer": "triton.testing.do_bench median, L2 flushed per rep, CUDA graph of "
+                                  f"{args.copies} launches on distinct weight copies (per-op time)",
+                         "activation_dtype": args.dtype, "warmup_ms": args.warmup, "rep_ms": args.rep,
+                         "baseline": "torch F.linear with dense fp16/bf16 weight"})
+        cols = ["shape", "batch", "path", "kernel_ms", "fp16_ms", "kernel_GBps", "fp16_GBps", "speedup_vs_fp16",
+                "speedup_limit", "kernel_eager_ms", "ones_b1", "ones_b2", "max_rel_err_vs_reference"]
+    else:
+        settings.update({"timer": f"time.perf_counter median of {args.cpu_repeats} repeats after 1 warmup "
+                                  f"(uncached: {max(1, args.cpu_repeats // 2)})",
+                         "activation_dtype": "fp32", "baseline": "torch F.linear with dense fp32 weight",
+                         "note": "no GPU in this run: the Triton kernels are not timed (they run only in the "
+                                 "interpreter here, which is not a performance measure)"})
+        cols = ["shape", "batch", "fp32_dense_ms", "packed_cached_ms", "packed_uncached_ms", "unpack_once_ms",
+                "speedup_cached_vs_fp32", "packed_MiB", "fp32_MiB", "ones_b1", "ones_b2", "both_zero"]
+    write_results(args.out, rows, settings, columns=cols)
+
+
+if __name__ == "__main__":
+    main()
