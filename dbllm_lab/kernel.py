@@ -31,6 +31,7 @@ the variable is unset, this module sets it (so ``import dbllm_lab.kernel`` on a 
 interpreted kernels instead of kernels that cannot launch).
 """
 import functools
+import inspect
 import os
 import sys
 
@@ -279,15 +280,16 @@ if HAS_TRITON:
 
     # Small autotune spaces (GPU). Results are cached per key in-process and on disk (cache_results).
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                     for bn, bk, w, s in [(16, 64, 2, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3),
-                                          (32, 128, 4, 3), (8, 128, 2, 4), (64, 32, 4, 4), (128, 32, 4, 4)]]
+                     for bn, bk, w, s in [(16, 32, 2, 4), (16, 64, 2, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                          (16, 128, 4, 3), (32, 128, 4, 3), (8, 128, 2, 4), (64, 32, 4, 4),
+                                          (128, 32, 4, 4)]]
     _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                    num_warps=w, num_stages=s)
                      for bm, bn, bk, w, s in [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
                                               (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4),
                                               (64, 128, 32, 4, 4), (128, 256, 64, 8, 3)]]
     _autotune_kwargs = {"prune_configs_by": {"early_config_prune": _prune}}
-    if not interpreting():
+    if not interpreting() and "cache_results" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2
         _autotune_kwargs["cache_results"] = True
     # every list holds BLOCK_K = 32 configs, so any group size that is a multiple of 32 keeps >= 1 config
     _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
