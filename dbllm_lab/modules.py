@@ -1,0 +1,187 @@
+"""Quantized linear layers and the model-wide module swap.
+
+- ``FakeQuantLinear``: uniform k-bit simulated quantization of a fixed weight (RTN / GPTQ / sign results).
+- ``DualBinaryLinear``: FDB (method.md §1). Learnable a1, a2 per (row, group); the latent full-precision
+  weight is frozen by default; b1, b2 are recomputed from it and the current scales on every forward, so
+  d w_hat / d a1 = b1 and d w_hat / d a2 = b2 (binaries are constants). With ``train_latent=True`` the
+  latent weight also trains through the straight-through estimator (identity gradient).
+- ``quantize_model``: swaps the decoder's linear layers (q/k/v/o, gate/up/down) in place; embeddings and
+  lm_head stay full precision.
+"""
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import quantizable_linears, set_module
+from .quant import (check_bits, check_group_size, dual_binarize, fake_quantize, fdb_from_rtn, fdb_init,
+                    sign_binarize, FDB_INITS, FDB_ORIENTATIONS)
+
+METHODS = ("rtn", "gptq", "sign", "fdb", "billm", "arb", "arb-x", "arb-rc")
+ARB_METHODS = ("billm", "arb", "arb-x", "arb-rc")
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer holding an already (de)quantized weight; ``bits_per_weight`` is its storage cost."""
+
+    def __init__(self, weight_hat, bias=None, bits_per_weight=16.0, method="rtn"):
+        super().__init__()
+        self.out_features, self.in_features = weight_hat.shape
+        self.weight = nn.Parameter(weight_hat.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bits_per_weight = float(bits_per_weight)
+        self.method = method
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.in_features} -> {self.out_features}, {self.method}, {self.bits_per_weight:.3f} bits/weight"
+
+
+class _DualBinaryWeight(torch.autograd.Function):
+    """w_hat = a1 * b1 + a2 * b2 (per group); gradients: a1 <- sum_group(g * b1), a2 <- sum_group(g * b2),
+    latent w <- g (STE)."""
+
+    @staticmethod
+    def forward(ctx, w, a1, a2, group_size):
+        b1, b2 = dual_binarize(w.detach(), a1.detach(), a2.detach(), group_size)
+        ctx.save_for_backward(b1, b2)
+        ctx.group_size = group_size
+        A1 = a1.repeat_interleave(group_size, 1)
+        A2 = a2.repeat_interleave(group_size, 1)
+        return (A1 * b1.to(A1.dtype) + A2 * b2.to(A2.dtype)).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b1, b2 = ctx.saved_tensors
+        g = ctx.group_size
+        out, n = grad.shape
+        ga1 = (grad * b1.to(grad.dtype)).reshape(out, n // g, g).sum(-1) if ctx.needs_input_grad[1] else None
+        ga2 = (grad * b2.to(grad.dtype)).reshape(out, n // g, g).sum(-1) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
+
+
+class DualBinaryLinear(nn.Module):
+    """FDB linear layer: y = x @ (a1 * B1 + a2 * B2)^T (+ bias), binaries recomputed every forward."""
+
+    def __init__(self, weight, a1, a2, group_size, bias=None, train_latent=False):
+        super().__init__()
+        check_group_size(weight.shape[1], group_size)
+        if a1.shape != (weight.shape[0], weight.shape[1] // group_size) or a2.shape != a1.shape:
+            raise ValueError(f"scales must have shape (out, in // group_size) = "
+                             f"{(weight.shape[0], weight.shape[1] // group_size)}, got {tuple(a1.shape)}, "
+                             f"{tuple(a2.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=train_latent)
+        self.a1 = nn.Parameter(a1.detach().clone().to(weight.dtype))
+        self.a2 = nn.Parameter(a2.detach().clone().to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear, group_size=64, init="clip", orientation="per-group", train_latent=False):
+        a1, a2 = fdb_init(linear.weight.detach(), group_size, init, orientation)
+        return cls(linear.weight, a1, a2, group_size, linear.bias, train_latent)
+
+    @property
+    def train_latent(self):
+        return self.weight.requires_grad
+
+    @property
+    def bits_per_weight(self):
+        """Two bit-planes + two fp16 scales per group: 2 + 32 / group_size."""
+        return 2 + 2 * 16 / self.group_size
+
+    def bitplanes(self):
+        return dual_binarize(self.weight.detach(), self.a1.detach(), self.a2.detach(), self.group_size)
+
+    def dequantized_weight(self):
+        return _DualBinaryWeight.apply(self.weight, self.a1, self.a2, self.group_size)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self):
+        return (f"{self.in_features} -> {self.out_features}, group {self.group_size}, "
+                f"latent {'trainable' if self.train_latent else 'frozen'}")
+
+
+def rtn_bits_per_weight(bits, group_size):
+    """k code bits + fp16 scale + k-bit zero point per group."""
+    return bits + (16 + bits) / group_size
+
+
+def _check_args(method, bits, group_size, init, orientation):
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}")
+    if method in ("rtn", "gptq"):
+        check_bits(bits)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer (e.g. 32, 64, 128)")
+    if method == "fdb" and init not in FDB_INITS + ("gptq",):
+        raise ValueError(f"init={init!r} is not supported for fdb; use one of {FDB_INITS + ('gptq',)}")
+    if method == "fdb" and orientation not in FDB_ORIENTATIONS:
+        raise ValueError(f"orientation={orientation!r} is not supported; use one of {FDB_ORIENTATIONS}")
+
+
+def quantize_model(model, method="fdb", bits=2, group_size=64, init="clip", orientation="per-group",
+                   calib_windows=None, train_latent=False, clip_search=False, progress=True, **kw):
+    """Quantize the decoder's linear layers of ``model`` in place and return a report.
+
+    method: "rtn" (k-bit, ``clip_search`` optional), "gptq" (k-bit, needs ``calib_windows``), "sign"
+    (1-bit per group), "fdb" (init "minmax" | "clip" | "gptq"), or the ARB-LLM family
+    "billm" | "arb" | "arb-x" | "arb-rc" (``dbllm_lab.arb``). The report's ``bits_per_weight`` counts
+    code bits plus per-group parameters (fp16 scales, k-bit zeros) over the quantized layers.
+    """
+    _check_args(method, bits, group_size, init, orientation)
+    t0 = time.time()
+    layers = quantizable_linears(model)
+    for name, m in layers.items():
+        check_group_size(m.in_features, group_size)
+    if method in ARB_METHODS:
+        from .arb import quantize_model_arb
+        report = quantize_model_arb(model, method=method, calib_windows=calib_windows, progress=progress, **kw)
+        report.setdefault("seconds", time.time() - t0)
+        return report
+    if method == "gptq" or (method == "fdb" and init == "gptq"):
+        if calib_windows is None or len(calib_windows) == 0:
+            raise ValueError(f"method={method!r} (init={init!r}) needs calib_windows, a (n, seqlen) LongTensor")
+        from .gptq import gptq_quantize_model
+        grids = gptq_quantize_model(model, calib_windows, bits=2 if method == "fdb" else bits,
+                                    group_size=group_size, progress=progress, **kw)
+        layers = quantizable_linears(model)
+        for name, m in layers.items():
+            w_hat, scale, zero = grids[name]
+            if method == "gptq":
+                new = FakeQuantLinear(w_hat, m.bias, rtn_bits_per_weight(bits, group_size), "gptq")
+            else:  # FDB scales from the GPTQ grid; latent weight = the original weight
+                a1, a2 = fdb_from_rtn(scale, zero)
+                new = DualBinaryLinear(m.weight, a1, a2, group_size, m.bias, train_latent)
+            set_module(model, name, new)
+    else:
+        for name, m in tqdm(layers.items(), desc=f"quantize {method}", disable=not progress):
+            w = m.weight.detach()
+            if method == "rtn":
+                new = FakeQuantLinear(fake_quantize(w, bits, group_size, clip_search), m.bias,
+                                      rtn_bits_per_weight(bits, group_size), "rtn")
+            elif method == "sign":
+                new = FakeQuantLinear(sign_binarize(w, group_size), m.bias, 1 + 2 * 16 / group_size, "sign")
+            else:
+                new = DualBinaryLinear.from_linear(m, group_size, init, orientation, train_latent)
+            set_module(model, name, new)
+    layers = quantizable_linears(model)
+    n_weights = sum(m.in_features * m.out_features for m in layers.values())
+    bpw = sum(m.bits_per_weight * m.in_features * m.out_features for m in layers.values()) / n_weights
+    return {"method": method, "bits": 2 if method == "fdb" else (1 if method == "sign" else bits),
+            "group_size": group_size, "init": init if method == "fdb" else None,
+            "orientation": orientation if method == "fdb" else None, "bits_per_weight": bpw,
+            "bits_rule": "code bits + per-group fp16 scales (+ k-bit zero point for rtn/gptq, fp16 mean for sign)"
+                         " over the decoder linear layers; embeddings and lm_head stay full precision",
+            "n_layers": len(layers), "n_weights": n_weights, "seconds": time.time() - t0}
+
+
+def fdb_layers(model):
+    """{name: DualBinaryLinear} of a quantized model."""
+    return {n: m for n, m in quantizable_linears(model).items() if isinstance(m, DualBinaryLinear)}
