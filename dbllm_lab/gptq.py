@@ -10,7 +10,7 @@ from the already error-compensated weights. Damping: H += percdamp * mean(diag H
 import torch
 
 from .calib import sequential_quantize
-from .quant import check_bits, check_group_size, quantize_rtn
+from .quant import check_bits, check_group_size, quantize_rtn, round_half_to_zero
 
 
 def gptq_layer(W, H, bits, group_size, blocksize=128, percdamp=0.01, clip_search=False):
@@ -49,7 +49,7 @@ def gptq_layer(W, H, bits, group_size, blocksize=128, percdamp=0.01, clip_search
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, col // group_size], zero[:, col // group_size]
             w = W1[:, i]
-            q = (torch.clamp(torch.round(w / s) + z, 0, qmax) - z) * s
+            q = (torch.clamp(round_half_to_zero(w / s) + z, 0, qmax) - z) * s
             Q[:, col] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]

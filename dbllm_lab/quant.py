@@ -57,12 +57,18 @@ def _rtn_grid(wg, bits, ratio):
     return scale, zero
 
 
+def round_half_to_zero(x):
+    """Round to nearest integer, ties toward zero (1.5 -> 1, -1.5 -> -1): the tie rule every quantizer here
+    shares, so that FDB initialised from a grid reproduces it even on grid-aligned (e.g. GGUF) weights."""
+    return torch.sign(x) * torch.ceil(x.abs() - 0.5)
+
+
 def _rtn_codes(wg, scale, zero, bits):
-    return torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
+    return torch.clamp(round_half_to_zero(wg / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
 
 
 def quantize_rtn(w, bits, group_size, clip_search=False):
-    """Asymmetric round-to-nearest: q = clamp(round(w / s) + z, 0, 2^bits - 1) per group.
+    """Asymmetric round-to-nearest: q = clamp(round(w / s) + z, 0, 2^bits - 1) per group (ties toward zero).
 
     Min-max range by default; with ``clip_search`` each group's range is shrunk by the ratio in
     ``CLIP_RATIOS`` that minimises its squared reconstruction error. Returns (q uint8 (out, in),
@@ -166,9 +172,11 @@ def fdb_init(w, group_size, init="clip", orientation="per-group"):
 
 
 def _nearest_level(w, a1, a2):
-    """Nearest of the levels {0, a2, a1, a1 + a2} (ties: the earlier in that order) -> (b1, b2, w_hat)."""
+    """Nearest of the levels {0, a2, a1, a1 + a2} (ties: the level nearer zero) -> (b1, b2, w_hat)."""
     levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)
-    idx = (w[..., None] - levels).abs().argmin(-1)
+    dist = (w[..., None] - levels).abs()
+    tied = dist == dist.amin(-1, keepdim=True)
+    idx = torch.where(tied, levels.abs().expand_as(dist), torch.inf).argmin(-1)
     w_hat = levels.expand(*w.shape, 4).gather(-1, idx[..., None])[..., 0]
     return _B1.to(w.device)[idx], _B2.to(w.device)[idx], w_hat
 
