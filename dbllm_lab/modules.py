@@ -76,8 +76,9 @@ class DualBinaryLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=train_latent)
-        self.a1 = nn.Parameter(a1.detach().clone().to(weight.dtype))
-        self.a2 = nn.Parameter(a2.detach().clone().to(weight.dtype))
+        # scales start on fp16 values, so the packed format (fp16 scales) stores the initial model exactly
+        self.a1 = nn.Parameter(a1.detach().to(torch.float16).to(weight.dtype))
+        self.a2 = nn.Parameter(a2.detach().to(torch.float16).to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod

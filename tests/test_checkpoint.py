@@ -1,0 +1,72 @@
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from dbllm_lab.checkpoint import HEADER, WEIGHTS, load_quantized, save_quantized
+from dbllm_lab.modules import quantize_model
+
+
+def test_save_load_identical_logits_on_embedded_model(embedded, tmp_path):
+    base = embedded[0]
+    model = copy.deepcopy(base)
+    quantize_model(model, "fdb", group_size=64, init="clip", progress=False)
+    x = torch.randint(0, 49152, (1, 48))
+    header = save_quantized(model, str(tmp_path))
+    assert header["group_size"] == 64 and len(header["layers"]) == 210
+    loaded = load_quantized(str(tmp_path), base_model=copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    # 2 bit-planes + 2 fp16 scales per 64 weights = 2.5 bits per weight, plus the safetensors header
+    n = sum(s["in_features"] * s["out_features"] for s in header["layers"])
+    assert os.path.getsize(tmp_path / WEIGHTS) == pytest.approx(n * 2.5 / 8, rel=0.01)
+
+
+def _saved(tiny, path):
+    quantize_model(tiny, "fdb", group_size=32, progress=False)
+    save_quantized(tiny, str(path))
+    return tiny
+
+
+def test_tiny_roundtrip(tiny, tmp_path):
+    from dbllm_lab.model import tiny_llama
+    model = _saved(tiny, tmp_path)
+    loaded = load_quantized(str(tmp_path), base_model=tiny_llama())
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_corrupt_file_is_detected(tiny, tmp_path):
+    from dbllm_lab.model import tiny_llama
+    _saved(tiny, tmp_path)
+    raw = bytearray((tmp_path / WEIGHTS).read_bytes())
+    raw[-5] ^= 0xFF
+    (tmp_path / WEIGHTS).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        load_quantized(str(tmp_path), base_model=tiny_llama())
+
+
+def test_version_and_shape_mismatch(tiny, tmp_path):
+    from dbllm_lab.model import tiny_llama
+    _saved(tiny, tmp_path)
+    with pytest.raises(ValueError, match="wrong base model"):
+        load_quantized(str(tmp_path), base_model=tiny_llama(hidden=128, intermediate=256))
+    header = json.loads((tmp_path / HEADER).read_text())
+    header["format_version"] = 99
+    (tmp_path / HEADER).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_quantized(str(tmp_path), base_model=tiny_llama())
+    (tmp_path / HEADER).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_quantized(str(tmp_path), base_model=tiny_llama())
+    with pytest.raises(FileNotFoundError, match="not a dbllm_lab checkpoint"):
+        load_quantized(str(tmp_path / "nothing"))
+
+
+def test_only_fdb_models_are_packed(tiny, tmp_path):
+    quantize_model(tiny, "rtn", bits=2, group_size=32, progress=False)
+    with pytest.raises(ValueError, match="FDB models"):
+        save_quantized(tiny, str(tmp_path))
