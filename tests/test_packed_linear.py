@@ -3,8 +3,8 @@ state_dict round trip, bad input, and whole models (tiny random LLaMA; the embed
 with FDB, saved as a packed checkpoint, reloaded) whose logits match the simulated-quantization model.
 
 Tolerances (stated): fp32 scales -> logits within 1e-4 relative to their max |value| (only summation
-order differs); fp16 scales (the packed format) -> the scales themselves are rounded to fp16 (relative
-error <= 2^-11), so logits agree to 2e-2 of their max |value| and the greedy tokens agree.
+order differs) and identical greedy tokens; fp16 scales (the packed format) -> the scales themselves are
+rounded to fp16 (relative error <= 2^-11), so logits agree to 2e-2 of their max |value|.
 """
 import copy
 import os
@@ -170,42 +170,84 @@ def test_tiny_llama_packed_matches_simulated(tiny):
         assert torch.equal(packed.generate(ids[:1], **gen), sim.generate(ids[:1], **gen))
 
 
-def _quantize_embedded(model):
-    """FDB-quantize the embedded model in place with the project's modules (skip if not available yet)."""
-    modules = pytest.importorskip("dbllm_lab.modules", reason="dbllm_lab.modules (DualBinaryLinear) not available")
-    if not hasattr(modules, "quantize_model"):
-        pytest.skip("dbllm_lab.modules.quantize_model not available")
-    modules.quantize_model(model, method="fdb", group_size=64)
-    return model
+def _fdb_minmax(w, g):
+    """Min-max FDB init of method.md §1 (grid {-s,0,s,2s} or its mirror, nearest level); the test's fallback
+    when the project's quantizer (dbllm_lab.modules.quantize_model) is not available."""
+    out_f, in_f = w.shape
+    wg = w.float().view(out_f, in_f // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    neg = -lo > hi
+    s = torch.where(neg, torch.maximum(hi, -lo / 2), torch.maximum(-lo, hi / 2)).clamp_min(1e-8)
+    a1, a2 = torch.where(neg, -2 * s, 2 * s), torch.where(neg, s, -s)
+    levels = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], -1)
+    idx = (wg.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)
+    return (idx >= 2).to(torch.uint8).view(out_f, in_f), (idx % 2).to(torch.uint8).view(out_f, in_f), a1, a2
+
+
+def _quantize_embedded(model, g=64):
+    """FDB-quantize in place: the project's quantize_model when present, else the min-max FDB stand-in."""
+    try:
+        from dbllm_lab.modules import quantize_model
+        quantize_model(model, method="fdb", group_size=g)
+        return "dbllm_lab.modules.quantize_model(method='fdb')"
+    except ImportError:
+        from dbllm_lab.model import quantizable_linears, set_module
+        for name, lin in quantizable_linears(model).items():
+            set_module(model, name, SimDualBinaryLinear(*_fdb_minmax(lin.weight.detach(), g), g, bias=lin.bias))
+        return "test-local min-max FDB (dbllm_lab.modules not available)"
 
 
 @pytest.mark.slow
-def test_embedded_model_packed_checkpoint_matches_simulated(embedded, tmp_path):
-    """Embedded SmolLM2-135M, FDB (g = 64) -> simulated model; packed copy (fp16 scales, the checkpoint
-    format) -> logits within 2e-2 of max |logit| and identical greedy continuation. ~1-2 min on 2 cores."""
+def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
+    """Embedded SmolLM2-135M, FDB g = 64 -> simulated model; packed copies -> logits match and (fp32 scales)
+    the greedy continuation is identical. fp32 scales: 1e-4 of max |logit|; fp16 scales (the packed checkpoint
+    format): 2e-2 of max |logit|. ~80 s on 2 loaded cores, hence slow. Through the project's packed checkpoint (save_quantized/load_quantized) when present."""
     from dbllm_lab.model import quantizable_linears
     model, tok = embedded
-    sim = _quantize_embedded(copy.deepcopy(model))
-    packed = copy.deepcopy(sim)
-    names = pack_model(packed)
-    assert len(names) == len(quantizable_linears(packed)) == 7 * len(packed.model.layers)
-    try:  # through the project's packed checkpoint when it exists
-        from dbllm_lab import checkpoint
-        checkpoint.save_quantized(packed, tmp_path / "ckpt")
-        packed = checkpoint.load_quantized(tmp_path / "ckpt")
-        if not isinstance(next(iter(quantizable_linears(packed).values())), PackedDualBinaryLinear):
-            pack_model(packed)
-    except (ImportError, AttributeError, TypeError) as e:
-        print(f"packed checkpoint round trip skipped: {e}")
+    sim = copy.deepcopy(model)
+    how = _quantize_embedded(sim)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        ls, lp = sim(ids).logits, packed(ids).logits
-    rel = _max_rel(lp, ls)
-    print(f"embedded model: max |logit diff| / max |logit| = {rel:.2e}")
-    assert rel < 2e-2
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
-        out_p = packed.generate(ids, **gen)
+        ls = sim(ids).logits
         out_s = sim.generate(ids, **gen)
-    print("packed model generates:", repr(tok.decode(out_p[0, ids.shape[1]:])))
-    assert torch.equal(out_p, out_s)
+    for scale_dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        packed = copy.deepcopy(sim)
+        names = pack_model(packed, scale_dtype=scale_dtype)
+        assert len(names) == len(quantizable_linears(packed)) == 7 * len(packed.model.layers)
+        if scale_dtype == torch.float16:
+            packed = _checkpoint_round_trip(packed, tmp_path)
+        with torch.no_grad():
+            lp = packed(ids).logits
+            out_p = packed.generate(ids, **gen)
+        rel = _max_rel(lp, ls)
+        print(f"[{how}] scales {scale_dtype}: max |logit diff| / max |logit| = {rel:.2e}; packed model "
+              f"generates {tok.decode(out_p[0, ids.shape[1]:])!r}")
+        assert rel < tol, f"scales {scale_dtype}: relative logit difference {rel:.2e} >= {tol}"
+        if scale_dtype == torch.float32:  # same w_hat exactly: same greedy tokens
+            assert torch.equal(out_p, out_s)
+        # fp16 scales perturb w_hat by <= 2^-11 relative; a 2-bit model without training has near-tied top
+        # logits, so its greedy text may diverge after a few tokens: only the logits are asserted there.
+
+
+def _checkpoint_round_trip(packed, tmp_path):
+    """save_quantized -> load_quantized when dbllm_lab.checkpoint exists (and swap in packed layers if the
+    loader returns simulated ones); otherwise a state_dict round trip through torch.save."""
+    from dbllm_lab.model import quantizable_linears
+    try:
+        from dbllm_lab import checkpoint
+    except ImportError:
+        path = tmp_path / "packed.pt"
+        torch.save(packed.state_dict(), path)
+        fresh = copy.deepcopy(packed)
+        for m in quantizable_linears(fresh).values():
+            for t in (m.p1, m.p2, m.a1, m.a2):
+                t.zero_()
+        fresh.load_state_dict(torch.load(path))
+        return fresh
+    checkpoint.save_quantized(packed, tmp_path / "ckpt")
+    loaded = checkpoint.load_quantized(tmp_path / "ckpt")
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    if not isinstance(next(iter(quantizable_linears(loaded).values())), PackedDualBinaryLinear):
+        pack_model(loaded)
+    return loaded
