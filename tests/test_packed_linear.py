@@ -188,8 +188,8 @@ def _quantize_embedded(model, g=64):
     """FDB-quantize in place: the project's quantize_model when present, else the min-max FDB stand-in."""
     try:
         from dbllm_lab.modules import quantize_model
-        quantize_model(model, method="fdb", group_size=g)
-        return "dbllm_lab.modules.quantize_model(method='fdb')"
+        quantize_model(model, method="fdb", group_size=g, progress=False)
+        return "dbllm_lab.modules.quantize_model(method='fdb', init='clip')"
     except ImportError:
         from dbllm_lab.model import quantizable_linears, set_module
         for name, lin in quantizable_linears(model).items():
@@ -212,11 +212,9 @@ def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
         ls = sim(ids).logits
         out_s = sim.generate(ids, **gen)
     for scale_dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
-        packed = copy.deepcopy(sim)
-        names = pack_model(packed, scale_dtype=scale_dtype)
-        assert len(names) == len(quantizable_linears(packed)) == 7 * len(packed.model.layers)
-        if scale_dtype == torch.float16:
-            packed = _checkpoint_round_trip(packed, tmp_path)
+        packed = _packed_from_checkpoint(sim, model, scale_dtype, tmp_path / str(scale_dtype))
+        assert all(isinstance(m, PackedDualBinaryLinear) and m.a1.dtype == scale_dtype
+                   for m in quantizable_linears(packed).values())
         with torch.no_grad():
             lp = packed(ids).logits
             out_p = packed.generate(ids, **gen)
@@ -230,24 +228,21 @@ def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
         # logits, so its greedy text may diverge after a few tokens: only the logits are asserted there.
 
 
-def _checkpoint_round_trip(packed, tmp_path):
-    """save_quantized -> load_quantized when dbllm_lab.checkpoint exists (and swap in packed layers if the
-    loader returns simulated ones); otherwise a state_dict round trip through torch.save."""
+def _packed_from_checkpoint(sim, base, scale_dtype, path):
+    """The simulated model saved as a packed checkpoint (checkpoint.save_quantized) and rebuilt on a copy of
+    the base model (checkpoint.load_quantized); without dbllm_lab.checkpoint, pack_model + torch.save/load."""
     from dbllm_lab.model import quantizable_linears
     try:
         from dbllm_lab import checkpoint
     except ImportError:
-        path = tmp_path / "packed.pt"
-        torch.save(packed.state_dict(), path)
-        fresh = copy.deepcopy(packed)
-        for m in quantizable_linears(fresh).values():
+        packed = copy.deepcopy(sim)
+        assert len(pack_model(packed, scale_dtype=scale_dtype)) == 7 * len(packed.model.layers)
+        path.mkdir()
+        torch.save(packed.state_dict(), path / "packed.pt")
+        for m in quantizable_linears(packed).values():
             for t in (m.p1, m.p2, m.a1, m.a2):
                 t.zero_()
-        fresh.load_state_dict(torch.load(path))
-        return fresh
-    checkpoint.save_quantized(packed, tmp_path / "ckpt")
-    loaded = checkpoint.load_quantized(tmp_path / "ckpt")
-    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-    if not isinstance(next(iter(quantizable_linears(loaded).values())), PackedDualBinaryLinear):
-        pack_model(loaded)
-    return loaded
+        packed.load_state_dict(torch.load(path / "packed.pt"))
+        return packed
+    checkpoint.save_quantized(sim, str(path), scale_dtype=scale_dtype)
+    return checkpoint.load_quantized(str(path), base_model=copy.deepcopy(base))
