@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, write_results  # noqa: E402
+from common import load_results, write_results  # noqa: E402
 
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import perplexity  # noqa: E402
@@ -28,8 +28,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ppl_fp.json"))
     args = ap.parse_args()
     model, tok = load_model(args.model)
-    rows = []
+    rows = [r for r in load_results(args.out) if r.get("windows_requested") == args.max_windows]
     for seqlen in args.seqlens:
+        if any(r["seqlen"] == seqlen for r in rows):
+            print(f"seqlen {seqlen}: already in {args.out}, skipped")
+            continue
         t0 = time.time()
         res = perplexity(model, tok, seqlen=seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                          data_dir=args.data_dir)
@@ -37,13 +40,14 @@ def main():
         rows.append({"method": "fp", "seqlen": seqlen, "ppl": res.ppl, "nll": res.nll, "windows": res.windows,
                      "tokens": res.tokens, "bits_per_weight": 32, "seconds": sec,
                      "tokens_per_s": res.windows * seqlen / sec,
-                     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+                     "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                     "windows_requested": args.max_windows})
         print(res, flush=True)
-    settings = {"model": model.name_or_path, "dataset": "wikitext2", "split": "test", "seqlen": args.seqlens,
-                "windows": "full split" if args.max_windows is None else args.max_windows,
-                "batch_size": args.batch_size, "dtype": "float32", "torch_threads": torch.get_num_threads(),
-                "note": rows and res.note}
-    write_results(args.out, rows, settings)
+        settings = {"model": model.name_or_path, "dataset": "wikitext2", "split": "test", "seqlen": args.seqlens,
+                    "windows": "full split" if args.max_windows is None else args.max_windows,
+                    "batch_size": args.batch_size, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+                    "note": res.note}
+        write_results(args.out, rows, settings)  # after every seqlen: a killed run keeps what it measured
 
 
 if __name__ == "__main__":

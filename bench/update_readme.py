@@ -1,0 +1,59 @@
+"""Copy the result tables into README.md: every block
+
+    <!-- table: bench/results/NAME.json [col,col,...] -->
+    ...
+    <!-- /table -->
+
+is replaced by the markdown table of that JSON's rows (chosen columns, in order) and a line naming its settings and
+machine, so every number the README quotes comes from a committed result file.
+
+    python bench/update_readme.py [--check]     # --check: exit 1 if README.md is out of date
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import markdown_table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"(<!-- table: (\S+)(?: \[([^\]]*)\])? -->\n)(.*?)(<!-- /table -->)", re.S)
+SETTING_KEYS = ("model", "dataset", "split", "seqlen", "windows", "group_size", "calib", "train_budget", "note")
+
+
+def render(path, columns):
+    with open(os.path.join(ROOT, path)) as f:
+        doc = json.load(f)
+    cols = [c.strip() for c in columns.split(",")] if columns else None
+    m, s = doc.get("machine", {}), doc.get("settings", {})
+    where = ", ".join(f"{k}: {s[k]}" for k in SETTING_KEYS if s.get(k) not in (None, ""))
+    machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+    return (markdown_table(doc["rows"], cols) +
+            f"\n<sub>From `{path}` ({where}; machine: {machine}; {m.get('date', '')}).</sub>\n")
+
+
+def update(text):
+    return BLOCK.sub(lambda mt: mt.group(1) + render(mt.group(2), mt.group(3)) + mt.group(5), text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        old = f.read()
+    new = update(old)
+    if args.check:
+        if new != old:
+            sys.exit("README.md tables are out of date: run `python bench/update_readme.py`")
+        return
+    with open(path, "w") as f:
+        f.write(new)
+    print(f"README.md: {len(BLOCK.findall(new))} tables refreshed")
+
+
+if __name__ == "__main__":
+    main()
