@@ -74,3 +74,25 @@ def load_results(path_json):
         return []
     with open(path_json) as f:
         return json.load(f)["rows"]
+
+
+# Committed result tables evaluate WikiText-2 test at seqlen 512 on the first EVAL_WINDOWS windows: the full split
+# (589 windows) takes ~20 min per model on 2 CPU cores, too long for a many-row table. `--windows 0` = full split.
+EVAL_WINDOWS = 40
+
+
+def add_eval_args(ap, out_default):
+    """The evaluation arguments every result-table benchmark shares."""
+    ap.add_argument("--model", default=None, help="default: embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)")
+    ap.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/wiki.test.raw (or DBLLM_DATA_DIR)")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="evaluation windows; 0 = the full test split")
+    ap.add_argument("--out", default=out_default)
+    return ap
+
+
+def eval_settings(model, args, **extra):
+    """Top-level settings of a result table: model, dataset, seqlen, windows (+ anything in ``extra``)."""
+    return {"model": getattr(model, "name_or_path", str(args.model)), "dataset": "wikitext2", "split": "test",
+            "seqlen": args.seqlen, "windows": "full split" if not args.windows else args.windows,
+            "fp_note": "the embedded model's FP reference is its GGUF Q4_1 file dequantized to float", **extra}
