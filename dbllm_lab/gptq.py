@@ -13,6 +13,20 @@ from .calib import sequential_quantize
 from .quant import check_bits, check_group_size, quantize_rtn, round_half_to_zero
 
 
+def inverse_hessian_cholesky(H, percdamp=0.01):
+    """Upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U) and the mask of dead input columns
+    (diag H = 0: their weights should be zeroed). Damping: H += percdamp * mean(diag H) * I."""
+    H = H.detach().clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+    except torch._C._LinAlgError:
+        raise ValueError(f"the Hessian is not positive definite even with damping percdamp={percdamp}; "
+                         f"raise percdamp or use more calibration data") from None
+
+
 def gptq_layer(W, H, bits, group_size, blocksize=128, percdamp=0.01, clip_search=False):
     """Quantize one weight matrix. Returns (W_hat, scale, zero) with W_hat on the per-group k-bit grid
     (W_hat = (q - zero) * scale) and scale/zero of shape (out, in // group_size)."""
@@ -22,16 +36,8 @@ def gptq_layer(W, H, bits, group_size, blocksize=128, percdamp=0.01, clip_search
     if H.shape != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's input width {in_f}")
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    Hinv, dead = inverse_hessian_cholesky(H, percdamp)
     W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=W.device)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch._C._LinAlgError:
-        raise ValueError(f"the Hessian is not positive definite even with damping percdamp={percdamp}; "
-                         f"raise percdamp or use more calibration data") from None
     blocksize = group_size * max(1, blocksize // group_size)  # every group lies inside one block
     Q = torch.zeros_like(W)
     scale = torch.zeros(out_f, in_f // group_size, device=W.device)
