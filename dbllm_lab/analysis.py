@@ -546,3 +546,17 @@ def cost_table(shapes, group_size=64, ones_fraction=None, other_params=0, tokens
         r["bitops_vs_fp16"] = fp["bitops"] / r["bitops"]
         r["storage_vs_fp16"] = fp["bytes_model"] / r["bytes_model"]
     return rows
+
+
+def time_ms(fn, repeats=5, warmup=1):
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup`` calls."""
+    import statistics
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

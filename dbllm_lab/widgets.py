@@ -34,7 +34,36 @@ def fdb_state(w, x, a1, a2, group_size, m1=1.0, m2=1.0):
             "ones_b1": float(b1.float().mean()), "ones_b2": float(b2.float().mean())}
 
 
-class AlphaExplorer:
+class _Explorer:
+    """Shared plumbing: ``draw(fig)`` of the current ``state``; redraw (and refresh the displayed figure)
+    after each update; a static ``figure()``; ``_show()`` puts the figure in an ipywidgets Output."""
+    figsize = (10, 3.6)
+    _fig = _handle = None
+
+    def _redraw(self):
+        if self._fig is not None:
+            self.draw(self._fig)
+            if self._handle is not None:
+                self._handle.update(self._fig)
+
+    def figure(self):
+        import matplotlib.pyplot as plt
+        return self.draw(plt.figure(figsize=self.figsize))
+
+    def _show(self):
+        import ipywidgets as W
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+        out = W.Output()
+        with out:
+            with plt.ioff():
+                self._fig = plt.figure(figsize=self.figsize)
+            self.draw(self._fig)
+            self._handle = display(self._fig, display_id=True)
+        return out
+
+
+class AlphaExplorer(_Explorer):
     """Sliders for the FDB scale multipliers of one real layer: levels over the weight histogram (left) and the
     output error over a precomputed (m1, m2) grid with the current point marked (right)."""
 
@@ -53,7 +82,6 @@ class AlphaExplorer:
         self.state = fdb_state(self.w, self.x, self.a1, self.a2, group_size, m1, m2)
         self.init_error = fdb_state(self.w, self.x, self.a1, self.a2, group_size)["rel_output_error"]
         self.sliders = None
-        self._fig = self._handle = None
 
     def update(self, m1=None, m2=None):
         """Recompute the state for new multipliers (defaults: the sliders' values) and redraw if shown."""
@@ -63,10 +91,7 @@ class AlphaExplorer:
         m1 = self.state["m1"] if m1 is None else m1
         m2 = self.state["m2"] if m2 is None else m2
         self.state = fdb_state(self.w, self.x, self.a1, self.a2, self.group_size, m1, m2)
-        if self._fig is not None:
-            self.draw(self._fig)
-            if self._handle is not None:
-                self._handle.update(self._fig)
+        self._redraw()
         return self.state
 
     def draw(self, fig):
@@ -91,23 +116,11 @@ class AlphaExplorer:
         fig.tight_layout()
         return fig
 
-    def figure(self):
-        import matplotlib.pyplot as plt
-        fig = plt.figure(figsize=(10, 3.6))
-        return self.draw(fig)
-
     def widget(self):
         import ipywidgets as W
-        import matplotlib.pyplot as plt
-        from IPython.display import display
         self.sliders = [W.FloatSlider(value=self.state[k], min=0.25, max=2.0, step=0.01, description=k,
                                       continuous_update=False) for k in ("m1", "m2")]
-        out = W.Output()
-        with out:
-            with plt.ioff():
-                self._fig = plt.figure(figsize=(10, 3.6))
-            self.draw(self._fig)
-            self._handle = display(self._fig, display_id=True)
+        out = self._show()
         for s in self.sliders:
             s.observe(lambda _: self.update(), names="value")
         return W.VBox([W.HBox(self.sliders), out])
@@ -159,7 +172,7 @@ def dad_state(h_t, h_s, gamma, kl=None, top=0.1):
     return out
 
 
-class GammaExplorer:
+class GammaExplorer(_Explorer):
     """A gamma slider over the DAD weights of a batch: omega against teacher entropy (left) and along the
     positions (right)."""
 
@@ -167,17 +180,12 @@ class GammaExplorer:
         self.h_t, self.h_s, self.kl, self.title = h_t.float(), h_s.float(), kl, title
         self.state = dad_state(self.h_t, self.h_s, gamma, kl)
         self.slider = None
-        self._fig = None
-        self._handle = None
 
     def update(self, gamma=None):
         if gamma is None:
             gamma = self.slider.value if self.slider is not None else self.state["gamma"]
         self.state = dad_state(self.h_t, self.h_s, gamma, self.kl)
-        if self._fig is not None:
-            self.draw(self._fig)
-            if self._handle is not None:
-                self._handle.update(self._fig)
+        self._redraw()
         return self.state
 
     def draw(self, fig):
@@ -197,21 +205,10 @@ class GammaExplorer:
         fig.tight_layout()
         return fig
 
-    def figure(self):
-        import matplotlib.pyplot as plt
-        return self.draw(plt.figure(figsize=(10, 3.6)))
-
     def widget(self):
         import ipywidgets as W
-        import matplotlib.pyplot as plt
-        from IPython.display import display
         self.slider = W.FloatSlider(value=self.state["gamma"], min=0.0, max=1.0, step=0.05, description="gamma",
                                     continuous_update=False)
-        out = W.Output()
-        with out:
-            with plt.ioff():
-                self._fig = plt.figure(figsize=(10, 3.6))
-            self.draw(self._fig)
-            self._handle = display(self._fig, display_id=True)
+        out = self._show()
         self.slider.observe(lambda _: self.update(), names="value")
         return W.VBox([self.slider, out])
