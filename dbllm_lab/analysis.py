@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from .kernel import bits_per_weight as db_bits_per_weight
 from .model import LINEAR_NAMES, decoder_layers, quantizable_linears
 from .modules import rtn_bits_per_weight
-from .quant import (_expand, _grouped, _rtn_codes, check_group_size, dual_binarize, dual_binary_dequantize,
-                    fdb_init, quantize_rtn, sign_binarize)
+from .quant import (_expand, _grouped, _rtn_codes, check_group_size, dequantize_rtn, dual_binarize,
+                    dual_binary_dequantize, fdb_init, quantize_rtn, sign_binarize)
 
 LAYER_TYPES = tuple(n.split(".")[-1] for n in LINEAR_NAMES)  # q_proj, k_proj, ..., down_proj
 
@@ -418,6 +418,34 @@ def sparsity_table(layers, group_size=64, init="clip", orientation="per-group", 
                      "out": m.out_features, "in": m.in_features,
                      **{f"fdb_{k}": v for k, v in bitplane_sparsity(b1, b2).items()},
                      **{f"rtn2_{k}": v for k, v in rtn2_code_sparsity(w, group_size).items()}})
+    return rows
+
+
+FDB_CHOICES = (("minmax", "fixed"), ("minmax", "per-group"), ("clip", "fixed"), ("clip", "per-group"))
+
+
+def init_choice_table(layers, xs, group_size=64, progress=True):
+    """Per layer of ``layers`` and per quantizer: relative weight error ||W - W_hat||^2 / ||W||^2, relative
+    output error on inputs ``xs[name]`` (tokens, in), and one-bits per weight. Quantizers: sign, 2-bit RTN
+    (clip search; bits of the code q) and FDB for every (init, orientation) in ``FDB_CHOICES``."""
+    rows = []
+    for name, m in tqdm(layers.items(), desc="init choices", disable=not progress):
+        w = m.weight.detach().float()
+        base = {"layer": name, "block": layer_block(name), "type": layer_type(name)}
+        q, scale, zero = quantize_rtn(w, 2, group_size, clip_search=True)
+        cands = [("sign", sign_binarize(w, group_size).float(), None),
+                 ("rtn2 clip", dequantize_rtn(q, scale, zero, group_size), bitplane_sparsity(q & 1, q >> 1))]
+        for init, orient in FDB_CHOICES:
+            a1, a2 = fdb_init(w, group_size, init, orient)
+            b1, b2 = dual_binarize(w, a1, a2, group_size)
+            cands.append((f"fdb {init}/{orient}", dual_binary_dequantize(b1, b2, a1, a2, group_size),
+                          bitplane_sparsity(b1, b2)))
+        for method, w_hat, sp in cands:
+            rows.append({**base, "method": method,
+                         "weight_rel_error": float((w - w_hat).pow(2).sum() / w.pow(2).sum()),
+                         "output_rel_error": output_error(w, w_hat, xs[name]),
+                         "ones_per_weight": sp["ones_per_weight"] if sp else float("nan"),
+                         "both_zero": sp["both_zero"] if sp else float("nan")})
     return rows
 
 
