@@ -1,0 +1,112 @@
+"""Data-free training text written by the FP teacher (method.md §3, as LLM-QAT does).
+
+Each sample starts from a random vocabulary token; the next ``greedy_tokens`` tokens are greedy and the
+rest are sampled at ``temperature`` up to ``seqlen`` tokens. Generation is batched and uses the KV cache.
+All randomness (start tokens and one uniform number per sampled position) is drawn up front from one
+seeded generator, so a sample does not depend on the batch size. Results are cached on disk under
+``cache_dir`` (default ``data/generated``, git-ignored), keyed by model, seed, count, length and the
+generation settings, so notebooks and benchmarks reuse them.
+
+``corpus_samples`` is the option of training on real text instead (never the split you evaluate on).
+"""
+import os
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_CACHE = os.path.join("data", "generated")
+
+
+def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature):
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(model, "name_or_path", "") or type(model).__name__))
+    return os.path.join(cache_dir, f"{name}_seed{seed}_n{n}_len{seqlen}_greedy{greedy_tokens}_t{temperature:g}.pt")
+
+
+def _check(n, seqlen, greedy_tokens, temperature, batch_size):
+    for key, v in (("n", n), ("seqlen", seqlen), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key}={v!r} must be a positive integer")
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen!r} must be >= 2")
+    if not isinstance(greedy_tokens, int) or greedy_tokens < 0:
+        raise ValueError(f"greedy_tokens={greedy_tokens!r} must be an integer >= 0")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+
+
+@torch.no_grad()
+def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
+    """Continue the (b,) start tokens to (b, 1 + uniforms.shape[1]) tokens with the KV cache."""
+    ids = start[:, None]
+    out, past, cur = [ids], None, ids
+    for j in range(uniforms.shape[1]):
+        res = model(input_ids=cur, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1].float()
+        if j < greedy_tokens:
+            nxt = logits.argmax(-1)
+        else:  # inverse-CDF sampling with the pre-drawn uniform of this position
+            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+            u = uniforms[:, j:j + 1].to(cdf) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u).squeeze(1).clamp_max(logits.shape[-1] - 1)
+        cur = nxt[:, None]
+        out.append(cur)
+    return torch.cat(out, 1)
+
+
+def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=32, cache_dir=DEFAULT_CACHE,
+                     greedy_tokens=4, temperature=1.0, progress=True):
+    """``n`` teacher-written samples of ``seqlen`` tokens as a LongTensor (n, seqlen), cached on disk.
+
+    ``tokenizer`` is only used for its vocabulary size (start tokens avoid ids beyond it); ``cache_dir=None``
+    disables the cache.
+    """
+    _check(n, seqlen, greedy_tokens, temperature, batch_size)
+    path = _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature) if cache_dir else None
+    if path and os.path.isfile(path):
+        data = torch.load(path)
+        if data.shape == (n, seqlen):
+            return data
+    vocab = model.config.vocab_size
+    if tokenizer is not None:
+        vocab = min(vocab, len(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n,), generator=g)
+    uniforms = torch.rand(n, seqlen - 1, generator=g, dtype=torch.float64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for i in tqdm(range(0, n, batch_size), desc=f"generate {n}x{seqlen}", disable=not progress):
+        chunks.append(_generate_batch(model, start[i:i + batch_size].to(device), uniforms[i:i + batch_size],
+                                      greedy_tokens, temperature).cpu())
+    model.train(was_training)
+    data = torch.cat(chunks).long()
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(data, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return data
+
+
+def corpus_samples(tokenizer, n, seqlen, text=None, path=None, dataset=None, split="train", data_dir=None, seed=0):
+    """``n`` random windows of ``seqlen`` tokens from real text (a string, a text file, or a
+    ``dbllm_lab.data`` dataset split), the option of training on a corpus instead of generated text.
+    Refuses the WikiText-2 test split (it is the evaluation text)."""
+    from .data import load_text, tokenize
+    if sum(x is not None for x in (text, path, dataset)) != 1:
+        raise ValueError("pass exactly one of text=, path= or dataset=")
+    if dataset is not None:
+        if dataset == "wikitext2" and split == "test":
+            raise ValueError("refusing to train on the WikiText-2 test split: it is the evaluation text")
+        text = load_text(dataset, split, data_dir)
+    elif path is not None:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    ids = tokenize(tokenizer, text)
+    if ids.numel() < seqlen + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()]).long()

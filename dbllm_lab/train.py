@@ -1,0 +1,391 @@
+"""Training an FDB student against its full-precision teacher (DB-LLM, method.md §1-§3).
+
+What trains: the FDB scales a1, a2 of every ``DualBinaryLinear`` (method.md §1, "what trains"); with
+``train_latent=True`` also the latent weights through the STE. Everything else (embeddings, norms,
+lm_head) stays frozen. Loss: "dad" (method.md §2, with ``gamma``), "kd" (plain KL) or "ce" (next-token
+cross-entropy on the generated tokens), see ``dbllm_lab.distill``.
+
+Optimiser: AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient accumulation,
+gradient-norm clipping. The data order is a function of (seed, step) only: epoch e visits the windows in
+``randperm(n, seed + e)`` order. Checkpoints (trainable tensors, optimiser, scheduler, RNG states, loss
+curve) are written every ``ckpt_every`` steps atomically (temp file + os.replace); a killed run resumed
+from its checkpoint reproduces the uninterrupted loss curve. Resuming a checkpoint written with a different
+configuration raises a ValueError that names the differing fields.
+
+    cfg = TrainConfig(loss="dad", gamma=1.0, steps=200, seqlen=128, batch_size=4, lr=1e-3)
+    result = train(student, windows, teacher=teacher, config=cfg, out_dir="checkpoints/dad")
+"""
+import copy
+import csv
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .distill import LOSSES, check_gamma, distill_loss
+from .modules import fdb_layers
+
+CHECKPOINT = "checkpoint.pt"
+# Fields that do not change the loss curve; a resumed run may change them.
+NOT_IDENTITY = ("ckpt_every", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "dad"            # "dad" | "kd" | "ce"
+    gamma: float = 1.0           # DAD's gamma in [0, 1]
+    steps: int = 100             # optimiser steps
+    seqlen: int = 128            # training window length (samples are cut into windows of this length)
+    batch_size: int = 4          # windows per micro-batch
+    grad_accum: int = 1          # micro-batches per optimiser step
+    lr: float = 1e-3             # peak learning rate of the scales a1, a2
+    lr_latent: float = 1e-5      # peak learning rate of the latent weights (train_latent=True)
+    train_latent: bool = False   # also train the latent weights through the STE
+    warmup: int = 10             # linear warm-up steps
+    min_lr_ratio: float = 0.1    # cosine decays to min_lr_ratio * lr
+    weight_decay: float = 0.0    # AdamW decay (on latent weights only; scales never decay)
+    max_grad_norm: float = 1.0   # gradient clipping (0 = off)
+    seed: int = 0
+    chunk: int = 256             # positions per chunk in the vocabulary-wide loss reductions
+    ckpt_every: int = 50         # checkpoint every N steps (0 = only at the end when out_dir is set)
+    log_every: int = 10          # tqdm postfix refresh
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not supported; use one of {LOSSES}")
+        check_gamma(self.gamma)
+        for key in ("steps", "seqlen", "batch_size", "grad_accum"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen={self.seqlen!r} must be >= 2")
+        for key in ("lr", "lr_latent"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
+        for key in ("warmup", "ckpt_every", "log_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        return self
+
+    def identity(self):
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+
+
+def lr_lambda(step, warmup, steps, min_lr_ratio):
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def to_windows(data, seqlen):
+    """Cut (n, L) samples into (n * (L // seqlen), seqlen) windows (tail of each sample dropped)."""
+    if data.dim() != 2:
+        raise ValueError(f"training data must be a (n, length) LongTensor, got shape {tuple(data.shape)}")
+    if data.shape[1] < seqlen:
+        raise ValueError(f"samples have {data.shape[1]} tokens, fewer than seqlen={seqlen}")
+    k = data.shape[1] // seqlen
+    return data[:, :k * seqlen].reshape(-1, seqlen).contiguous()
+
+
+def batch_indices(counter, batch_size, n, seed):
+    """Window indices of micro-batch ``counter``: a stream of per-epoch permutations (seed + epoch)."""
+    out, perms = [], {}
+    for k in range(counter * batch_size, (counter + 1) * batch_size):
+        e = k // n
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + e))
+        out.append(int(perms[e][k % n]))
+    return torch.tensor(out)
+
+
+def trainable_parameters(student, train_latent):
+    """Freeze everything, then enable a1, a2 (and the latent weights if ``train_latent``) of every FDB layer.
+    Returns ({name: param} of the scales, {name: param} of the latent weights)."""
+    layers = fdb_layers(student)
+    if not layers:
+        raise ValueError("the student has no DualBinaryLinear layers: quantize it with "
+                         "quantize_model(model, 'fdb', ...) first")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    scales, latents = {}, {}
+    for name, m in layers.items():
+        for s in ("a1", "a2"):
+            getattr(m, s).requires_grad_(True)
+            scales[f"{name}.{s}"] = getattr(m, s)
+        if train_latent:
+            m.weight.requires_grad_(True)
+            latents[f"{name}.weight"] = m.weight
+    return scales, latents
+
+
+class _FastDualBinaryWeight(torch.autograd.Function):
+    """The same w_hat = a1 * b1 + a2 * b2 as ``modules._DualBinaryWeight`` (nearest of the levels
+    {0, a2, a1, a1 + a2}), computed with three threshold comparisons per weight instead of a 4-level
+    distance/argmin: with the group's levels sorted s0 < s1 < s2 < s3 and midpoints m_k,
+    w_hat = s0 + sum_k (s_k - s_{k-1}) [w > m_k], and b1, b2 follow the same steps. Only exact ties at a
+    midpoint may be assigned differently (the reference sends them to the level nearer zero).
+    Gradients: a1 <- sum_group(grad * b1), a2 <- sum_group(grad * b2), latent <- grad (STE)."""
+
+    @staticmethod
+    def forward(ctx, w, a1, a2, group_size):
+        out, n = w.shape
+        wg = w.detach().reshape(out, n // group_size, group_size)
+        a1d, a2d = a1.detach().float(), a2.detach().float()
+        levels = torch.stack([torch.zeros_like(a1d), a2d, a1d, a1d + a2d], -1)
+        srt, order = levels.sort(-1)
+        bits1, bits2 = (order >= 2).float(), (order % 2).float()  # (b1, b2) of each sorted level
+        mid = (srt[..., 1:] + srt[..., :-1]) / 2
+        masks = [wg > mid[..., k:k + 1] for k in range(3)]
+        d1, d2 = bits1.diff(dim=-1), bits2.diff(dim=-1)
+        b1 = bits1[..., :1].expand_as(wg).clone()
+        b2 = bits2[..., :1].expand_as(wg).clone()
+        for k, m in enumerate(masks):
+            b1.add_(m * d1[..., k:k + 1])
+            b2.add_(m * d2[..., k:k + 1])
+        ctx.save_for_backward(b1.to(torch.uint8), b2.to(torch.uint8))
+        ctx.group_size = group_size
+        return (b1 * a1d[..., None] + b2 * a2d[..., None]).reshape(out, n).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b1, b2 = ctx.saved_tensors
+        out, ng, g = b1.shape
+        gg = grad.reshape(out, ng, g)
+        ga1 = (gg * b1).sum(-1) if ctx.needs_input_grad[1] else None
+        ga2 = (gg * b2).sum(-1) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
+
+
+def _fast_forward(m):
+    def forward(x):
+        w_hat = _FastDualBinaryWeight.apply(m.weight, m.a1, m.a2, m.group_size)
+        return torch.nn.functional.linear(x, w_hat.to(x.dtype), m.bias)
+    return forward
+
+
+class fast_fdb:
+    """Context manager: the student's DualBinaryLinear layers use ``_FastDualBinaryWeight`` while training
+    (same levels and gradients, ~several times cheaper on CPU); the reference forward is restored on exit."""
+
+    def __init__(self, model):
+        self.layers = list(fdb_layers(model).values())
+
+    def __enter__(self):
+        for m in self.layers:
+            m.forward = _fast_forward(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            del m.forward
+        return False
+
+
+@torch.no_grad()
+def freeze_fdb(model):
+    """Replace every DualBinaryLinear by a FakeQuantLinear holding its current w_hat (computed once by the
+    reference ``dequantized_weight``), so evaluation does not re-binarize on every forward. Same outputs."""
+    from .model import set_module
+    from .modules import FakeQuantLinear
+    for name, m in fdb_layers(model).items():
+        set_module(model, name, FakeQuantLinear(m.dequantized_weight(), m.bias, m.bits_per_weight, "fdb"))
+    return model
+
+
+def peak_rss_gib():
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _fingerprint(windows):
+    return {"shape": list(windows.shape), "sum": int(windows.sum()), "head": windows.reshape(-1)[:16].tolist()}
+
+
+def _atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_curve(history, out_dir, stem="curve"):
+    """The loss curve as CSV and JSON (atomically) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    if not history:
+        return
+    path = os.path.join(out_dir, stem)
+    with open(path + ".csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    os.replace(path + ".csv.tmp", path + ".csv")
+    with open(path + ".json.tmp", "w") as f:
+        json.dump(history, f)
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+@torch.no_grad()
+def teacher_logits_cache(teacher, windows, batch_size=4, dtype=torch.float16, progress=True):
+    """Teacher logits for every training window, (n, seqlen, vocab) in ``dtype`` (n*seqlen*vocab*2 bytes
+    in fp16: only worth it when several runs share the same windows and it fits in memory)."""
+    teacher.eval()
+    out = []
+    for i in tqdm(range(0, len(windows), batch_size), desc="teacher logits", disable=not progress):
+        out.append(teacher(windows[i:i + batch_size]).logits.to(dtype))
+    return torch.cat(out)
+
+
+def train(student, data, teacher=None, config=None, out_dir=None, resume=True, teacher_logits=None,
+          progress=True, stop_after=None):
+    """Train the student's FDB scales (and optionally latent weights) for ``config.steps`` steps.
+
+    data: (n, L) LongTensor of token ids (e.g. ``generate_samples``), cut into windows of ``config.seqlen``.
+    teacher: the FP model (needed for "dad"/"kd" unless ``teacher_logits`` (n_windows, seqlen, vocab) is
+    given). out_dir: where checkpoints and the loss curve (curve.csv / curve.json) go; with ``resume`` an
+    existing checkpoint there is continued. stop_after: return after this many steps of this call without
+    checkpointing (simulates a killed run; for tests).
+
+    Returns {"history": [{step, loss, lr, seconds, cpu_seconds, tokens}], "config", "seconds",
+    "cpu_seconds", "peak_rss_gib", "steps_done", "completed"}.
+    """
+    cfg = (config or TrainConfig()).validate()
+    windows = to_windows(data, cfg.seqlen)
+    n = len(windows)
+    if cfg.loss != "ce" and teacher is None and teacher_logits is None:
+        raise ValueError(f"loss={cfg.loss!r} needs the FP teacher (teacher=) or cached teacher_logits=")
+    if teacher_logits is not None and teacher_logits.shape[:2] != windows.shape:
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match the windows "
+                         f"{tuple(windows.shape)}")
+    scales, latents = trainable_parameters(student, cfg.train_latent)
+    groups = [{"params": list(scales.values()), "lr": cfg.lr, "weight_decay": 0.0}]
+    if latents:
+        groups.append({"params": list(latents.values()), "lr": cfg.lr_latent, "weight_decay": cfg.weight_decay})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    named = {**scales, **latents}
+
+    step, history, seconds, cpu_seconds = 0, [], 0.0, 0.0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if ckpt_path and resume and os.path.isfile(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        diff = {k: (ck["config"].get(k), v) for k, v in cfg.identity().items() if ck["config"].get(k) != v}
+        if ck["data"] != _fingerprint(windows):
+            diff["data"] = ("other windows", f"{tuple(windows.shape)} windows")
+        if sorted(ck["params"]) != sorted(named):
+            diff["trainable parameters"] = (f"{len(ck['params'])} tensors", f"{len(named)} tensors")
+        if diff:
+            raise ValueError(f"cannot resume {ckpt_path}: it was written by a different configuration ("
+                             + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                             + "). Use another out_dir or resume=False.")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(ck["params"][k])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        step, history = ck["step"], ck["history"]
+        seconds, cpu_seconds = ck["seconds"], ck["cpu_seconds"]
+
+    def save():
+        if not ckpt_path:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic_save({"config": cfg.identity(), "step": step, "data": _fingerprint(windows),
+                      "params": {k: p.detach().clone() for k, p in named.items()},
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": np.random.get_state()},
+                      "history": history, "seconds": seconds, "cpu_seconds": cpu_seconds}, ckpt_path)
+        write_curve(history, out_dir)
+
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+    params = list(named.values())
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.loss}", disable=not progress)
+    done_here = 0
+    with fast_fdb(student):
+        while step < cfg.steps:
+            if stop_after is not None and done_here >= stop_after:
+                break
+            t0, c0 = time.time(), time.process_time()
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n, cfg.seed)
+                x = windows[idx]
+                t_logits = None
+                if cfg.loss != "ce":
+                    if teacher_logits is not None:
+                        t_logits = teacher_logits[idx]
+                    else:
+                        with torch.no_grad():
+                            t_logits = teacher(x).logits
+                s_logits = student(x).logits
+                loss = distill_loss(cfg.loss, s_logits, x, t_logits, cfg.gamma, cfg.chunk) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+                del s_logits, t_logits, loss
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            step += 1
+            done_here += 1
+            seconds += time.time() - t0
+            cpu_seconds += time.process_time() - c0
+            history.append({"step": step, "loss": total, "lr": lr, "seconds": round(seconds, 3),
+                            "cpu_seconds": round(cpu_seconds, 3), "tokens": step * cfg.grad_accum * cfg.batch_size
+                            * cfg.seqlen})
+            bar.update(1)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                save()
+    bar.close()
+    completed = step >= cfg.steps
+    if completed:
+        save()
+    student.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"history": history, "config": asdict(cfg), "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_rss_gib": peak_rss_gib(), "steps_done": step, "completed": completed}
+
+
+def build_student(teacher, init="gptq", group_size=64, calib_windows=None, train_latent=False, progress=True):
+    """A deep copy of ``teacher`` with FDB W2 layers (``quantize_model(..., "fdb", init=...)``); returns
+    (student, report). ``calib_windows`` (teacher-generated, never the evaluation text) feed init="gptq"."""
+    from .modules import quantize_model
+    student = copy.deepcopy(teacher)
+    report = quantize_model(student, "fdb", bits=2, group_size=group_size, init=init,
+                            calib_windows=calib_windows if init == "gptq" else None,
+                            train_latent=train_latent, progress=progress)
+    return student, report
+
+
+def config_from_dict(d):
+    """A TrainConfig from a dict (e.g. a papermill parameters cell), refusing unknown keys."""
+    known = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown training settings {bad}; allowed: {sorted(known)}")
+    return TrainConfig(**d).validate()

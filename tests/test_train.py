@@ -1,0 +1,186 @@
+"""Trainer (dbllm_lab.train): what trains, exact resume, configuration checks; data-free generation."""
+import copy
+import os
+
+import pytest
+import torch
+
+from dbllm_lab.datafree import corpus_samples, generate_samples
+from dbllm_lab.model import tiny_llama
+from dbllm_lab.modules import fdb_layers, quantize_model
+from dbllm_lab.train import (TrainConfig, build_student, config_from_dict, lr_lambda, to_windows, train,
+                             trainable_parameters)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    teacher = tiny_llama(vocab_size=128, hidden=64, layers=2, seed=1)
+    data = generate_samples(teacher, None, n=8, seqlen=32, seed=0, batch_size=4,
+                            cache_dir=str(tmp_path_factory.mktemp("gen")), progress=False)
+    student, _ = build_student(teacher, init="clip", group_size=32, progress=False)
+    return teacher, data, student
+
+
+def _cfg(**kw):
+    base = dict(loss="dad", gamma=0.5, steps=8, seqlen=16, batch_size=2, grad_accum=2, lr=3e-3, warmup=2,
+                ckpt_every=2, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
+    m = tiny_llama(vocab_size=128, seed=2)
+    a = generate_samples(m, None, n=5, seqlen=12, seed=3, batch_size=2, cache_dir=str(tmp_path), progress=False)
+    assert a.shape == (5, 12) and a.dtype == torch.long and int(a.max()) < 128
+    assert len(os.listdir(tmp_path)) == 1
+    b = generate_samples(m, None, n=5, seqlen=12, seed=3, batch_size=5, cache_dir=None, progress=False)
+    assert torch.equal(a, b)  # same samples whatever the batch size
+    c = generate_samples(m, None, n=5, seqlen=12, seed=4, batch_size=5, cache_dir=None, progress=False)
+    assert not torch.equal(a, c)
+    # the first greedy tokens follow the argmax of the model
+    with torch.no_grad():
+        nxt = m(a[:, :1]).logits[:, -1].argmax(-1)
+    assert torch.equal(nxt, a[:, 1])
+    with pytest.raises(ValueError, match="seqlen"):
+        generate_samples(m, None, n=2, seqlen=1, cache_dir=None)
+
+
+def test_corpus_option_refuses_the_test_split():
+    with pytest.raises(ValueError, match="test split"):
+        corpus_samples(None, 2, 8, dataset="wikitext2", split="test")
+
+
+def test_only_scales_get_gradients_when_latent_frozen(setup):
+    teacher, data, student = setup
+    st = copy.deepcopy(student)
+    scales, latents = trainable_parameters(st, train_latent=False)
+    assert latents == {}
+    from dbllm_lab.distill import dad_loss
+    x = data[:2, :16]
+    with torch.no_grad():
+        t = teacher(x).logits
+    dad_loss(st(x).logits, t, 1.0).backward()
+    for name, p in st.named_parameters():
+        if name.endswith(".a1") or name.endswith(".a2"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    # with train_latent the latent weights get gradients too (STE)
+    st2 = copy.deepcopy(student)
+    _, latents = trainable_parameters(st2, train_latent=True)
+    dad_loss(st2(x).logits, t, 1.0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in latents.values())
+    assert st2.model.embed_tokens.weight.grad is None
+
+
+def test_training_lowers_the_loss(setup):
+    teacher, data, student = setup
+    from dbllm_lab.distill import kd_loss
+    x = to_windows(data, 16)
+
+    def full_kd(m):
+        with torch.no_grad():
+            return kd_loss(m(x).logits, teacher(x).logits).item()
+
+    st = copy.deepcopy(student)
+    r = train(st, data, teacher=teacher, config=_cfg(loss="kd", steps=20, lr=1e-3), progress=False)
+    assert r["completed"] and len(r["history"]) == 20
+    assert full_kd(st) < 0.9 * full_kd(student)
+    a1 = next(iter(fdb_layers(st).values())).a1
+    assert not torch.equal(a1, next(iter(fdb_layers(student).values())).a1)
+
+
+@pytest.mark.parametrize("loss,kw", [("dad", {"gamma": 0.5}), ("ce", {}), ("kd", {"train_latent": True})])
+def test_kill_and_resume_reproduces_the_curve(setup, tmp_path, loss, kw):
+    teacher, data, student = setup
+    cfg = _cfg(loss=loss, **kw)
+    full = train(copy.deepcopy(student), data, teacher=teacher, config=cfg, progress=False)
+    out = str(tmp_path / "run")
+    # "killed" after 5 steps: the last checkpoint is at step 4, step 5 is lost
+    part = train(copy.deepcopy(student), data, teacher=teacher, config=cfg, out_dir=out, progress=False,
+                 stop_after=5)
+    assert not part["completed"] and part["steps_done"] == 5
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 4
+    st = copy.deepcopy(student)
+    resumed = train(st, data, teacher=teacher, config=cfg, out_dir=out, progress=False)
+    assert resumed["completed"]
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 9))
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    assert os.path.isfile(os.path.join(out, "curve.csv")) and os.path.isfile(os.path.join(out, "curve.json"))
+
+
+def test_resume_with_another_configuration_fails(setup, tmp_path):
+    teacher, data, student = setup
+    out = str(tmp_path / "run")
+    train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4), out_dir=out, progress=False,
+          stop_after=2)
+    with pytest.raises(ValueError, match="different configuration.*gamma"):
+        train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4, gamma=1.0), out_dir=out,
+              progress=False)
+    with pytest.raises(ValueError, match="different configuration.*data"):
+        train(copy.deepcopy(student), data[:6], teacher=teacher, config=_cfg(steps=4), out_dir=out,
+              progress=False)
+    # ckpt_every does not change the curve: allowed
+    train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4, ckpt_every=3), out_dir=out,
+          progress=False)
+
+
+@pytest.mark.parametrize("kw,match", [({"gamma": 1.2}, "gamma"), ({"gamma": -0.5}, "gamma"),
+                                      ({"steps": 0}, "steps"), ({"steps": -3}, "steps"),
+                                      ({"loss": "mse"}, "loss"), ({"batch_size": 0}, "batch_size"),
+                                      ({"lr": 0.0}, "lr")])
+def test_bad_configuration(setup, kw, match):
+    teacher, data, student = setup
+    with pytest.raises(ValueError, match=match):
+        train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(**kw), progress=False)
+
+
+def test_misc_errors(setup):
+    teacher, data, student = setup
+    with pytest.raises(ValueError, match="teacher"):
+        train(copy.deepcopy(student), data, config=_cfg(), progress=False)
+    with pytest.raises(ValueError, match="DualBinaryLinear"):
+        train(copy.deepcopy(teacher), data, teacher=teacher, config=_cfg(), progress=False)
+    with pytest.raises(ValueError, match="unknown training settings"):
+        config_from_dict({"steps": 3, "lr_scales": 1.0})
+    with pytest.raises(ValueError, match="fewer than seqlen"):
+        to_windows(data, 64)
+
+
+def test_schedule():
+    assert lr_lambda(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert lr_lambda(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(12, 4, 20, 0.1) == pytest.approx(0.55)
+
+
+def test_fast_training_forward_matches_the_reference(setup):
+    """train.fast_fdb gives the same outputs and scale gradients as DualBinaryLinear's own forward,
+    for scales moved away from the init (both orientations, arbitrary level orders)."""
+    from dbllm_lab.train import fast_fdb
+    _, data, student = setup
+    st = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in fdb_layers(st).values():
+            m.a1.mul_(1 + 0.5 * torch.randn(m.a1.shape, generator=g))
+            m.a2.mul_(1 + 0.5 * torch.randn(m.a2.shape, generator=g))
+    trainable_parameters(st, train_latent=True)
+    x = data[:2, :16]
+    outs, grads = [], []
+    for fast in (False, True):
+        st.zero_grad(set_to_none=True)
+        if fast:
+            with fast_fdb(st):
+                y = st(x).logits
+        else:
+            y = st(x).logits
+        y.pow(2).mean().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in st.named_parameters() if p.grad is not None})
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4), k
+    # the reference forward is back after the context
+    assert "forward" not in vars(next(iter(fdb_layers(st).values())))
