@@ -108,3 +108,41 @@ def test_real_layers_fdb_basin_wider_than_sign(embedded):
         sign.append(r["basin"]["sign"])
     assert sum(f > s for f, s in zip(fdb, sign)) >= 5, (fdb, sign)
     assert sorted(fdb)[3] > sorted(sign)[3]
+
+
+def test_init_choice_table_orientation_never_hurts():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(128, 16, bias=False)
+    lin.weight.data = torch.randn(16, 128, generator=g) ** 3 * 0.02  # heavy-tailed
+    rows = A.init_choice_table({"model.layers.0.mlp.up_proj": lin}, {"model.layers.0.mlp.up_proj": torch.randn(64, 128, generator=g)},
+                               32, progress=False)
+    err = {r["method"]: r["weight_rel_error"] for r in rows}
+    assert set(err) == {"sign", "rtn2 clip"} | {f"fdb {i}/{o}" for i, o in A.FDB_CHOICES}
+    assert err["fdb clip/per-group"] <= err["fdb clip/fixed"] + 1e-9
+    assert err["fdb minmax/per-group"] <= err["fdb minmax/fixed"] + 1e-9
+    assert err["fdb clip/per-group"] < err["fdb minmax/per-group"] < err["sign"]
+
+
+def test_scale_landscape_matches_quantized_model_and_restores(tiny):
+    import copy
+    from dbllm_lab.modules import quantize_model
+    from dbllm_lab.ppl import window_nll
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    orig = {n: m.weight.detach().clone() for n, m in A.select_layers(tiny).items()}
+    q = copy.deepcopy(tiny)
+    quantize_model(q, "fdb", group_size=32, init="minmax", progress=False)
+    s, c = window_nll(q, windows, progress=False)
+    with A.ScaleLandscape(tiny, windows, 32, "minmax", progress=False) as land:
+        fp = land.fp_loss()
+        grid = land.fdb_grid([-0.2, 0.0], [0.0, 0.2], progress=False)
+        assert grid[1][0] == pytest.approx(s / c, rel=2e-3)  # fp16-rounded scales in DualBinaryLinear
+        assert grid[0][1] != pytest.approx(grid[1][0], rel=1e-6)
+        qs = copy.deepcopy(tiny)
+        quantize_model(qs, "sign", group_size=32, progress=False)
+        s_sign, c_sign = window_nll(qs, windows, progress=False)
+        assert land.sign_curve([0.0], progress=False)[0] == pytest.approx(s_sign / c_sign, rel=1e-5)
+    s_fp, c_fp = window_nll(tiny, windows, progress=False)
+    assert fp == pytest.approx(s_fp / c_fp, rel=1e-5)
+    assert all(torch.equal(m.weight, orig[n]) for n, m in A.select_layers(tiny).items())
+    with pytest.raises(ValueError, match="blocks"):
+        A.ScaleLandscape(tiny, windows, 32, blocks=[5])
