@@ -224,19 +224,26 @@ def _init_error(W, m, order):
     return (((W - reconstruct(mu, [a1, a2], [B1, B2])) ** 2) * m).sum((-1, -2))
 
 
-def magnitude_split(W, order, steps=40):
+def _search_rows(W, search_rows):
+    """Evenly spaced rows (at most ``search_rows``) on which the partition searches score their candidates."""
+    return W[::-(-W.shape[0] // search_rows)]
+
+
+def magnitude_split(W, order, steps=40, search_rows=256):
     """Split a region by |w| <= t (dense) / > t (sparse), t = f * max|W| over f in linspace(0.1, 0.8, steps),
-    choosing t with the least BiLLM-init error of the two groups (all thresholds at once). Returns the dense mask."""
+    choosing t with the least BiLLM-init error of the two groups (all thresholds at once, scored on at most
+    ``search_rows`` evenly spaced rows). Returns the dense mask of W."""
     t = torch.linspace(0.1, 0.8, steps, dtype=W.dtype) * W.abs().max()
-    dense = (W.abs()[None] <= t[:, None, None]).to(W.dtype)          # steps, rows, cols
-    e = _init_error(W, dense, order) + _init_error(W, 1 - dense, order)
-    return dense[int(torch.argmin(e))] > 0
+    Ws = _search_rows(W, search_rows)
+    dense = (Ws.abs()[None] <= t[:, None, None]).to(W.dtype)          # steps, rows, cols
+    e = _init_error(Ws, dense, order) + _init_error(Ws, 1 - dense, order)
+    return W.abs() <= t[int(torch.argmin(e))]
 
 
-def partition_block(W, u_diag, cgb=False, max_salient=30, split_steps=40):
+def partition_block(W, u_diag, cgb=False, max_salient=30, split_steps=40, search_rows=256):
     """BiLLM/CGB partition of one block. Returns (groups, k): groups = [(mask (rows, cols) bool, order)], k = number
     of salient columns (from ``SALIENT_GRID`` up to ``max_salient``, by BiLLM's proxy: both regions second order,
-    all candidates at once)."""
+    all candidates at once, scored on at most ``search_rows`` evenly spaced rows)."""
     rows, cols = W.shape
     saliency = (W ** 2 / u_diag[None, :] ** 2).sum(0)
     rank = torch.empty(cols, dtype=torch.long)
@@ -244,8 +251,9 @@ def partition_block(W, u_diag, cgb=False, max_salient=30, split_steps=40):
     k = 0
     if cols > 1:
         cand = torch.tensor([c for c in SALIENT_GRID if c <= min(max_salient, cols - 1)] or [1])
-        sal = (rank[None, :] < cand[:, None]).to(W.dtype)[:, None, :].expand(-1, rows, -1)  # cands, rows, cols
-        e = _init_error(W, sal, 2) + _init_error(W, 1 - sal, 2)
+        Ws = _search_rows(W, search_rows)
+        sal = (rank[None, :] < cand[:, None]).to(W.dtype)[:, None, :].expand(-1, len(Ws), -1)  # cands, rows, cols
+        e = _init_error(Ws, sal, 2) + _init_error(Ws, 1 - sal, 2)
         k = int(cand[torch.argmin(e)])
     salient = rank < k
     groups = []
@@ -255,7 +263,7 @@ def partition_block(W, u_diag, cgb=False, max_salient=30, split_steps=40):
         if not split:
             groups.append((region[None, :].expand(rows, cols).clone(), reg_order))
             continue
-        dense = magnitude_split(W[:, region], reg_order, split_steps)
+        dense = magnitude_split(W[:, region], reg_order, split_steps, search_rows)
         for part in (dense, ~dense):
             mask = torch.zeros(rows, cols, dtype=torch.bool)
             mask[:, region] = part
@@ -264,34 +272,40 @@ def partition_block(W, u_diag, cgb=False, max_salient=30, split_steps=40):
 
 
 def fit_block(W, groups, method, iters=15, S=None):
-    """Quantize one partitioned block with ``method``. Returns (W_hat, n_fp16_params)."""
+    """Quantize one partitioned block with ``method``. Each group is fitted on the columns it touches only.
+    Returns (W_hat, n_fp16_params)."""
     rows = W.shape[0]
     W_hat, n_params = torch.zeros_like(W), 0
-    if method == "arb-rc":
-        for mask, order in groups:
-            m = mask.to(W.dtype)
-            ar, ac, Bs = arb_rc(W, m, order, iters)
-            W_hat += rc_reconstruct(ar, ac, Bs, m)
-            n_params += order * (rows + int(mask.any(0).sum()))
-        return W_hat, n_params
     bases, coefs = [], []
     for mask, order in groups:
-        m = mask.to(W.dtype)
+        cols = mask.any(0)
+        Wg, m = W[:, cols], mask[:, cols].to(W.dtype)
+        if method == "arb-rc":
+            ar, ac, Bs = arb_rc(Wg, m, order, iters)
+            W_hat[:, cols] += rc_reconstruct(ar, ac, Bs, m)
+            n_params += order * (rows + int(cols.sum()))
+            continue
         if method == "billm":
-            p = binarize_first(W, m) if order == 1 else binarize_second(W, m)
+            p = binarize_first(Wg, m) if order == 1 else binarize_second(Wg, m)
         else:
-            p = arb_first(W, m, iters) if order == 1 else arb_second(W, m, iters)
+            p = arb_first(Wg, m, iters) if order == 1 else arb_second(Wg, m, iters)
         mu, alphas, Bs = p[0], p[1:1 + order], p[1 + order:]
-        bases += [m] + [B * m for B in Bs]
+        for basis in [m] + [B * m for B in Bs]:
+            full = torch.zeros_like(W)
+            full[:, cols] = basis
+            bases.append(full)
         coefs += [mu, *alphas]
         n_params += rows * (1 + order)
+    if method == "arb-rc":
+        return W_hat, n_params
     bases, coefs = torch.stack(bases), torch.stack(coefs, 1)
     if method == "arb-x":
         coefs = refit_x(W, S, bases, coefs)
     return torch.einsum("rp,prc->rc", coefs, bases), n_params
 
 
-def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters=15, max_salient=30, split_steps=40):
+def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters=15, max_salient=30, split_steps=40,
+              search_rows=256):
     """Binarize one weight matrix W (out x in) with input Hessian H = 2/N X^T X (see the module docstring).
     Returns (W_hat, info) with info = bits_per_weight, bits breakdown and the salient-column count."""
     check_variant(method)
@@ -299,7 +313,7 @@ def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters
     if H.shape != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's input width {in_f}")
     for name, v, lo in (("blocksize", blocksize, 1), ("iters", iters, 0), ("max_salient", max_salient, 1),
-                        ("split_steps", split_steps, 1)):
+                        ("split_steps", split_steps, 1), ("search_rows", search_rows, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
     W = W.detach().clone().float()
@@ -311,7 +325,7 @@ def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
-        groups, k = partition_block(W1, torch.diag(U1), cgb, max_salient, split_steps)
+        groups, k = partition_block(W1, torch.diag(U1), cgb, max_salient, split_steps, search_rows)
         Q1, n_params = fit_block(W1, groups, method, iters, S[i1:i2, i1:i2] if method == "arb-x" else None)
         Q[:, i1:i2] = Q1
         err = torch.linalg.solve_triangular(U1, W1 - Q1, upper=True, left=False)
@@ -327,7 +341,7 @@ def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters
 
 
 def quantize_model_arb(model, method="arb", calib_windows=None, progress=True, cgb=False, iters=15, blocksize=128,
-                       percdamp=0.01, max_salient=30, split_steps=40):
+                       percdamp=0.01, max_salient=30, split_steps=40, search_rows=256):
     """Binarize every decoder linear layer of ``model`` in place, block by block on ``calib_windows`` (n, seqlen)
     (``calib.sequential_quantize``; later blocks see the binarized earlier ones), installing ``FakeQuantLinear``
     layers holding the dequantized weights. Returns a report like ``modules.quantize_model``'s; bits per weight
@@ -344,7 +358,7 @@ def quantize_model_arb(model, method="arb", calib_windows=None, progress=True, c
 
     def quantize_layer(lname, module, H):
         W_hat, info = arb_layer(module.weight, H, method, cgb, blocksize, percdamp, iters, max_salient,
-                                split_steps)
+                                split_steps, search_rows)
         infos[lname] = info
         return FakeQuantLinear(W_hat.to(module.weight.dtype), module.bias, info["bits_per_weight"], name)
 
@@ -357,4 +371,5 @@ def quantize_model_arb(model, method="arb", calib_windows=None, progress=True, c
             "bitmap_bits_per_weight": tot["bitmap_bits"] / n, "scale_bits_per_weight": 16 * tot["fp16_params"] / n,
             "n_layers": len(infos), "n_weights": n, "iters": iters if method != "billm" else 0,
             "blocksize": blocksize, "percdamp": percdamp, "max_salient": max_salient, "split_steps": split_steps,
+            "search_rows": search_rows,
             "calib_windows": tuple(calib_windows.shape), "seconds": time.time() - t0}
