@@ -3,6 +3,8 @@
     dbllm-lab eval-ppl --model smollm2-135m --dataset wikitext2 --seqlen 512 [--max-windows N] [--json out.json]
     dbllm-lab quantize --method fdb --group-size 64 --init clip --out ckpt/ [--eval]
     dbllm-lab eval-ppl --checkpoint ckpt/ ...
+    dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
+    dbllm-lab train --loss dad --gamma 1.0 --steps 30 --out-dir checkpoints/dad [--eval]
 """
 import argparse
 import sys
@@ -64,6 +66,45 @@ def cmd_quantize(args):
     return report
 
 
+def cmd_generate_data(args):
+    from .datafree import generate_samples
+    from .model import load_model
+    model, tok = load_model(args.model, dtype=args.dtype)
+    data = generate_samples(model, tok, args.n, args.gen_len, seed=args.seed, batch_size=args.batch_size,
+                            cache_dir=args.cache_dir)
+    print(f"{tuple(data.shape)} teacher-generated tokens cached under {args.cache_dir}")
+    return data
+
+
+def cmd_train(args):
+    """Quantize to FDB W2 and train the scales (optionally latent weights) against the FP teacher."""
+    import json
+    from .datafree import corpus_samples, generate_samples
+    from .model import load_model
+    from .train import TrainConfig, build_student, freeze_fdb, train
+    cfg = TrainConfig(loss=args.loss, gamma=args.gamma, steps=args.steps, seqlen=args.train_seqlen,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_latent=args.lr_latent,
+                      train_latent=args.train_latent, warmup=args.warmup, seed=args.seed,
+                      ckpt_every=args.ckpt_every).validate()
+    teacher, tok = load_model(args.model, dtype=args.dtype)
+    if args.train_text:
+        data = corpus_samples(tok, args.n, args.gen_len, path=args.train_text, seed=args.seed)
+    else:
+        data = generate_samples(teacher, tok, args.n, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
+    calib = data.reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
+    student, report = build_student(teacher, init=args.init, group_size=args.group_size, calib_windows=calib)
+    result = train(student, data, teacher=teacher, config=cfg, out_dir=args.out_dir)
+    summary = {"steps": result["steps_done"], "final_loss": result["history"][-1]["loss"],
+               "train_minutes": result["seconds"] / 60, "peak_rss_gib": result["peak_rss_gib"],
+               "bits_per_weight": report["bits_per_weight"], "out_dir": args.out_dir}
+    if args.eval:
+        from .ppl import perplexity
+        summary["ppl"] = perplexity(freeze_fdb(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
+                                    data_dir=args.data_dir).ppl
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -98,6 +139,39 @@ def build_parser():
     p.add_argument("--out", default=None, help="folder for the packed checkpoint (fdb only)")
     p.add_argument("--eval", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("generate-data", help="teacher-written training text (method.md §3), cached on disk")
+    common(p)
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--gen-len", type=int, default=256, help="tokens per sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache-dir", default="data/generated")
+    p.set_defaults(func=cmd_generate_data)
+
+    p = sub.add_parser("train", help="FDB W2 student trained against the FP teacher (DAD, KD or CE)")
+    common(p)
+    p.add_argument("--loss", default="dad", help="dad, kd or ce")
+    p.add_argument("--gamma", type=float, default=1.0, help="DAD gamma in [0, 1]")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--train-seqlen", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak lr of the FDB scales")
+    p.add_argument("--lr-latent", type=float, default=1e-5)
+    p.add_argument("--train-latent", action="store_true", help="also train the latent weights (STE)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="gptq", help="FDB init: gptq (on the training text), clip or minmax")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--n", type=int, default=64, help="training samples")
+    p.add_argument("--gen-len", type=int, default=256, help="tokens per training sample")
+    p.add_argument("--train-text", default=None, help="train on this text file instead of generated text")
+    p.add_argument("--cache-dir", default="data/generated")
+    p.add_argument("--out-dir", default=None, help="checkpoints + loss curve; an existing run there resumes")
+    p.add_argument("--ckpt-every", type=int, default=10)
+    p.add_argument("--eval", action="store_true", help="WikiText-2 perplexity afterwards")
+    p.set_defaults(func=cmd_train)
     return ap
 
 
