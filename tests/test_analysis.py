@@ -146,3 +146,22 @@ def test_scale_landscape_matches_quantized_model_and_restores(tiny):
     assert all(torch.equal(m.weight, orig[n]) for n, m in A.select_layers(tiny).items())
     with pytest.raises(ValueError, match="blocks"):
         A.ScaleLandscape(tiny, windows, 32, blocks=[5])
+
+
+def test_levels_histogram_and_stats_table(tiny):
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    lv = A.quantizer_levels(w, 32)
+    assert lv["fdb"].shape == (8 * 4, 4) and lv["sign"].shape == (32, 2) and lv["rtn2"].shape == (32, 4)
+    assert all(0.0 in [round(v, 6) for v in row] for row in lv["fdb"].tolist())  # FDB always has the zero level
+    assert torch.all(lv["fdb"][:, 1:] >= lv["fdb"][:, :-1])
+    assert A.thresholds([2.0, -1.0, 0.0, 1.0]) == [-0.5, 0.5, 1.5]
+    h = A.histogram(w, bins=100)
+    width = h["centres"][1] - h["centres"][0]
+    assert sum(h["density"]) * width == pytest.approx(1.0, abs=1e-3)
+    rows = A.weight_stats_table(A.select_layers(tiny, blocks=[1], types=["q_proj", "down_proj"]))
+    assert [(r["block"], r["type"]) for r in rows] == [(1, "q_proj"), (1, "down_proj")]
+    assert {r["type"] for r in A.stats_by_type(rows)} == {"q_proj", "down_proj"}
+    with pytest.raises(ValueError, match="blocks"):
+        A.select_layers(tiny, blocks=[7])
+    with pytest.raises(ValueError, match="layer types"):
+        A.select_layers(tiny, types=["qkv"])
