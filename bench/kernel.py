@@ -25,7 +25,6 @@ Gaussian weights for the LLaMA-7B shapes and, where loadable, the embedded model
 import argparse
 import os
 import re
-import statistics
 import sys
 import time
 
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine_info, write_results  # noqa: E402
 
 from dbllm_lab import kernel as K  # noqa: E402
+from dbllm_lab.analysis import time_ms  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
 
 LLAMA7B = ["4096x4096", "4096x11008", "11008x4096"]
@@ -107,17 +107,6 @@ def sparsity(b1, b2):
 # ------------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------------
-def cpu_median_ms(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 def cuda_graph_ms(fns, warmup, rep):
     """Median ms per op of a CUDA graph that runs every fn once (L2 flushed before each replay)."""
     import triton
@@ -184,11 +173,11 @@ def bench_cpu(shape, M, planes, args):
     unpack_ms = (time.perf_counter() - t0) * 1e3
     wdense = w32.clone()  # the dense fp32 baseline weight
     x = torch.randn(M, Kin)
-    t_dense = cpu_median_ms(lambda: F.linear(x, wdense), args.cpu_repeats)
+    t_dense = time_ms(lambda: F.linear(x, wdense), args.cpu_repeats)
     layer(x)  # fill the cache
-    t_cached = cpu_median_ms(lambda: layer(x), args.cpu_repeats)
+    t_cached = time_ms(lambda: layer(x), args.cpu_repeats)
     nocache = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, cache=False)
-    t_uncached = cpu_median_ms(lambda: nocache(x), max(1, args.cpu_repeats // 2))
+    t_uncached = time_ms(lambda: nocache(x), max(1, args.cpu_repeats // 2))
     ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
     err = ((layer(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
     packed = layer.packed_bytes()

@@ -29,6 +29,19 @@ def notebooks(only=None):
     return paths
 
 
+def parameter_names(path):
+    """Names assigned in the notebook's cell tagged ``parameters``."""
+    import ast
+    with open(path) as f:
+        nb = json.load(f)
+    for cell in nb.get("cells", []):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+    return set()
+
+
 def strip_outputs(path):
     """Remove outputs and execution counts in place; True if the file changed."""
     with open(path) as f:
@@ -67,6 +80,8 @@ def run(paths, quick=True, out_dir=None, fig_dir=None, parameters=None):
     for path in paths:
         name = os.path.basename(path)
         params = {"QUICK": bool(quick), "FIG_DIR": fig_dir, **(parameters or {})}
+        if "WIDGETS" in parameter_names(path):
+            params.setdefault("WIDGETS", False)  # headless: static figures, never a live widget
         t0 = time.time()
         print(f"[run_notebooks] {name} (quick={quick}) ...", flush=True)
         try:

@@ -1,0 +1,86 @@
+"""The notebook suite: stored stripped, parameterised, and executed headless in quick mode (as `make reproduce`
+does), then the tables the notebooks wrote are checked for what the notebooks claim to show.
+
+The suite runs once per test session into a temporary folder (~10-15 min on 2 CPU cores). Set
+DBLLM_SKIP_NOTEBOOKS=1 to skip the execution (the static checks still run).
+"""
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from dbllm_lab import run_notebooks
+
+NOTEBOOKS = run_notebooks.notebooks()
+
+
+def test_suite_is_numbered_and_complete():
+    names = [os.path.basename(p)[:2] for p in NOTEBOOKS]
+    assert names == [f"{i:02d}" for i in range(len(names))], names
+    assert len(names) == 10, f"expected notebooks 00..09, found {names}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_stored_stripped_with_a_parameters_cell(path):
+    assert not run_notebooks.unstripped([path]), f"{path} is stored with outputs: run `make strip-notebooks`"
+    with open(path) as f:
+        nb = json.load(f)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0]["metadata"].get("tags", []), "first code cell must be tagged `parameters`"
+    src = "".join(code[0]["source"])
+    for name in ("QUICK", "FIG_DIR", "SEED"):
+        assert f"{name} =" in src, f"parameters cell lacks {name}"
+    assert nb["cells"][0]["cell_type"] == "markdown", "a notebook opens with what it shows and why"
+
+
+@pytest.fixture(scope="session")
+def executed(tmp_path_factory, data_dir):
+    if os.environ.get("DBLLM_SKIP_NOTEBOOKS"):
+        pytest.skip("DBLLM_SKIP_NOTEBOOKS is set")
+    root = tmp_path_factory.mktemp("suite")
+    figs = root / "figures"
+    run_notebooks.run(NOTEBOOKS, quick=True, out_dir=str(root / "notebooks"), fig_dir=str(figs),
+                      parameters={"DATA_DIR": data_dir})
+    return figs
+
+
+def test_every_notebook_ran_and_wrote_a_figure_with_its_table(executed):
+    files = os.listdir(executed)
+    for path in NOTEBOOKS:
+        nn = os.path.basename(path)[:2]
+        pngs = [f for f in files if f.startswith(nn + "_") and f.endswith(".png")]
+        assert pngs, f"notebook {nn} wrote no figure"
+        for png in pngs:
+            stem = png[:-4]
+            assert any(f.startswith(stem) and f.endswith((".csv", ".json")) for f in files), \
+                f"figure {png} has no table (CSV/JSON) beside it"
+
+
+def test_00_reference_perplexity_is_sane(executed):
+    r = json.load(open(executed / "00_ppl.json"))
+    assert 5 < r["ppl"] < 100 and r["seqlen"] > 0 and r["windows"] >= 1
+
+
+def test_02_per_group_orientation_never_worse_than_fixed(executed):
+    t = pd.read_csv(executed / "02_init_choices.csv").set_index(["layer", "method"])["weight_rel_error"]
+    for layer in t.index.get_level_values(0).unique():
+        for init in ("minmax", "clip"):
+            assert t[(layer, f"fdb {init}/per-group")] <= t[(layer, f"fdb {init}/fixed")] + 1e-6
+
+
+def test_03_fdb_basin_is_wider_than_binarization(executed):
+    t = pd.read_csv(executed / "03_basin_widths.csv")
+    width = t.groupby("quantizer")["basin_abs"].mean()
+    assert width["fdb_both"] > width["sign"], width.to_dict()
+
+
+def test_06_fdb_bitplanes_sparser_than_plain_2bit_code(executed):
+    t = pd.read_csv(executed / "06_sparsity.csv")
+    assert (t.fdb_ones_per_weight < t.rtn2_ones_per_weight).all()
+    assert t.fdb_both_zero.mean() > t.rtn2_both_zero.mean()
+
+
+def test_07_kernel_matches_reference(executed):
+    t = pd.read_csv(executed / "07_kernel_check.csv")
+    assert len(t) >= 2 and (t.max_rel_err < 1e-3).all()
