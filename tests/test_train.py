@@ -184,3 +184,16 @@ def test_fast_training_forward_matches_the_reference(setup):
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4), k
     # the reference forward is back after the context
     assert "forward" not in vars(next(iter(fdb_layers(st).values())))
+
+
+def test_freeze_fdb_keeps_the_outputs(setup):
+    from dbllm_lab.modules import FakeQuantLinear
+    from dbllm_lab.train import freeze_fdb
+    _, data, student = setup
+    st = copy.deepcopy(student)
+    x = data[:2, :16]
+    with torch.no_grad():
+        ref = st(x).logits
+        freeze_fdb(st)
+        assert not fdb_layers(st) and any(isinstance(m, FakeQuantLinear) for m in st.modules())
+        assert torch.equal(st(x).logits, ref)
