@@ -175,6 +175,13 @@ def _nearest_level(w, a1, a2):
     """Nearest of the levels {0, a2, a1, a1 + a2} (ties: the level nearer zero) -> (b1, b2, w_hat)."""
     levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)
     dist = (w[..., None] - levels).abs()
+    # |a1| = 2|a2|: the levels are a 2-bit grid of step s = |a2|. Round with RTN's own arithmetic
+    # (round_half_to_zero(w / s)), so that FDB built from a grid reproduces it bit for bit, ties included.
+    on_grid = (a1.abs() == 2 * a2.abs()) & (a2 != 0)
+    if on_grid.any():
+        s = torch.where(on_grid, a2.abs(), torch.ones_like(a2))
+        k = round_half_to_zero(w / s).clamp(levels.amin(-1) / s, levels.amax(-1) / s)
+        dist = torch.where(on_grid[..., None], (levels - (k * s)[..., None]).abs(), dist)
     tied = dist == dist.amin(-1, keepdim=True)
     idx = torch.where(tied, levels.abs().expand_as(dist), torch.inf).argmin(-1)
     w_hat = levels.expand(*w.shape, 4).gather(-1, idx[..., None])[..., 0]

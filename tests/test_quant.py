@@ -25,12 +25,18 @@ def test_fdb_from_2bit_grid_reproduces_the_grid_bit_for_bit(clip):
         assert torch.equal(dual_binary_dequantize(b1, b2, a1, a2, g), dequantize_rtn(q, s, z, g))
 
 
-def test_fdb_from_real_layer_grid_bit_for_bit(embedded):
-    w = embedded[0].model.layers[3].mlp.down_proj.weight.detach()
-    q, s, z = quantize_rtn(w, 2, 64, clip_search=True)
-    a1, a2 = fdb_from_rtn(s, z)
-    b1, b2 = dual_binarize(w, a1, a2, 64)
-    assert torch.equal(dual_binary_dequantize(b1, b2, a1, a2, 64), dequantize_rtn(q, s, z, 64))
+@pytest.mark.parametrize("clip", [False, True])
+def test_fdb_from_real_layer_grid_bit_for_bit(embedded, clip):
+    """Every layer of blocks 0 and 3: the GGUF weights sit on a grid, so exact half-step ties occur; they must be
+    broken the same way as RTN's."""
+    from dbllm_lab.model import quantizable_linears
+    for i in (0, 3):
+        for name, lin in quantizable_linears(embedded[0].model.layers[i]).items():
+            w = lin.weight.detach()
+            q, s, z = quantize_rtn(w, 2, 64, clip_search=clip)
+            a1, a2 = fdb_from_rtn(s, z)
+            b1, b2 = dual_binarize(w, a1, a2, 64)
+            assert torch.equal(dual_binary_dequantize(b1, b2, a1, a2, 64), dequantize_rtn(q, s, z, 64)), (i, name)
 
 
 def test_heaviside_formulas_equal_nearest_level_when_levels_are_ordered():
