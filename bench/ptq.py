@@ -52,8 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ap, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ptq.json"))
     ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
     args = ap.parse_args()
     from dbllm_lab.datafree import generate_samples
@@ -73,7 +73,7 @@ def main():
         if kw is not None:
             needs_calib = kw["method"] == "gptq" or kw.get("init") == "gptq"
             if needs_calib and calib is None:
-                calib = generate_samples(base, tok, args.calib_samples, args.calib_seqlen, seed=0)
+                calib = generate_samples(base, tok, args.calib_samples, args.calib_seqlen, seed=0, batch_size=16)
             report = quantize_model(model, group_size=GROUP, calib_windows=calib if needs_calib else None, **kw)
         quant_s = time.time() - t0
         res = perplexity(model, tok, seqlen=args.seqlen, windows=windows)
