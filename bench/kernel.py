@@ -18,8 +18,7 @@ On CPU (writes bench/results/kernel_cpu.json): what PackedDualBinaryLinear runs 
 cache the dense weight, ``F.linear`` (fp32), vs the fp32 dense matmul, plus the uncached path (unpack on
 every call) and the one-time unpack cost; median of a few ``time.perf_counter`` repeats; memory of each form.
 
-Both count the ones in each bit-plane (sparsity) of weights quantized with FDB (quant.fdb_init /
-dual_binarize when available, else the min-max FDB initialisation of method.md §1 implemented here):
+Both count the ones in each bit-plane (sparsity) of weights quantized with FDB (quant.fdb_init / dual_binarize):
 Gaussian weights for the LLaMA-7B shapes and, where loadable, the embedded model's layer-0 weights for its shapes.
 """
 import argparse
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine_info, write_results  # noqa: E402
 
-from dbllm_lab import kernel as K  # noqa: E402
+from dbllm_lab import kernel as K, quant  # noqa: E402
 from dbllm_lab.analysis import time_ms  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
 
@@ -52,33 +51,11 @@ EMBEDDED_LAYER = {(576, 576): "self_attn.q_proj", (192, 576): "self_attn.k_proj"
 # ------------------------------------------------------------------------------------------------------
 # Weights -> FDB bit-planes
 # ------------------------------------------------------------------------------------------------------
-def fdb_minmax(w, g):
-    """Min-max FDB init (method.md §1) with orientation by range: grid {-s, 0, s, 2s} (a1 = 2s, a2 = -s),
-    s = max(-min, max / 2), or its mirror {-2s, -s, 0, s} (a1 = -2s, a2 = s) when the group leans negative;
-    bits = nearest of the four levels {0, a2, a1, a1 + a2}."""
-    out_f, in_f = w.shape
-    wg = w.float().view(out_f, in_f // g, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    neg = -lo > hi
-    s = torch.where(neg, torch.maximum(hi, -lo / 2), torch.maximum(-lo, hi / 2)).clamp_min(1e-8)
-    a1 = torch.where(neg, -2 * s, 2 * s)
-    a2 = torch.where(neg, s, -s)
-    levels = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], -1)  # (b1, b2) = 00, 01, 10, 11
-    idx = (wg.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)
-    b1 = (idx >= 2).to(torch.uint8).view(out_f, in_f)
-    b2 = (idx % 2).to(torch.uint8).view(out_f, in_f)
-    return b1, b2, a1, a2
-
-
 def quantize(w, g):
-    """(b1, b2, a1, a2, how): the project's FDB when dbllm_lab.quant exists, else fdb_minmax."""
-    try:
-        from dbllm_lab import quant
-        a1, a2 = quant.fdb_init(w.float(), g)
-        b1, b2 = quant.dual_binarize(w.float(), a1, a2, g)
-        return b1.to(torch.uint8), b2.to(torch.uint8), a1, a2, "dbllm_lab.quant.fdb_init + dual_binarize"
-    except (ImportError, AttributeError, TypeError) as e:
-        return (*fdb_minmax(w, g), f"bench fdb_minmax (dbllm_lab.quant unavailable: {type(e).__name__})")
+    """(b1, b2, a1, a2, how): FDB with the project's clip-search init (method.md §1)."""
+    a1, a2 = quant.fdb_init(w.float(), g)
+    b1, b2 = quant.dual_binarize(w.float(), a1, a2, g)
+    return b1, b2, a1, a2, "dbllm_lab.quant.fdb_init(init='clip', orientation='per-group') + dual_binarize"
 
 
 def weights_for(shapes, g, use_embedded):

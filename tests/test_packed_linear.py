@@ -170,42 +170,17 @@ def test_tiny_llama_packed_matches_simulated(tiny):
         assert torch.equal(packed.generate(ids[:1], **gen), sim.generate(ids[:1], **gen))
 
 
-def _fdb_minmax(w, g):
-    """Min-max FDB init of method.md §1 (grid {-s,0,s,2s} or its mirror, nearest level); the test's fallback
-    when the project's quantizer (dbllm_lab.modules.quantize_model) is not available."""
-    out_f, in_f = w.shape
-    wg = w.float().view(out_f, in_f // g, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    neg = -lo > hi
-    s = torch.where(neg, torch.maximum(hi, -lo / 2), torch.maximum(-lo, hi / 2)).clamp_min(1e-8)
-    a1, a2 = torch.where(neg, -2 * s, 2 * s), torch.where(neg, s, -s)
-    levels = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], -1)
-    idx = (wg.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)
-    return (idx >= 2).to(torch.uint8).view(out_f, in_f), (idx % 2).to(torch.uint8).view(out_f, in_f), a1, a2
-
-
-def _quantize_embedded(model, g=64):
-    """FDB-quantize in place: the project's quantize_model when present, else the min-max FDB stand-in."""
-    try:
-        from dbllm_lab.modules import quantize_model
-        quantize_model(model, method="fdb", group_size=g, progress=False)
-        return "dbllm_lab.modules.quantize_model(method='fdb', init='clip')"
-    except ImportError:
-        from dbllm_lab.model import quantizable_linears, set_module
-        for name, lin in quantizable_linears(model).items():
-            set_module(model, name, SimDualBinaryLinear(*_fdb_minmax(lin.weight.detach(), g), g, bias=lin.bias))
-        return "test-local min-max FDB (dbllm_lab.modules not available)"
-
-
 @pytest.mark.slow
 def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
     """Embedded SmolLM2-135M, FDB g = 64 -> simulated model; packed copies -> logits match and (fp32 scales)
     the greedy continuation is identical. fp32 scales: 1e-4 of max |logit|; fp16 scales (the packed checkpoint
-    format): 2e-2 of max |logit|. ~80 s on 2 loaded cores, hence slow. Through the project's packed checkpoint (save_quantized/load_quantized) when present."""
+    format): 2e-2 of max |logit|. ~80 s on 2 loaded cores, hence slow. Through the packed checkpoint
+    (save_quantized / load_quantized)."""
     from dbllm_lab.model import quantizable_linears
+    from dbllm_lab.modules import quantize_model
     model, tok = embedded
     sim = copy.deepcopy(model)
-    how = _quantize_embedded(sim)
+    quantize_model(sim, method="fdb", group_size=64, progress=False)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
@@ -219,7 +194,7 @@ def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
             lp = packed(ids).logits
             out_p = packed.generate(ids, **gen)
         rel = _max_rel(lp, ls)
-        print(f"[{how}] scales {scale_dtype}: max |logit diff| / max |logit| = {rel:.2e}; packed model "
+        print(f"scales {scale_dtype}: max |logit diff| / max |logit| = {rel:.2e}; packed model "
               f"generates {tok.decode(out_p[0, ids.shape[1]:])!r}")
         assert rel < tol, f"scales {scale_dtype}: relative logit difference {rel:.2e} >= {tol}"
         if scale_dtype == torch.float32:  # same w_hat exactly: same greedy tokens
@@ -229,20 +204,7 @@ def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
 
 
 def _packed_from_checkpoint(sim, base, scale_dtype, path):
-    """The simulated model saved as a packed checkpoint (checkpoint.save_quantized) and rebuilt on a copy of
-    the base model (checkpoint.load_quantized); without dbllm_lab.checkpoint, pack_model + torch.save/load."""
-    from dbllm_lab.model import quantizable_linears
-    try:
-        from dbllm_lab import checkpoint
-    except ImportError:
-        packed = copy.deepcopy(sim)
-        assert len(pack_model(packed, scale_dtype=scale_dtype)) == 7 * len(packed.model.layers)
-        path.mkdir()
-        torch.save(packed.state_dict(), path / "packed.pt")
-        for m in quantizable_linears(packed).values():
-            for t in (m.p1, m.p2, m.a1, m.a2):
-                t.zero_()
-        packed.load_state_dict(torch.load(path / "packed.pt"))
-        return packed
+    """The simulated model saved as a packed checkpoint and rebuilt on a copy of the base model."""
+    from dbllm_lab import checkpoint
     checkpoint.save_quantized(sim, str(path), scale_dtype=scale_dtype)
     return checkpoint.load_quantized(str(path), base_model=copy.deepcopy(base))
