@@ -6,7 +6,7 @@ from dbllm_lab.cli import build_parser, main
 
 def test_train_arguments():
     a = build_parser().parse_args(["train", "--loss", "kd", "--steps", "7", "--train-latent", "--gamma", "0.5"])
-    assert (a.loss, a.steps, a.train_latent, a.gamma, a.init) == ("kd", 7, True, 0.5, "gptq")
+    assert (a.loss, a.steps, a.train_latent, a.gamma, a.init) == ("kd", 7, True, 0.5, "clip")
     assert a.func.__name__ == "cmd_train"
     g = build_parser().parse_args(["generate-data", "--n", "3", "--gen-len", "9"])
     assert (g.n, g.gen_len, g.func.__name__) == (3, 9, "cmd_generate_data")
