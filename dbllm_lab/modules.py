@@ -102,7 +102,15 @@ class DualBinaryLinear(nn.Module):
         return _DualBinaryWeight.apply(self.weight, self.a1, self.a2, self.group_size)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if torch.is_grad_enabled():
+            w = self.dequantized_weight()
+        else:  # inference: binarize once per change of the weight or scales, not on every call
+            key = (self.weight._version, self.a1._version, self.a2._version, self.weight.data_ptr(),
+                   self.a1.data_ptr(), self.a2.data_ptr(), self.weight.device)
+            if getattr(self, "_w_cache", (None,))[0] != key:
+                self._w_cache = (key, self.dequantized_weight().detach())
+            w = self._w_cache[1]
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
 
     def extra_repr(self):
         return (f"{self.in_features} -> {self.out_features}, group {self.group_size}, "
@@ -157,7 +165,7 @@ def quantize_model(model, method="fdb", bits=2, group_size=64, init="clip", orie
             w_hat, scale, zero = grids[name]
             if method == "gptq":
                 new = FakeQuantLinear(w_hat, m.bias, rtn_bits_per_weight(bits, group_size), "gptq")
-            else:  # FDB scales from the GPTQ grid; latent weight = the original weight
+            else:  # FDB scales from the GPTQ grid; latent weight = GPTQ's compensated grid weight (same output)
                 a1, a2 = fdb_from_rtn(scale, zero)
                 new = DualBinaryLinear(m.weight, a1, a2, group_size, m.bias, train_latent)
             set_module(model, name, new)

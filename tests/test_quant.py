@@ -154,3 +154,17 @@ def test_quantize_model_swaps_layers_and_reports_bits(tiny, method, kw):
     assert report["n_layers"] == 14 and report["bits_per_weight"] > 1
     assert tiny.lm_head.__class__.__name__ == "Linear"
     assert torch.isfinite(tiny(x).logits).all()
+
+
+def test_dual_binary_linear_inference_cache_follows_the_scales(tiny):
+    """Under no_grad the binarized weight is cached; changing a scale in place invalidates it, and the cached
+    output equals the autograd path's."""
+    from dbllm_lab.modules import fdb_layers, quantize_model
+    quantize_model(tiny, "fdb", group_size=32, progress=False)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = tiny(ids).logits
+        next(iter(fdb_layers(tiny).values())).a1.mul_(1.5)
+        after = tiny(ids).logits
+    assert not torch.equal(before, after)
+    assert torch.equal(after, tiny(ids).logits.detach())
