@@ -24,6 +24,9 @@ SETTING_KEYS = ("model", "dataset", "split", "seqlen", "windows", "group_size", 
 
 
 def render(path, columns):
+    if not os.path.isfile(os.path.join(ROOT, path)):
+        script = "bench/" + os.path.basename(path).split(".")[0].split("_")[0] + "*.py"
+        return f"*Not measured yet: `{path}` does not exist (run the matching `{script}`).*\n"
     with open(os.path.join(ROOT, path)) as f:
         doc = json.load(f)
     cols = [c.strip() for c in columns.split(",")] if columns else None
