@@ -43,7 +43,7 @@ def main():
                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                      "windows_requested": args.max_windows})
         print(res, flush=True)
-        settings = {"model": model.name_or_path, "dataset": "wikitext2", "split": "test", "seqlen": args.seqlens,
+        settings = {"model": model.name_or_path, "dataset": "wikitext2", "split": "test", "seqlen": sorted(r["seqlen"] for r in rows),
                     "windows": "full split" if args.max_windows is None else args.max_windows,
                     "batch_size": args.batch_size, "dtype": "float32", "torch_threads": torch.get_num_threads(),
                     "note": res.note}
