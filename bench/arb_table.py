@@ -17,10 +17,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_eval_args, eval_settings, load_results, write_results  # noqa: E402
+from common import (add_calib_args, add_eval_args, calib_note, calib_windows, eval_settings, load_results,  # noqa: E402
+                    write_results)
 
 from dbllm_lab.arb import BITS_RULE, VARIANTS  # noqa: E402
-from dbllm_lab.datafree import corpus_samples, generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.modules import quantize_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
@@ -34,22 +34,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ap, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "arb_table.json"))
     ap.add_argument("--only", nargs="+", choices=list(ROWS), default=RUN_ORDER)
-    ap.add_argument("--calib", default="generated", help="'generated' (FP model writes it) or a text file path")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    add_calib_args(ap)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
     args = ap.parse_args()
     base, tok = load_model(args.model)
     windows = eval_windows(base, tok, "wikitext2", "test", args.seqlen, args.windows or None, args.data_dir)
-    if args.calib == "generated":
-        calib = generate_samples(base, tok, args.calib_samples, args.calib_seqlen, seed=0, batch_size=16)
-        calib_note = (f"{args.calib_samples} samples x {args.calib_seqlen} tokens written by the FP model "
-                      "(datafree.generate_samples: random start token, 4 greedy tokens, then sampled at T=1; seed 0)")
-    else:
-        calib = corpus_samples(tok, args.calib_samples, args.calib_seqlen, path=args.calib, seed=0)
-        calib_note = f"{args.calib_samples} random windows x {args.calib_seqlen} tokens of {args.calib} (seed 0)"
-    settings = eval_settings(base, args, calib=calib_note, iters=args.iters, blocksize=128, percdamp=0.01,
+    calib = calib_windows(base, tok, args)
+    settings = eval_settings(base, args, calib=calib_note(args), iters=args.iters, blocksize=128, percdamp=0.01,
                              bits_rule=BITS_RULE, seconds_note="quantize_s includes the block-by-block calibration "
                              "forward passes; wall time on the machine below, under a shared lock")
     rows = [r for r in load_results(args.out) if not (args.redo and r["method"] in args.only)]

@@ -96,3 +96,26 @@ def eval_settings(model, args, **extra):
     return {"model": getattr(model, "name_or_path", str(args.model)), "dataset": "wikitext2", "split": "test",
             "seqlen": args.seqlen, "windows": "full split" if not args.windows else args.windows,
             "fp_note": "the embedded model's FP reference is its GGUF Q4_1 file dequantized to float", **extra}
+
+
+def add_calib_args(ap):
+    """Calibration text shared by the PTQ and ARB tables: teacher-written by default (method.md §3)."""
+    ap.add_argument("--calib", default="generated", help="'generated' (FP model writes it) or a text file path")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    return ap
+
+
+def calib_note(args):
+    if args.calib == "generated":
+        return (f"{args.calib_samples} samples x {args.calib_seqlen} tokens written by the FP model "
+                "(datafree.generate_samples: random start token, 4 greedy tokens, then sampled at T=1; seed 0)")
+    return f"{args.calib_samples} random windows x {args.calib_seqlen} tokens of {args.calib} (seed 0)"
+
+
+def calib_windows(model, tok, args):
+    """(n, seqlen) calibration windows as ``calib_note(args)`` describes them: never the evaluated split."""
+    from dbllm_lab.datafree import corpus_samples, generate_samples
+    if args.calib == "generated":
+        return generate_samples(model, tok, args.calib_samples, args.calib_seqlen, seed=0, batch_size=16)
+    return corpus_samples(tok, args.calib_samples, args.calib_seqlen, path=args.calib, seed=0)

@@ -17,7 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_eval_args, eval_settings, load_results, write_results  # noqa: E402
+from common import (add_calib_args, add_eval_args, calib_note, calib_windows, eval_settings, load_results,  # noqa: E402
+                    write_results)  # noqa: E402
 
 from dbllm_lab.checkpoint import save_quantized  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
@@ -52,11 +53,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ap, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ptq.json"))
     ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    add_calib_args(ap)
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
     args = ap.parse_args()
-    from dbllm_lab.datafree import generate_samples
     base, tok = load_model(args.model)
     windows = eval_windows(base, tok, "wikitext2", "test", args.seqlen, args.windows or None, args.data_dir)
     rows = [r for r in load_results(args.out) if not (args.redo and r["method"] in args.only)]
@@ -73,7 +72,7 @@ def main():
         if kw is not None:
             needs_calib = kw["method"] == "gptq" or kw.get("init") == "gptq"
             if needs_calib and calib is None:
-                calib = generate_samples(base, tok, args.calib_samples, args.calib_seqlen, seed=0, batch_size=16)
+                calib = calib_windows(base, tok, args)
             report = quantize_model(model, group_size=GROUP, calib_windows=calib if needs_calib else None, **kw)
         quant_s = time.time() - t0
         res = perplexity(model, tok, seqlen=args.seqlen, windows=windows)
@@ -88,9 +87,8 @@ def main():
         rows.append(row)
         rows.sort(key=lambda r: list(ROWS).index(r["method"]))
         print(row, flush=True)
-        write_results(args.out, rows, eval_settings(base, args, group_size=GROUP, calib=(
-            f"{args.calib_samples} teacher-written samples x {args.calib_seqlen} tokens (datafree.generate_samples, "
-            "seed 0)"), bytes_rule=(
+        calib_text = calib_note(args) + " (GPTQ and FDB-from-GPTQ rows)"
+        write_results(args.out, rows, eval_settings(base, args, group_size=GROUP, calib=calib_text, bytes_rule=(
             "linear_bytes = decoder linear weights x bits_per_weight / 8 (codes + per-group scales/zeros; "
             "embeddings and lm_head not counted); disk_bytes = size of the packed FDB checkpoint on disk "
             "(bit-planes + fp16 scales + header)")))
