@@ -196,7 +196,8 @@ class fast_fdb:
 @torch.no_grad()
 def freeze_fdb(model):
     """Replace every DualBinaryLinear by a FakeQuantLinear holding its current w_hat (computed once by the
-    reference ``dequantized_weight``), so evaluation does not re-binarize on every forward. Same outputs."""
+    reference ``dequantized_weight``): the trained student becomes a plain inference model without latent
+    weights or trainable scales. Same outputs (DualBinaryLinear itself also caches w_hat under no_grad)."""
     from .model import set_module
     from .modules import FakeQuantLinear
     for name, m in fdb_layers(model).items():
