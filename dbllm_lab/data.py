@@ -1,8 +1,9 @@
 """Evaluation and calibration text: WikiText-2, C4 and local files (method.md §5).
 
 Resolution order for a named dataset: the ``data_dir`` argument, then the environment variable
-``DBLLM_DATA_DIR``, then ``datasets.load_dataset`` where the Hugging Face hub is reachable.
-dbllm_lab ships no corpus text.
+``DBLLM_DATA_DIR``, then the project's own ``data/`` folder (it ships the WikiText-2 raw test split,
+``data/wikitext-2-raw/wiki.test.raw``, CC BY-SA; see data/README.md), then ``datasets.load_dataset`` from the
+Hugging Face hub for the other corpora and splits.
 """
 import glob
 import os
@@ -11,6 +12,9 @@ import random
 DATASETS = ("wikitext2", "c4", "c4-new")
 SPLITS = {"wikitext2": ("test", "validation", "train"), "c4": ("validation", "train"), "c4-new": ("validation", "train")}
 _WIKI_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}
+# the project's data/ folder: found next to the package, as in a clone or an editable install (`pip install -e .`);
+# a non-editable install does not carry it: point DBLLM_DATA_DIR at a clone's data/ folder instead
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 _WIKI_PARQUET = {"test": "test-*.parquet", "validation": "validation-*.parquet", "train": "train-*.parquet"}
 
 
@@ -42,17 +46,21 @@ def _wikitext_lines(split, data_dir):
     return None
 
 
-def _missing(dataset, split, tried):
+def _missing(dataset, split, tried, hub_error):
+    """FileNotFoundError naming the folders searched, why the hub gave nothing, and the file to put where."""
     where = {"wikitext2": f"wikitext-2-raw/{_WIKI_FILES.get(split, 'wiki.test.raw')}",
-             "c4": "c4/c4-validation.00000-of-00008.json.gz", "c4-new": "c4/c4-validation.00000-of-00008.json.gz"}
+             "c4": _C4_SHARDS[split], "c4-new": _C4_SHARDS[split]}[dataset]
+    layout = {"wikitext2": " (the layout of the official WikiText-2 raw zip)",
+              "c4": " (a shard of allenai/c4 en)", "c4-new": " (a shard of allenai/c4 en)"}[dataset]
     return FileNotFoundError(
-        f"No {dataset} {split} text found (looked in: {', '.join(tried) or 'no folder given'}; the hub was not "
-        f"reachable). Put the file at <DIR>/{where[dataset]} and pass data_dir=<DIR> (or --data-dir / set "
-        f"DBLLM_DATA_DIR=<DIR>). The official WikiText-2 zip unpacks to exactly that layout.")
+        f"No {dataset} {split} text found. File not found: looked for {where} in {', '.join(tried) or 'no folder (none given, no data/ beside the package)'}. "
+        f"Hub: {hub_error}. Fix: put the file at <DIR>/{where}{layout} and pass data_dir=<DIR> "
+        f"(--data-dir <DIR>, or set DBLLM_DATA_DIR=<DIR>).")
+_C4_SHARDS = {"validation": "c4/c4-validation.00000-of-00008.json.gz", "train": "c4/c4-train.00000-of-01024.json.gz"}
 
 
 def _c4_docs(split, data_dir):
-    shard = "c4-validation.00000-of-00008.json.gz" if split == "validation" else "c4-train.00000-of-01024.json.gz"
+    shard = os.path.basename(_C4_SHARDS[split])
     for cand in (os.path.join(data_dir, shard), os.path.join(data_dir, "c4", shard),
                  os.path.join(data_dir, "en", shard)):
         if os.path.isfile(cand):
@@ -63,14 +71,20 @@ def _c4_docs(split, data_dir):
 
 
 def _hub_lines(dataset, split):
+    """(lines, None) from the Hugging Face hub, or (None, why not): not installed / not reachable / failed."""
     try:
         import datasets
+    except ImportError:
+        return None, "the `datasets` package is not installed (pip install datasets)"
+    try:
         if dataset == "wikitext2":
-            return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
-        shard = "en/c4-validation.00000-of-00008.json.gz" if split == "validation" else "en/c4-train.00000-of-01024.json.gz"
-        return list(datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"])
-    except Exception:
-        return None
+            return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]), None
+        shard = "en/" + os.path.basename(_C4_SHARDS[split])
+        return list(datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]), None
+    except (ConnectionError, TimeoutError) as e:
+        return None, f"the Hugging Face hub was not reachable ({type(e).__name__}: {e})"
+    except Exception as e:  # e.g. dataset renamed on the hub, disk full
+        return None, f"`datasets` could not load it ({type(e).__name__}: {e})"
 
 
 def load_text(dataset="wikitext2", split="test", data_dir=None, seed=0):
@@ -86,19 +100,20 @@ def load_text(dataset="wikitext2", split="test", data_dir=None, seed=0):
         raise ValueError(f"dataset={dataset!r} is neither one of {DATASETS} nor an existing text file")
     if split not in SPLITS[dataset]:
         raise ValueError(f"split={split!r} is not available for {dataset}; use one of {SPLITS[dataset]}")
-    tried = [d for d in (data_dir, os.environ.get("DBLLM_DATA_DIR")) if d]
-    for d in tried:
+    given = [d for d in (data_dir, os.environ.get("DBLLM_DATA_DIR")) if d]
+    for d in given:
         if not os.path.isdir(d):
             raise FileNotFoundError(f"data_dir {d!r} does not exist or is not a directory")
-    lines = None
+    tried = given + ([SHIPPED_DIR] if os.path.isdir(SHIPPED_DIR) else [])
+    lines = hub_error = None
     for d in tried:
         lines = _wikitext_lines(split, d) if dataset == "wikitext2" else _c4_docs(split, d)
         if lines is not None:
             break
     if lines is None:
-        lines = _hub_lines(dataset, split)
+        lines, hub_error = _hub_lines(dataset, split)
     if lines is None:
-        raise _missing(dataset, split, tried)
+        raise _missing(dataset, split, tried, hub_error)
     if dataset == "c4-new":
         return " ".join(lines[:1100])
     return "\n\n".join(lines)

@@ -15,8 +15,12 @@ def _data_dir():
 
 @pytest.fixture(scope="session")
 def data_dir():
+    """A folder holding wikitext-2-raw/wiki.test.raw: DBLLM_DATA_DIR, ../shared/data, else the shipped data/."""
+    from dbllm_lab.data import SHIPPED_DIR
     d = _data_dir()
     if not d or not os.path.isfile(os.path.join(d, "wikitext-2-raw", "wiki.test.raw")):
+        d = SHIPPED_DIR
+    if not os.path.isfile(os.path.join(d, "wikitext-2-raw", "wiki.test.raw")):
         pytest.skip("WikiText-2 test text not found: set DBLLM_DATA_DIR to a folder holding wikitext-2-raw/wiki.test.raw")
     return d
 
