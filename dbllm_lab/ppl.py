@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import c4_windows, load_text, tokenize
+from .data import DATASETS, c4_windows, load_text, tokenize
 
 
 @dataclass
@@ -28,7 +28,8 @@ class PPLResult:
     extra: dict = field(default_factory=dict)
 
     def __str__(self):
-        return (f"PPL {self.ppl:.3f} on {self.dataset}/{self.split} ({self.windows} windows x {self.seqlen} tokens = "
+        corpus = f"{self.dataset}/{self.split}" if self.split else self.dataset  # a local file has no split
+        return (f"PPL {self.ppl:.3f} on {corpus} ({self.windows} windows x {self.seqlen} tokens = "
                 f"{self.tokens} predicted tokens, {self.dtype}, model {self.model}, {self.seconds:.1f} s)"
                 + (f" [{self.note}]" if self.note else ""))
 
@@ -108,6 +109,7 @@ def perplexity(model, tokenizer, dataset="wikitext2", split="test", seqlen=512, 
     note = ""
     if getattr(model, "name_or_path", "") == "smollm2-135m":
         note = "reference is the embedded GGUF Q4_1 model dequantized to float, not the FP16 checkpoint"
+    split = split if dataset in DATASETS else ""  # a text file is read whole: no split
     return PPLResult(ppl=math.exp(nll), nll=nll, dataset=str(dataset), split=split, seqlen=seqlen,
                      windows=len(windows), tokens=count, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                      model=getattr(model, "name_or_path", ""), seconds=time.time() - t0, note=note)
