@@ -2,10 +2,18 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Evaluation text: the user names a folder; in this workplace tests/CI use ../shared/data when present.
+# Evaluation text: WikiText-2's test split ships in data/ (enough for every notebook and the default tests).
+# A folder named by DBLLM_DATA_DIR comes first; ../shared/data is passed when it exists (it adds the zero-shot sets).
 DBLLM_DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export DBLLM_DATA_DIR
-export TRITON_INTERPRET ?= 1
+# Triton's CPU interpreter only where torch sees no CUDA device (dbllm_lab/kernel.py decides the same at import,
+# which also covers the first run, before .venv exists).
+ifeq ($(origin TRITON_INTERPRET),undefined)
+TRITON_INTERPRET := $(shell [ -x $(PY) ] && $(PY) -c "import torch; print(int(not torch.cuda.is_available()))" 2>/dev/null)
+endif
+ifneq ($(TRITON_INTERPRET),)
+export TRITON_INTERPRET
+endif
 # quick mode by default; FULL=1 for full settings
 FULL ?= 0
 
