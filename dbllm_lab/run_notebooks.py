@@ -5,7 +5,8 @@
     python -m dbllm_lab.run_notebooks --check-stripped  # fail if a stored notebook holds outputs
 
 Quick mode (default) is the CI setting; ``--full 1`` uses each notebook's full settings.
-Executed copies go to ``build/notebooks``; figures and their tables to ``figures/``.
+Executed copies go to ``build/notebooks``. Figures and their tables go to ``build/figures/`` in quick mode (the
+tracked tree stays unchanged) and to the committed ``figures/`` in full mode (``paths.figure_dir``).
 A failing cell stops the run with the notebook and cell named.
 """
 import argparse
@@ -72,10 +73,10 @@ def run(paths, quick=True, out_dir=None, fig_dir=None, parameters=None):
     """Execute ``paths`` in order with papermill; returns [(name, seconds)]. Raises SystemExit naming the
     failing notebook and cell."""
     import papermill as pm
+    from .paths import figure_dir
     out_dir = out_dir or os.path.join(ROOT, "build", "notebooks")
-    fig_dir = fig_dir or os.path.join(ROOT, "figures")
+    fig_dir = figure_dir(fig_dir, quick)  # None: build/figures (quick) or figures/ (full)
     os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(fig_dir, exist_ok=True)
     timings = []
     for path in paths:
         name = os.path.basename(path)
@@ -100,7 +101,8 @@ def main(argv=None):
     ap.add_argument("--full", type=int, choices=(0, 1), default=0, help="1 = full settings, 0 = quick mode")
     ap.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,03")
     ap.add_argument("--out", default=None, help="folder for executed copies (default build/notebooks)")
-    ap.add_argument("--fig-dir", default=None, help="folder for figures and tables (default figures/)")
+    ap.add_argument("--fig-dir", default=None,
+                    help="folder for figures and tables (default: build/figures in quick mode, figures/ with --full 1)")
     ap.add_argument("--strip-only", action="store_true")
     ap.add_argument("--check-stripped", action="store_true")
     args = ap.parse_args(argv)
@@ -119,6 +121,8 @@ def main(argv=None):
     timings = run(paths, quick=not args.full, out_dir=args.out, fig_dir=args.fig_dir)
     print(f"[run_notebooks] {len(timings)} notebooks in {time.time() - t0:.0f} s: "
           + ", ".join(f"{n} {s:.0f}s" for n, s in timings))
+    from .paths import figure_dir
+    print(f"[run_notebooks] figures and tables in {figure_dir(args.fig_dir, not args.full)}")
     return 0
 
 

@@ -4,8 +4,12 @@ does), then the tables the notebooks wrote are checked for what the notebooks cl
 The suite runs once per test session into a temporary folder (~10-15 min on 2 CPU cores). Set
 DBLLM_SKIP_NOTEBOOKS=1 to skip the execution (the static checks still run).
 """
+import ast
 import json
 import os
+import re
+import subprocess
+import time
 
 import pandas as pd
 import pytest
@@ -32,6 +36,59 @@ def test_stored_stripped_with_a_parameters_cell(path):
     for name in ("QUICK", "FIG_DIR", "SEED"):
         assert f"{name} =" in src, f"parameters cell lacks {name}"
     assert nb["cells"][0]["cell_type"] == "markdown", "a notebook opens with what it shows and why"
+
+
+def _parameters(path):
+    """[(name, default source)] of the notebook's parameters cell; each line must be `NAME = <literal>`."""
+    with open(path) as f:
+        nb = json.load(f)
+    src = "".join(next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))["source"])
+    out = []
+    for node in ast.parse(src).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
+            f"parameters cell: {ast.get_source_segment(src, node)!r} is not one `NAME = literal`"
+        value = ast.get_source_segment(src, node.value)
+        ast.literal_eval(value)  # a plain literal, as papermill can override it
+        out.append((node.targets[0].id, value))
+    for line in src.splitlines():
+        assert "#" not in line or line.lstrip().startswith("#"), f"comment on an assignment line: {line!r}"
+    return out
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_papermill_lists_every_parameter_with_its_default(path, caplog):
+    """`papermill --help-notebook` (its command, run in-process) lists every parameter with the cell's default."""
+    from click.testing import CliRunner
+    from papermill.cli import papermill
+    params = _parameters(path)
+    assert {"QUICK", "FIG_DIR", "SEED"} <= {n for n, _ in params}
+    assert dict(params)["FIG_DIR"] == "None", "FIG_DIR defaults to None (paths.figure_dir picks the folder)"
+    out = CliRunner().invoke(papermill, ["--help-notebook", path])
+    assert out.exit_code == 0, out.output
+    assert "Unable to parse" not in out.output + caplog.text, out.output + caplog.text
+    listed = dict(re.findall(r"^  (\w+): .*\(default (.*)\)$", out.output, flags=re.M))
+    for name, value in params:
+        assert listed.get(name) == value, f"papermill lists {name} as {listed.get(name)!r}, the cell says {value!r}"
+
+
+def test_quick_run_from_notebooks_folder_leaves_tracked_tree_clean(tmp_path):
+    """Run one cheap notebook as JupyterLab would (working directory notebooks/, FIG_DIR left at None): its figures
+    land in the project's build/figures/, nothing tracked changes and no notebooks/figures/ appears."""
+    import papermill as pm
+    root = run_notebooks.ROOT
+    if not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    status = lambda: subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout
+    before = status()
+    path = next(p for p in NOTEBOOKS if os.path.basename(p).startswith("00_"))
+    png = os.path.join(root, "build", "figures", "00_ppl_windows.png")
+    t0 = time.time()
+    pm.execute_notebook(path, str(tmp_path / "00.ipynb"), parameters={"QUICK": True},
+                        cwd=run_notebooks.NOTEBOOK_DIR, kernel_name="python3", progress_bar=False)
+    assert os.path.getmtime(png) >= t0 - 1, "the quick run did not write its figure to build/figures/"
+    assert not os.path.exists(os.path.join(run_notebooks.NOTEBOOK_DIR, "figures"))
+    assert status() == before
 
 
 @pytest.fixture(scope="session")
