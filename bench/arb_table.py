@@ -22,7 +22,7 @@ from common import (add_calib_args, add_eval_args, calib_note, calib_windows, ev
 
 from dbllm_lab.arb import BITS_RULE, VARIANTS  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
-from dbllm_lab.modules import quantize_model  # noqa: E402
+from dbllm_lab.quantize import quantize_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
 
 # row name -> (variant, cgb); "fp" = the unquantized model
@@ -55,7 +55,8 @@ def main():
         report = {"bits_per_weight": 16.0}
         if ROWS[name] is not None:
             variant, cgb = ROWS[name]
-            report = quantize_model(model, variant, calib_windows=calib, cgb=cgb, iters=args.iters)
+            iters = {} if variant == "billm" else {"iters": args.iters}  # BiLLM has no refinement iterations
+            report = quantize_model(model, variant, calib_windows=calib, cgb=cgb, **iters)
         quant_s = time.time() - t0
         res = perplexity(model, tok, seqlen=args.seqlen, windows=windows)
         row = {"method": name, "variant": ROWS[name] and ROWS[name][0], "cgb": ROWS[name] and ROWS[name][1],

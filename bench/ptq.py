@@ -22,7 +22,7 @@ from common import (add_calib_args, add_eval_args, calib_note, calib_windows, ev
 
 from dbllm_lab.checkpoint import save_quantized  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
-from dbllm_lab.modules import quantize_model  # noqa: E402
+from dbllm_lab.quantize import quantize_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
 
 GROUP = 64

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .kernel import bits_per_weight as db_bits_per_weight
 from .model import LINEAR_NAMES, decoder_layers, quantizable_linears
-from .modules import rtn_bits_per_weight
+from .quant import rtn_bits_per_weight
 from .quant import (_expand, _grouped, _rtn_codes, check_group_size, dequantize_rtn, dual_binarize,
                     dual_binary_dequantize, fdb_init, quantize_rtn, sign_binarize)
 
@@ -501,7 +501,7 @@ def linear_ops(out_features, in_features, group_size, fmt, ones=None, tokens=1):
 
 def linear_bytes(out_features, in_features, group_size, fmt):
     """Storage of one linear layer in bytes, scales included: fp16 2 bytes/weight; int2
-    ``modules.rtn_bits_per_weight(2, g)`` (codes + fp16 scale + 2-bit zero per group); sign 1 bit + fp16
+    ``quant.rtn_bits_per_weight(2, g)`` (codes + fp16 scale + 2-bit zero per group); sign 1 bit + fp16
     alpha and mu per group; db-dense / db-sparse ``kernel.bits_per_weight(g)`` (2 planes + 2 fp16 scales)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r} is not supported; use one of {FORMATS}")

@@ -30,12 +30,10 @@ region (non-salient weights; with CGB also salient) + 1 salient-column bit per i
 parameter: per row, block and group mu, alpha (second order mu, alpha1, alpha2); for arb-rc a row scale per row and
 a column scale per column of the group, per term.
 """
-import time
-
 import torch
 
-from .calib import sequential_quantize
 from .gptq import inverse_hessian_cholesky
+from .layers import FakeQuantLinear
 
 VARIANTS = ("billm", "arb", "arb-x", "arb-rc")
 # Candidate salient-column counts per 128-column block (BiLLM tries every k < 30; a grid keeps the search cheap on CPU)
@@ -340,36 +338,24 @@ def arb_layer(W, H, method="arb", cgb=False, blocksize=128, percdamp=0.01, iters
     return Q, info
 
 
-def quantize_model_arb(model, method="arb", calib_windows=None, progress=True, cgb=False, iters=15, blocksize=128,
-                       percdamp=0.01, max_salient=30, split_steps=40, search_rows=256):
-    """Binarize every decoder linear layer of ``model`` in place, block by block on ``calib_windows`` (n, seqlen)
-    (``calib.sequential_quantize``; later blocks see the binarized earlier ones), installing ``FakeQuantLinear``
-    layers holding the dequantized weights. Returns a report like ``modules.quantize_model``'s; bits per weight
-    follow ``BITS_RULE``."""
-    from .modules import FakeQuantLinear  # modules imports this file lazily; avoid a cycle
+def quantize_linear(linear, H, *, method="arb", cgb=False, iters=15, blocksize=128, percdamp=0.01, max_salient=30,
+                    split_steps=40, search_rows=256):
+    """The ARB methods' per-layer step for ``quantize.quantize_model``: binarize one decoder linear layer from its
+    input Hessian ``H`` (``arb_layer``), write the result into ``linear.weight`` in place (the later blocks
+    calibrate on it) and return (FakeQuantLinear holding it, info); bits per weight follow ``BITS_RULE``."""
     check_variant(method)
-    if calib_windows is None or not torch.is_tensor(calib_windows) or calib_windows.dim() != 2 \
-            or len(calib_windows) == 0:
-        got = None if calib_windows is None else tuple(getattr(calib_windows, "shape", ()))
-        raise ValueError(f"method={method!r} needs calib_windows, a non-empty (n, seqlen) LongTensor; got {got}")
-    t0 = time.time()
+    W_hat, info = arb_layer(linear.weight, H, method, cgb, blocksize, percdamp, iters, max_salient, split_steps,
+                            search_rows)
+    linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
     name = method + ("+cgb" if cgb else "")
-    infos = {}
+    return FakeQuantLinear(linear.weight, linear.bias, info["bits_per_weight"], name), info
 
-    def quantize_layer(lname, module, H):
-        W_hat, info = arb_layer(module.weight, H, method, cgb, blocksize, percdamp, iters, max_salient,
-                                split_steps, search_rows)
-        infos[lname] = info
-        return FakeQuantLinear(W_hat.to(module.weight.dtype), module.bias, info["bits_per_weight"], name)
 
-    sequential_quantize(model, calib_windows, quantize_layer, progress=progress, desc=name)
-    n = sum(i["n_weights"] for i in infos.values())
-    tot = {k: sum(i[k] for i in infos.values()) for k in ("sign_bits", "bitmap_bits", "fp16_params")}
-    return {"method": method, "cgb": cgb, "bits": 1, "bits_per_weight": (tot["sign_bits"] + tot["bitmap_bits"]
-                                                                          + 16 * tot["fp16_params"]) / n,
-            "bits_rule": BITS_RULE, "sign_bits_per_weight": tot["sign_bits"] / n,
-            "bitmap_bits_per_weight": tot["bitmap_bits"] / n, "scale_bits_per_weight": 16 * tot["fp16_params"] / n,
-            "n_layers": len(infos), "n_weights": n, "iters": iters if method != "billm" else 0,
-            "blocksize": blocksize, "percdamp": percdamp, "max_salient": max_salient, "split_steps": split_steps,
-            "search_rows": search_rows,
-            "calib_windows": tuple(calib_windows.shape), "seconds": time.time() - t0}
+def summarize(infos):
+    """Model-level bits of the ARB layers' ``info`` dicts: total, and its sign / bitmap / fp16-scale parts."""
+    n = sum(i["n_weights"] for i in infos)
+    tot = {k: sum(i[k] for i in infos) for k in ("sign_bits", "bitmap_bits", "fp16_params")}
+    return {"bits_per_weight": (tot["sign_bits"] + tot["bitmap_bits"] + 16 * tot["fp16_params"]) / n,
+            "sign_bits_per_weight": tot["sign_bits"] / n, "bitmap_bits_per_weight": tot["bitmap_bits"] / n,
+            "scale_bits_per_weight": 16 * tot["fp16_params"] / n,
+            "salient_columns": sum(i["salient_columns"] for i in infos)}

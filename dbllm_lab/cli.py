@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .data import DATASETS
+from .quantize import METHODS
 
 
 def _model(args):
@@ -40,10 +41,13 @@ def cmd_eval_ppl(args):
 def cmd_quantize(args):
     import json
     from .model import load_model
-    from .modules import quantize_model
-    from .modules import _check_args
-    _check_args(args.method, args.bits, args.group_size, args.init, args.orientation)
-    needs_calib = args.method in ("gptq", "billm", "arb", "arb-x", "arb-rc") or (args.method == "fdb" and args.init == "gptq")
+    from .quantize import check_args, quantize_model
+    # only what the user gave: a method refuses options it would ignore; unset ones take the method's default
+    opts = {k: getattr(args, k) for k in ("init", "orientation") if getattr(args, k) is not None}
+    if args.cgb:
+        opts["cgb"] = True
+    method, _, _, full = check_args(args.method, args.bits, args.group_size, packed=bool(args.out), **opts)
+    needs_calib = method.needs_calib(full)
     if needs_calib and not args.calib_data:
         raise ValueError(f"method {args.method!r} needs calibration text: pass --calib-data FILE (never the "
                          f"split you evaluate on)")
@@ -52,9 +56,8 @@ def cmd_quantize(args):
     if needs_calib:
         from .ppl import eval_windows
         calib = eval_windows(model, tok, args.calib_data, seqlen=args.calib_seqlen, max_windows=args.calib_windows)
-    kw = {"cgb": args.cgb} if args.method in ("billm", "arb", "arb-x", "arb-rc") else {}
-    report = quantize_model(model, args.method, bits=args.bits, group_size=args.group_size, init=args.init,
-                            orientation=args.orientation, calib_windows=calib, **kw)
+    report = quantize_model(model, args.method, bits=args.bits, group_size=args.group_size, calib_windows=calib,
+                            packed=bool(args.out), **opts)
     print(json.dumps(report, indent=2))
     if args.out:
         from .checkpoint import save_quantized
@@ -127,11 +130,12 @@ def build_parser():
 
     p = sub.add_parser("quantize", help="quantize the decoder's linear layers")
     common(p)
-    p.add_argument("--method", default="fdb", help="rtn, gptq, sign, fdb, billm, arb, arb-x, arb-rc")
-    p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--init", default="clip", help="fdb: minmax, clip or gptq")
-    p.add_argument("--orientation", default="per-group", help="fdb: per-group or fixed")
+    p.add_argument("--method", default="fdb", choices=list(METHODS))
+    p.add_argument("--bits", type=int, default=None, help="code bits (rtn/gptq: 2, 3, 4, 8; default: the method's)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale group (default 64; a multiple of 32 with --out; not for the ARB family)")
+    p.add_argument("--init", default=None, help="fdb: minmax, clip (default) or gptq")
+    p.add_argument("--orientation", default=None, help="fdb (minmax/clip init): per-group (default) or fixed")
     p.add_argument("--cgb", action="store_true", help="ARB family: column-group bitmap for salient columns")
     p.add_argument("--calib-data", default=None, help="text file for GPTQ/ARB calibration")
     p.add_argument("--calib-windows", type=int, default=32)

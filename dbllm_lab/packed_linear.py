@@ -74,7 +74,7 @@ class PackedDualBinaryLinear(nn.Module):
 
     @classmethod
     def from_dual_binary(cls, layer, scale_dtype=torch.float16, **kwargs):
-        """Freeze a trained/initialised ``DualBinaryLinear`` (modules.py): its current bit-planes
+        """Freeze a trained/initialised ``DualBinaryLinear`` (layers.py): its current bit-planes
         ``layer.bitplanes()`` and scales ``layer.a1``, ``layer.a2``."""
         for attr in ("bitplanes", "a1", "a2", "group_size"):
             if not hasattr(layer, attr):

@@ -32,6 +32,24 @@ def check_group_size(in_features, group_size):
                          f"of {in_features} (padding is not supported)")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# storage cost per weight (the registry in quantize.py points each method to one of these)
+# ---------------------------------------------------------------------------------------------------------
+def rtn_bits_per_weight(bits, group_size):
+    """k code bits + an fp16 scale and a k-bit zero point per group: k + (16 + k) / g (RTN, GPTQ)."""
+    return bits + (16 + bits) / group_size
+
+
+def sign_bits_per_weight(bits, group_size):
+    """1 sign bit + fp16 alpha and fp16 mean per group: 1 + 32 / g (``bits`` is always 1)."""
+    return 1 + 2 * 16 / group_size
+
+
+def fdb_bits_per_weight(bits, group_size):
+    """Two bit-planes + fp16 a1 and a2 per group: 2 + 32 / g (``bits`` is always 2; method.md §1)."""
+    return 2 + 2 * 16 / group_size
+
+
 def _grouped(w, group_size):
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(w.shape)}")

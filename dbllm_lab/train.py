@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distill import LOSSES, check_gamma, distill_loss
-from .modules import fdb_layers
+from .layers import fdb_layers
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that do not change the loss curve; a resumed run may change them.
@@ -131,7 +131,7 @@ def trainable_parameters(student, train_latent):
 
 
 class _FastDualBinaryWeight(torch.autograd.Function):
-    """The same w_hat = a1 * b1 + a2 * b2 as ``modules._DualBinaryWeight`` (nearest of the levels
+    """The same w_hat = a1 * b1 + a2 * b2 as ``layers._DualBinaryWeight`` (nearest of the levels
     {0, a2, a1, a1 + a2}), computed with three threshold comparisons per weight instead of a 4-level
     distance/argmin: with the group's levels sorted s0 < s1 < s2 < s3 and midpoints m_k,
     w_hat = s0 + sum_k (s_k - s_{k-1}) [w > m_k], and b1, b2 follow the same steps. Only exact ties at a
@@ -199,7 +199,7 @@ def freeze_fdb(model):
     reference ``dequantized_weight``): the trained student becomes a plain inference model without latent
     weights or trainable scales. Same outputs (DualBinaryLinear itself also caches w_hat under no_grad)."""
     from .model import set_module
-    from .modules import FakeQuantLinear
+    from .layers import FakeQuantLinear
     for name, m in fdb_layers(model).items():
         set_module(model, name, FakeQuantLinear(m.dequantized_weight(), m.bias, m.bits_per_weight, "fdb"))
     return model
@@ -375,7 +375,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
 def build_student(teacher, init="gptq", group_size=64, calib_windows=None, train_latent=False, progress=True):
     """A deep copy of ``teacher`` with FDB W2 layers (``quantize_model(..., "fdb", init=...)``); returns
     (student, report). ``calib_windows`` (teacher-generated, never the evaluation text) feed init="gptq"."""
-    from .modules import quantize_model
+    from .quantize import quantize_model
     student = copy.deepcopy(teacher)
     report = quantize_model(student, "fdb", bits=2, group_size=group_size, init=init,
                             calib_windows=calib_windows if init == "gptq" else None,

@@ -125,7 +125,7 @@ def test_init_choice_table_orientation_never_hurts():
 
 def test_scale_landscape_matches_quantized_model_and_restores(tiny):
     import copy
-    from dbllm_lab.modules import quantize_model
+    from dbllm_lab.quantize import quantize_model
     from dbllm_lab.ppl import window_nll
     windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     orig = {n: m.weight.detach().clone() for n, m in A.select_layers(tiny).items()}

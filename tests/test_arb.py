@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from dbllm_lab.arb import (VARIANTS, arb_first, arb_layer, arb_rc, arb_second, binarize_first, fit_block,
-                           nearest_sign_pair, output_error, partition_block, quantize_model_arb, rc_reconstruct)
+                           nearest_sign_pair, output_error, partition_block, rc_reconstruct)
 from dbllm_lab.gptq import inverse_hessian_cholesky
 from dbllm_lab.model import quantizable_linears
-from dbllm_lab.modules import FakeQuantLinear, quantize_model
+from dbllm_lab.layers import FakeQuantLinear
+from dbllm_lab.quantize import quantize_model
 
 
 def _monotone(errs):
@@ -151,7 +152,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="arb-y"):
         arb_layer(W, H, "arb-y")
     with pytest.raises(ValueError, match="arb-y"):
-        quantize_model_arb(None, "arb-y", calib_windows=torch.zeros(2, 8, dtype=torch.long))
+        quantize_model(None, "arb-y", calib_windows=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="iters"):
         arb_layer(W, H, "arb", iters=-1)
     with pytest.raises(ValueError, match="Hessian shape"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dbllm_lab.checkpoint import HEADER, WEIGHTS, load_quantized, save_quantized
-from dbllm_lab.modules import quantize_model
+from dbllm_lab.quantize import quantize_model
 
 
 def test_save_load_identical_logits_on_embedded_model(embedded, tmp_path):

@@ -36,7 +36,7 @@ def dense(b1, b2, a1, a2, g):
 
 
 class SimDualBinaryLinear(nn.Module):
-    """Minimal stand-in for modules.DualBinaryLinear at inference: fixed bit-planes and fp32 scales."""
+    """Minimal stand-in for layers.DualBinaryLinear at inference: fixed bit-planes and fp32 scales."""
 
     def __init__(self, b1, b2, a1, a2, g, bias=None):
         super().__init__()
@@ -177,7 +177,7 @@ def test_embedded_model_packed_matches_simulated(embedded, tmp_path):
     format): 2e-2 of max |logit|. ~80 s on 2 loaded cores, hence slow. Through the packed checkpoint
     (save_quantized / load_quantized)."""
     from dbllm_lab.model import quantizable_linears
-    from dbllm_lab.modules import quantize_model
+    from dbllm_lab.quantize import quantize_model
     model, tok = embedded
     sim = copy.deepcopy(model)
     quantize_model(sim, method="fdb", group_size=64, progress=False)

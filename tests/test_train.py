@@ -7,7 +7,8 @@ import torch
 
 from dbllm_lab.datafree import corpus_samples, generate_samples
 from dbllm_lab.model import tiny_llama
-from dbllm_lab.modules import fdb_layers, quantize_model
+from dbllm_lab.layers import fdb_layers
+from dbllm_lab.quantize import quantize_model
 from dbllm_lab.train import (TrainConfig, build_student, config_from_dict, lr_lambda, to_windows, train,
                              trainable_parameters)
 
@@ -187,7 +188,7 @@ def test_fast_training_forward_matches_the_reference(setup):
 
 
 def test_freeze_fdb_keeps_the_outputs(setup):
-    from dbllm_lab.modules import FakeQuantLinear
+    from dbllm_lab.layers import FakeQuantLinear
     from dbllm_lab.train import freeze_fdb
     _, data, student = setup
     st = copy.deepcopy(student)
