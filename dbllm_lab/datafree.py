@@ -15,7 +15,9 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_CACHE = os.path.join("data", "generated")
+from .paths import root
+
+DEFAULT_CACHE = os.path.join(root(), "data", "generated")  # the project's data/generated, wherever run from
 
 
 def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature):
