@@ -1,0 +1,175 @@
+"""Zero-shot accuracy table (the papers' second table): PIQA, ARC-Easy, ARC-Challenge, HellaSwag and WinoGrande
+through lm-evaluation-harness (``dbllm_lab.zeroshot``: lm-eval's HFLM and its own task definitions on local
+JSON Lines files), for FP, RTN W2g64, FDB init (clip), ARB-RC, and any packed checkpoint given with --checkpoint.
+Writes bench/results/zeroshot.json (+ .md); resumable row by row, and several invocations with different --only
+may run at once (rows are merged into the file under a lock on its folder).
+
+    python bench/zeroshot.py --data-dir DIR [--limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
+    python bench/zeroshot.py --data-dir DIR --checkpoint "fdb+dad=ckpt/dad" --checkpoint "fdb+kd=ckpt/kd"
+
+Trained rows (best FDB+DAD, KD at the same budget) come from packed checkpoints: train with ``dbllm-lab train``
+(or bench/dbllm_table.py), then save the student with ``dbllm_lab.checkpoint.save_quantized(freeze_fdb(student),
+DIR)`` and pass ``--checkpoint NAME=DIR``; the row is named NAME.
+
+Quick mode (the default, ``--limit N``) scores the first N documents of each task; every row records its limit and
+the table says "first N" beside the numbers. ``--full`` scores the full splits (PIQA 1,838, ARC-Easy 2,376,
+ARC-Challenge 1,172, HellaSwag 10,042, WinoGrande 1,267 documents). Each row records the CPU time of quantizing
+and of evaluating it. The mean is over the five tasks' ``acc`` (lm-eval's unnormalised accuracy, the one every
+task reports); ``mean_acc_norm`` uses acc_norm where the task has it (all but WinoGrande).
+"""
+import argparse
+import copy
+import fcntl
+import os
+import resource
+import sys
+import time
+
+import lm_eval
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_calib_args, calib_note, calib_windows, load_results, write_results  # noqa: E402
+
+from dbllm_lab import zeroshot  # noqa: E402
+from dbllm_lab.model import load_model  # noqa: E402
+from dbllm_lab.quantize import quantize_model  # noqa: E402
+
+# row name -> quantize_model arguments (None: the FP model); "arb-rc" is calibrated like bench/arb_table.py
+ROWS = {"fp": None,
+        "rtn-w2g64": dict(method="rtn", bits=2, group_size=64),
+        "fdb-init": dict(method="fdb", group_size=64, init="clip"),
+        "arb-rc": dict(method="arb-rc", cgb=False, iters=15)}
+MD_COLUMNS = ["method", "bits_per_weight", "docs_per_task", *zeroshot.TASKS, "mean", "mean_norm", "row_cpu_min"]
+
+
+def pct(x):
+    return None if x is None else round(100 * x, 2)
+
+
+def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
+    """One result row: per task acc / acc_norm with stderr (in %), the means, display columns, times."""
+    tasks = res["tasks"]
+    row = {"method": name, "bits_per_weight": bits,
+           "docs_per_task": f"first {limit}" if limit else "full split"}
+    for metric in ("acc", "acc_norm"):
+        for t, r in tasks.items():
+            if r.get(metric) is not None:
+                row[f"{t}_{metric}"], row[f"{t}_{metric}_stderr"] = pct(r[metric]), pct(r[metric + "_stderr"])
+        mean, se = zeroshot.mean_accuracy(tasks, metric)
+        row[f"mean_{metric}"], row[f"mean_{metric}_stderr"] = pct(mean), pct(se)
+    for t, r in tasks.items():  # display columns: "acc ± stderr" in %, and the same for acc_norm
+        row[t] = f"{pct(r['acc']):.1f} ± {pct(r['acc_stderr']):.1f}"
+        row[t + "_norm"] = (f"{pct(r['acc_norm']):.1f} ± {pct(r['acc_norm_stderr']):.1f}"
+                            if r.get("acc_norm") is not None else f"({pct(r['acc']):.1f})")
+    row["mean"] = f"{row['mean_acc']:.1f} ± {row['mean_acc_stderr']:.1f}"
+    row["mean_norm"] = f"{row['mean_acc_norm']:.1f} ± {row['mean_acc_norm_stderr']:.1f}"
+    row.update(n={t: r["n"] for t, r in tasks.items()}, task_versions=res["task_versions"],
+               quantize_s=round(quant_s, 1), quantize_cpu_min=round(quant_cpu_s / 60, 2),
+               eval_s=res["seconds"], eval_cpu_min=round(res["cpu_seconds"] / 60, 2),
+               row_cpu_min=round((quant_cpu_s + res["cpu_seconds"]) / 60, 2),
+               peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+    return row
+
+
+def save_row(out, row, settings, order):
+    """Merge ``row`` into ``out`` under an exclusive lock on its folder (parallel invocations stay consistent)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        rows = [r for r in load_results(out) if r["method"] != row["method"]] + [row]
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        write_results(out, rows, settings, MD_COLUMNS)
+    finally:
+        os.close(fd)
+
+
+def parse_checkpoints(specs):
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.rpartition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--checkpoint {spec!r}: expected NAME=DIR (a packed checkpoint folder)")
+        out[name] = path
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)")
+    ap.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl (or DBLLM_DATA_DIR)")
+    ap.add_argument("--tasks", default=",".join(zeroshot.TASKS))
+    ap.add_argument("--limit", type=int, default=100, help="first N documents per task (quick mode)")
+    ap.add_argument("--full", action="store_true", help="score the full splits (overrides --limit)")
+    ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                    help="add a row for a packed checkpoint folder (e.g. a trained FDB+DAD or KD student)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "zeroshot.json"))
+    add_calib_args(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    limit = None if args.full else zeroshot.check_limit(args.limit)
+    tasks = zeroshot.parse_tasks(args.tasks)
+    for t in tasks:  # a missing file fails before any model work
+        zeroshot.task_file(t, args.data_dir)
+    ckpts = parse_checkpoints(args.checkpoint)
+    names = list(args.only) + list(ckpts)  # rows already in the file are skipped (resumable)
+    order = list(ROWS) + list(ckpts)
+
+    existing = load_results(args.out)
+    mixed = [r["method"] for r in existing if r.get("limit") != limit and r["method"] not in names]
+    if mixed and not args.redo:
+        print(f"note: rows {mixed} in {args.out} were run with another limit; they are kept as they are", flush=True)
+    done = {r["method"] for r in existing if r.get("limit") == limit}
+    todo = [n for n in names if args.redo or n not in done]
+    if not todo:
+        print(f"all requested rows are already in {args.out}")
+        return
+    base, tok = load_model(args.model)
+    settings = {"model": getattr(base, "name_or_path", str(args.model)), "engine": f"lm-eval {lm_eval.__version__}",
+                "tasks": tasks, "num_fewshot": 0,
+                "limit": limit, "docs_per_task": f"first {limit} of each split (quick mode)" if limit else "full splits",
+                "splits": {t: zeroshot.TASKS[t][1] for t in tasks}, "batch_size": args.batch_size,
+                "threads": args.threads, "calib": calib_note(args) + " (arb-rc row)",
+                "mean": "unweighted mean over the five tasks of acc (mean_acc_norm: acc_norm where the task has "
+                        "it, acc for WinoGrande); its stderr is sqrt(sum of squared task stderrs) / 5",
+                "note": "accuracies and stderr in %; FP = the embedded GGUF Q4_1 model dequantized to float; "
+                        "CPU minutes are process CPU time on a shared 2-core machine"}
+    calib = None
+    for name in todo:
+        print(f"--- {name}", flush=True)
+        c0, t0 = time.process_time(), time.time()
+        if name in ckpts:
+            from dbllm_lab.checkpoint import load_quantized
+            from dbllm_lab.quant import fdb_bits_per_weight
+            model = load_quantized(ckpts[name], base_model=copy.deepcopy(base))
+            bits = fdb_bits_per_weight(2, model.quant_header["group_size"])
+        elif ROWS[name] is None:
+            model, bits = base, 16.0
+        else:
+            kw = dict(ROWS[name])
+            if kw["method"] == "arb-rc":
+                calib = calib if calib is not None else calib_windows(base, tok, args)
+                kw["calib_windows"] = calib
+            model = copy.deepcopy(base)
+            bits = quantize_model(model, **kw)["bits_per_weight"]
+        quant_cpu, quant_s = time.process_time() - c0, time.time() - t0
+        c1 = time.process_time()
+        res = zeroshot.evaluate(model, tok, tasks, limit=limit, data_dir=args.data_dir, batch_size=args.batch_size)
+        res["cpu_seconds"] = time.process_time() - c1
+        row = {**table_row(name, res, bits, limit, quant_cpu, quant_s), "limit": limit,
+               "checkpoint": ckpts.get(name)}
+        print({k: row[k] for k in ("method", "mean", "mean_norm", "row_cpu_min", "eval_s")}, flush=True)
+        save_row(args.out, row, settings, order)
+        if model is not base:
+            del model
+
+
+if __name__ == "__main__":
+    main()
