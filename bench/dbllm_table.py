@@ -1,20 +1,22 @@
-"""DB-LLM results table: FP, RTN W2g64, FDB init, and FDB trained with CE / KD / DAD (gamma 0, 0.5, 1).
+"""DB-LLM results table: two-stage training (block-wise reconstruction, then end-to-end DAD / KD) of FDB W2g64
+and of a learnable uniform 2-bit grid, against FP, RTN and the untrained initialisations.
 
-Every trained row starts from the same FDB initialisation, sees the same teacher-generated data
-(``generate_samples``, never the evaluation text) in the same order (same seed) for the same number of
-optimiser steps. Each row records WikiText-2 test PPL (first ``--windows`` windows of ``--seqlen``), the
-head-class bias statistic (method.md §7) on the first ``--bias-windows`` windows, training wall and CPU
-minutes, and the process's peak RSS. Rows already in the JSON are skipped (resumable); a trained row that
-was interrupted resumes from its checkpoint under checkpoints/dbllm_table/.
+Every trained row is built by ``dbllm_lab.train.train_two_stage``, the function ``dbllm-lab train --stage``
+calls, with the defaults of ``BlockwiseConfig`` / ``TrainConfig`` unless a row names an override. All rows see
+teacher-written text (prefixes of one cached pool, never the evaluated split). Each row records WikiText-2
+test PPL (first ``--windows`` windows of ``--seqlen``), the head-class bias statistic on the first
+``--bias-windows`` windows, and the CPU minutes of each stage; data generation is reported once in the
+settings. Rows already in the JSON are skipped and every stage checkpoints under ``--ckpt-dir``: rerunning the
+command resumes.
 
-    flock /tmp/bench.lock python bench/dbllm_table.py                  # the table
-    flock /tmp/bench.lock python bench/dbllm_table.py --explore        # recipe exploration (small budget)
+    python bench/dbllm_table.py                       # the table (rows in ROWS order; --only NAME,NAME)
+    python bench/dbllm_table.py --memory-flatness     # stage-1 peak memory on random LLaMA configs, 8/16/32 blocks
 """
 import argparse
 import copy
-import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -23,245 +25,202 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_eval_args, eval_settings, load_results, write_results  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
+from dbllm_lab.blockwise import BlockwiseConfig  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
-from dbllm_lab.modules import quantize_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
-from dbllm_lab.train import TrainConfig, build_student, freeze_fdb, peak_rss_gib, train, write_curve  # noqa: E402
+from dbllm_lab.quantize import quantize_model  # noqa: E402
+from dbllm_lab.train import TrainConfig, freeze_quantized, peak_rss_gib, train_two_stage  # noqa: E402
 
-TRAINED = [("fdb+ce", "ce", 1.0), ("fdb+kd", "kd", 1.0), ("fdb+dad g=0", "dad", 0.0),
-           ("fdb+dad g=0.5", "dad", 0.5), ("fdb+dad g=1", "dad", 1.0)]
+BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 / 1 in the earlier rows below)
+
+# name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples)
+ROWS = {
+    "fdb 2-stage dad s0": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
+    "uniform 2-stage dad s0": ("uniform", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
+    "fdb 2-stage kd s0": ("fdb", "both", {}, {"loss": "kd", "seed": 0}, 64),
+    "fdb 2-stage dad s1": ("fdb", "both", {"seed": 1}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 1}, 64),
+    "fdb 2-stage kd s1": ("fdb", "both", {"seed": 1}, {"loss": "kd", "seed": 1}, 64),
+    "fdb blockwise mse": ("fdb", "blockwise", {"loss": "mse"}, {}, 64),
+    "fdb 2-stage dad n16": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 16),
+    "fdb 2-stage dad n32": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 32),
+    "fdb 2-stage dad n128": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 128),
+}
+# rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
+CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 
 
 def parse_args(argv=None):
     ap = add_eval_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "bench/results/dbllm_table.json")
-    ap.add_argument("--steps", type=int, default=30, help="optimiser steps of every trained row")
-    ap.add_argument("--train-seqlen", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-2, help="peak lr of the FDB scales (chosen by --explore)")
-    ap.add_argument("--lr-latent", type=float, default=1e-5)
-    ap.add_argument("--train-latent", type=int, default=0, help="1: also train the latent weights (STE)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--init", default="clip", help="FDB init: clip (chosen by --explore), gptq (on generated data), minmax")
-    ap.add_argument("--calib-windows", type=int, default=16, help="generated windows for init=gptq")
-    ap.add_argument("--gen-n", type=int, default=64, help="teacher-generated samples")
+    ap.add_argument("--gen-pool", type=int, default=128, help="teacher-written samples generated once (a row uses a prefix)")
     ap.add_argument("--gen-len", type=int, default=256, help="tokens per generated sample")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bias-windows", type=int, default=6)
     ap.add_argument("--head-k", type=int, default=100)
     ap.add_argument("--buckets", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--only", default=None, help="comma-separated row names")
-    ap.add_argument("--explore", action="store_true", help="recipe exploration instead of the table")
-    ap.add_argument("--recipes", default="1e-4,1e-3,1e-4/1e-5",
-                    help="--explore: comma-separated 'lr' (scales only) or 'lr/lr_latent' (scales + latent weights)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP with 2 threads on a loaded "
+                                                             "2-core machine made small matmuls several times slower)")
+    ap.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     ap.add_argument("--ckpt-dir", default="checkpoints/dbllm_table")
-    ap.add_argument("--memory-probe", action="store_true",
-                    help="print the peak RSS of teacher + student + optimizer for 2 steps at --seqlen, batch 1, "
-                         "latent weights trained (the largest optimizer state), then exit")
+    ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
+    ap.add_argument("--quick", action="store_true", help="--memory-flatness: smaller models and data (for tests)")
+    ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 class Context:
-    """Everything the rows share: teacher, data, evaluation windows, head tokens, teacher entropies."""
+    """Everything the rows share: teacher, the data pool, evaluation windows, head tokens, teacher entropies."""
 
     def __init__(self, args):
         self.args = args
         self.teacher, self.tok = load_model(args.model)
-        self.data = generate_samples(self.teacher, self.tok, args.gen_n, args.gen_len, seed=args.seed, batch_size=64)
+        t0, c0 = time.time(), time.process_time()
+        self.pool = generate_samples(self.teacher, self.tok, args.gen_pool, args.gen_len, seed=0, batch_size=64)
+        self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "seconds": round(time.time() - t0, 1),
+                    "cpu_seconds": round(time.process_time() - c0, 1), "note": "0 when read from the cache"}
         self.eval = eval_windows(self.teacher, self.tok, "wikitext2", "test", args.seqlen, args.windows or None,
                                  args.data_dir)
         self.bias_windows = self.eval[:args.bias_windows]
         self.head = head_tokens(self.eval, args.head_k, self.teacher.config.vocab_size)
         self.ent = teacher_entropies(self.teacher, self.bias_windows)
         self.edges = entropy_edges(self.ent, args.buckets)
-        self._student = None
-        self.init_seconds = None
 
-    def student_init(self):
-        """The FDB initialisation every trained row starts from (cached on disk under --ckpt-dir)."""
-        a = self.args
-        if self._student is None:
-            key = hashlib.sha1(json.dumps([a.model, a.init, a.calib_windows, a.gen_n, a.gen_len, a.seed,
-                                           a.train_seqlen]).encode()).hexdigest()[:10]
-            path = os.path.join(a.ckpt_dir, f"init_{a.init}_{key}.pt")
-            calib = self.data.reshape(-1, a.train_seqlen)[:a.calib_windows] if a.init == "gptq" else None
-            t0 = time.time()
-            if os.path.isfile(path):  # rebuild the modules cheaply (minmax), then load the cached scales
-                student, report = build_student(self.teacher, init="minmax")
-                ck = torch.load(path, weights_only=False)
-                student.load_state_dict(ck["state"])
-                report = ck["report"]
-            else:
-                student, report = build_student(self.teacher, init=a.init, calib_windows=calib)
-                os.makedirs(a.ckpt_dir, exist_ok=True)
-                torch.save({"state": student.state_dict(), "report": report}, path + ".tmp")
-                os.replace(path + ".tmp", path)
-            self.init_seconds = report.get("seconds", time.time() - t0)
-            self._student = (student, report)
-        return self._student
-
-    def measure(self, model, fp_bias=None):
-        """PPL on the evaluation windows and the head-class bias statistic."""
-        a = self.args
-        res = perplexity(model, self.tok, windows=self.eval, seqlen=a.seqlen)
+    def measure(self, model, fp=None):
+        """PPL on the evaluation windows and the head-class bias statistic (method.md §7)."""
+        res = perplexity(model, self.tok, windows=self.eval, seqlen=self.args.seqlen)
         hb = head_class_bias(model, self.bias_windows, self.head, self.ent, self.edges)
         row = {"ppl": res.ppl, "eval_seconds": round(res.seconds, 1), "head_share_all": hb["overall"],
                "head_share_high": hb["buckets"][-1]["head_share"], "head_share_low": hb["buckets"][0]["head_share"],
                "bias_buckets": hb["buckets"]}
-        if fp_bias is not None:
-            row["head_excess_high"] = row["head_share_high"] - fp_bias["head_share_high"]
-            row["head_excess_all"] = row["head_share_all"] - fp_bias["head_share_all"]
+        if fp is not None:
+            row["head_excess_high"] = row["head_share_high"] - fp["head_share_high"]
+            row["head_excess_all"] = row["head_share_all"] - fp["head_share_all"]
+        if fp is not None and fp.get("ppl"):
+            row["ppl_over_fp"] = row["ppl"] / fp["ppl"]
         return row
 
 
-def train_row(ctx, name, cfg, curves):
+def train_row(ctx, name, spec):
+    quant, stage, bw, e2e, n = spec
     a = ctx.args
-    student = copy.deepcopy(ctx.student_init()[0])
-    out_dir = os.path.join(a.ckpt_dir, name.replace(" ", "_").replace("=", ""))
-    r = train(student, ctx.data, teacher=ctx.teacher, config=cfg, out_dir=out_dir)
-    curves[name] = r["history"]
-    freeze_fdb(student)
-    return student, {"train_steps": r["steps_done"], "train_tokens": r["history"][-1]["tokens"],
-                     "train_minutes": round(r["seconds"] / 60, 2), "train_cpu_minutes": round(r["cpu_seconds"] / 60, 2),
-                     "final_loss": r["history"][-1]["loss"], "peak_rss_gib": round(r["peak_rss_gib"], 2)}
-
-
-def config(a, loss, gamma, **kw):
-    base = dict(loss=loss, gamma=gamma, steps=a.steps, seqlen=a.train_seqlen, batch_size=a.batch_size,
-                grad_accum=a.grad_accum, lr=a.lr, lr_latent=a.lr_latent, train_latent=bool(a.train_latent),
-                warmup=a.warmup, seed=a.seed, ckpt_every=5, log_every=1)
-    base.update(kw)
-    return TrainConfig(**base).validate()
+    out_dir = os.path.join(a.ckpt_dir, name.replace(" ", "_"))
+    bw_cfg = BlockwiseConfig(**bw)
+    e2e_cfg = TrainConfig(**e2e)
+    student, info = train_two_stage(ctx.teacher, ctx.pool[:n], stage=stage, quant=quant, blockwise=bw_cfg,
+                                    config=e2e_cfg, out_dir=out_dir,
+                                    stage1_dir=os.path.join(a.ckpt_dir, f"stage1_{quant}_{json.dumps(bw, sort_keys=True)}_n{n}"
+                                                            .replace(" ", "").replace('"', "").replace(":", "=")))
+    freeze_quantized(student)
+    return student, info
 
 
 def run_table(ctx, out):
     a = ctx.args
     rows = load_results(out)
     done = {r["method"] for r in rows}
-    only = set(a.only.split(",")) if a.only else None
-    curves_path = os.path.splitext(out)[0] + "_curves"
-    curves = json.load(open(curves_path + ".json")) if os.path.isfile(curves_path + ".json") else {}
+    only = set(a.only.split(",")) if a.only else set(ROWS)
+    unknown = only - set(ROWS) - set(CARRIED)
+    if unknown:
+        raise ValueError(f"unknown rows {sorted(unknown)}; rows: {list(ROWS)}")
     fp = next((r for r in rows if r["method"] == "fp"), None)
     settings = eval_settings(ctx.teacher, a, bias={"windows": a.bias_windows, "head_k": a.head_k,
                                                   "buckets": a.buckets, "edges_nats": ctx.edges,
                                                   "head_reference": "token frequencies of the evaluated windows"},
-                             train={**{k: getattr(a, k) for k in ("steps", "train_seqlen", "batch_size", "grad_accum",
-                                                                  "lr", "lr_latent", "train_latent", "warmup", "init",
-                                                                  "calib_windows", "gen_n", "gen_len", "seed")},
-                                    "data": "teacher-generated (method.md §3), dbllm_lab.datafree.generate_samples",
-                                    "threads": torch.get_num_threads(),
-                                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
-                             budget_note="Every trained row gets the same step budget (a few CPU minutes on a shared "
-                                         "2-core machine); the issue's target is 60 CPU minutes of training. "
-                                         "Numbers are what this budget reaches, not the method's ceiling.")
-
-    mem_path = os.path.splitext(out)[0] + "_memory.json"
-    if not os.path.isfile(mem_path):
-        mem = run_memory_probe(a)
-        with open(mem_path, "w") as f:
-            json.dump(mem, f, indent=2)
-    settings["memory_probe"] = json.load(open(mem_path))
-
-    def emit(row):
-        rows.append(row)
-        write_results(out, rows, settings)
-        curves_rows = [{"method": m, **h} for m, hs in curves.items() for h in hs]
-        write_curve(curves_rows, os.path.dirname(out) or ".", os.path.basename(curves_path))
-
-    def want(name):
-        return name not in done and (only is None or name in only)
-
+                             blockwise_defaults=vars(BlockwiseConfig()), e2e_defaults=vars(TrainConfig()),
+                             rows={k: {"quant": v[0], "stage": v[1], "blockwise": v[2], "e2e": v[3], "samples": v[4]}
+                                   for k, v in ROWS.items()},
+                             data_generation=ctx.gen, threads=torch.get_num_threads(),
+                             load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+                             carried_rows_note="fp, rtn w2g64, fdb init and the fdb+ce/kd/dad rows (end-to-end only, 30 "
+                                               "steps of 2x128 tokens from the FDB init, 64 samples generated as one set) "
+                                               "were measured by the previous version of this table with the same "
+                                               "evaluation settings and are kept unchanged.")
     if fp is None:
         fp = {"method": "fp", "bits_per_weight": 16.0, **ctx.measure(ctx.teacher)}
-        emit(fp)
-    if want("rtn w2g64"):
+        rows.insert(0, fp)
+        write_results(out, rows, settings)
+    if "uniform init" not in done:
         m = copy.deepcopy(ctx.teacher)
-        rep = quantize_model(m, "rtn", bits=2, group_size=64)
-        emit({"method": "rtn w2g64", "bits_per_weight": rep["bits_per_weight"], **ctx.measure(m, fp)})
+        rep = quantize_model(m, "uniform", bits=2, group_size=64)
+        rows.append({"method": "uniform init", "bits_per_weight": rep["bits_per_weight"],
+                     **ctx.measure(freeze_quantized(m), fp)})
+        write_results(out, rows, settings)
         del m
-    if want("fdb init"):
-        student, rep = ctx.student_init()
-        m = freeze_fdb(copy.deepcopy(student))
-        emit({"method": "fdb init", "init": a.init, "bits_per_weight": rep["bits_per_weight"],
-              "init_seconds": round(ctx.init_seconds, 1), **ctx.measure(m, fp)})
-        del m
-    for name, loss, gamma in TRAINED:
-        if not want(name):
+    for name, spec in ROWS.items():
+        if name in done or name not in only:
             continue
-        student, info = train_row(ctx, name, config(a, loss, gamma), curves)
-        emit({"method": name, "loss": loss, "gamma": gamma if loss == "dad" else None, "init": a.init,
-              "bits_per_weight": ctx.student_init()[1]["bits_per_weight"], **info, **ctx.measure(student, fp)})
+        student, info = train_row(ctx, name, spec)
+        rows.append({"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
+                     "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
+                     "seed": spec[3].get("seed", 0), "train_samples": spec[4], **info, **ctx.measure(student, fp)})
+        write_results(out, rows, settings)
+        del student
     return rows
 
 
-def run_explore(ctx, out):
-    """Small-budget comparison of recipes (init, what trains, lr), DAD gamma=1, fewer eval windows."""
-    a = ctx.args
-    rows = load_results(out)
-    done = {r["method"] for r in rows}
-    settings = eval_settings(ctx.teacher, a, purpose="recipe exploration for bench/dbllm_table.py",
-                             steps=a.steps, train_seqlen=a.train_seqlen, batch_size=a.batch_size)
-    recipes = []
-    for spec in a.recipes.split(","):  # "lr" or "lr/lr_latent" (latent weights trained)
-        lr, _, lr_lat = spec.partition("/")
-        kw = dict(lr=float(lr), train_latent=bool(lr_lat), **({"lr_latent": float(lr_lat)} if lr_lat else {}))
-        recipes.append((f"{a.init} {'scales+latent' if lr_lat else 'scales'} lr{spec}", kw))
-    if f"{a.init} init" not in done:
-        student, rep = ctx.student_init()
-        rows.append({"method": f"{a.init} init", "init": a.init, "init_seconds": round(ctx.init_seconds, 1),
-                     **ctx.measure(freeze_fdb(copy.deepcopy(student)))})
-        write_results(out, rows, settings)
-    curves = {}
-    for name, kw in recipes:
-        if name in done:
-            continue
-        cfg = config(a, "dad", 1.0, **kw)
-        student, info = train_row(ctx, "explore " + name, cfg, curves)
-        rows.append({"method": name, "init": a.init, **kw, **info, **ctx.measure(student)})
-        write_results(out, rows, settings)
-        write_curve([{"method": m, **h} for m, hs in curves.items() for h in hs], os.path.dirname(out),
-                    os.path.basename(os.path.splitext(out)[0]) + "_curves_" + str(len(rows)))
-    return rows
+# ---- stage-1 memory against depth -------------------------------------------------------------------------------
+
+def _vm_hwm_kib():
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("VmHWM")))
 
 
-def memory_probe(a):
-    """Peak RSS of a fresh process holding teacher + FDB student + AdamW state while training at --seqlen."""
-    teacher, tok = load_model(a.model)
-    data = generate_samples(teacher, tok, a.gen_n, a.gen_len, seed=a.seed, batch_size=64)
-    data = data.reshape(-1, a.seqlen) if data.shape[1] < a.seqlen else data
-    student, _ = build_student(teacher, init="minmax", progress=False)
-    cfg = TrainConfig(loss="dad", gamma=1.0, steps=2, seqlen=a.seqlen, batch_size=1, train_latent=True, warmup=1)
-    r = train(student, data, teacher=teacher, config=cfg, progress=False)
-    print(json.dumps({"peak_rss_gib": round(r["peak_rss_gib"], 3), "seqlen": a.seqlen, "batch_size": 1,
-                      "train_latent": True, "step_seconds": [h["seconds"] for h in r["history"]]}))
+def memory_probe(blocks, quick):
+    """One process: a random LLaMA with ``blocks`` blocks, teacher + FDB student resident; the peak resident
+    memory *added* while stage 1 runs (the peak counter is reset just before it)."""
+    from dbllm_lab.blockwise import blockwise_reconstruct
+    from dbllm_lab.model import tiny_llama
+    torch.manual_seed(0)
+    hidden, inter = (128, 344) if quick else (512, 1376)
+    teacher = tiny_llama(vocab_size=512, hidden=hidden, layers=blocks, heads=8, kv_heads=4, intermediate=inter,
+                         max_pos=256)
+    student = copy.deepcopy(teacher)
+    quantize_model(student, "fdb", group_size=64, progress=False)
+    windows = torch.randint(0, 512, (8 if quick else 32, 128))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = _vm_hwm_kib()
+    blockwise_reconstruct(teacher, student, windows, BlockwiseConfig(epochs=1), progress=False)
+    peak = _vm_hwm_kib()
+    return {"blocks": blocks, "hidden": hidden, "intermediate": inter, "windows": list(windows.shape),
+            "resident_before_mib": round(base / 1024, 1), "stage_added_peak_mib": round((peak - base) / 1024, 1)}
 
 
-def run_memory_probe(a):
-    import subprocess
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--seqlen", str(a.seqlen), "--gen-n",
-           str(a.gen_n), "--gen-len", str(a.gen_len), "--seed", str(a.seed)] + (["--model", a.model] if a.model else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": (out.stderr or out.stdout)[-500:]}
+def run_memory_flatness(a):
+    rows = []
+    for blocks in (8, 16, 32):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_probe-blocks", str(blocks)] + (["--quick"] if a.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1])
+    added = [r["stage_added_peak_mib"] for r in rows]
+    spread = max(added) / min(added) - 1
+    doc = {"rows": rows, "spread": spread, "flat_within_15_percent": spread <= 0.15,
+           "note": "peak resident memory added by stage 1 (VmHWM reset before it, Linux), teacher and student "
+                   "already resident; on a GPU this is the device memory of one block, its activations and its "
+                   "optimiser state"}
+    if not a.quick:
+        path = os.path.join(os.path.dirname(a.out), "blockwise_memory.json")
+        write_results(path, rows, {k: v for k, v in doc.items() if k != "rows"})
+    print(json.dumps({"spread": spread, "flat_within_15_percent": spread <= 0.15}))
+    return doc
 
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.memory_probe:
-        return memory_probe(a)
+    torch.set_num_threads(a.threads)
+    if a._probe_blocks:
+        print(json.dumps(memory_probe(a._probe_blocks, a.quick)))
+        return
+    if a.memory_flatness:
+        return run_memory_flatness(a)
     t0 = time.time()
     ctx = Context(a)
-    out = a.out if not a.explore else os.path.splitext(a.out)[0] + "_explore.json"
-    rows = run_explore(ctx, out) if a.explore else run_table(ctx, out)
+    rows = run_table(ctx, a.out)
     print(f"done in {(time.time() - t0) / 60:.1f} min, peak RSS {peak_rss_gib():.2f} GiB")
     for r in rows:
-        print({k: r.get(k) for k in ("method", "ppl", "head_share_high", "head_excess_high", "train_minutes")})
+        print({k: r.get(k) for k in ("method", "ppl", "head_excess_high", "train_cpu_minutes")})
 
 
 if __name__ == "__main__":

@@ -297,9 +297,9 @@ class ScaleLandscape:
 
     def __init__(self, model, windows, group_size=64, init="clip", orientation="per-group", blocks=None,
                  progress=True):
-        from .calib import _block_forward, capture_block0_inputs
+        from .calib import block_forward, capture_block0_inputs
         self.model, self.windows, self.group_size = model, windows, group_size
-        self._forward_block = _block_forward
+        self._forward_block = block_forward
         self.layers = select_layers(model, blocks)
         if not self.layers:
             raise ValueError(f"blocks={blocks!r} selects no layer")
@@ -314,7 +314,7 @@ class ScaleLandscape:
         with torch.no_grad():
             inputs, self.kwargs = capture_block0_inputs(model, windows)
             for block in decoder_layers(model)[:self.first]:
-                inputs = [_block_forward(block, h, self.kwargs) for h in inputs]
+                inputs = [block_forward(block, h, self.kwargs) for h in inputs]
         self.hidden = inputs
 
     @torch.no_grad()

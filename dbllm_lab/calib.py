@@ -49,7 +49,9 @@ def capture_block0_inputs(model, windows, batch_size=1):
     return inputs, kwargs
 
 
-def _block_forward(block, hidden, kwargs):
+def block_forward(block, hidden, kwargs):
+    """One decoder block on hidden states (batch, seq, d) with the keyword arguments captured from the model
+    (``capture_block0_inputs``); returns the output hidden states."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -82,7 +84,7 @@ def sequential_quantize(model, windows, quantize_layer, batch_size=1, progress=T
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
         for h in inputs:
-            _block_forward(block, h, kwargs)
+            block_forward(block, h, kwargs)
         for handle in handles:
             handle.remove()
         for n, m in linears.items():
@@ -92,5 +94,5 @@ def sequential_quantize(model, windows, quantize_layer, batch_size=1, progress=T
                 set_module(block, n, out)
             elif out is not None:
                 results[f"model.layers.{i}.{n}"] = out
-        inputs = [_block_forward(block, h, kwargs) for h in inputs]
+        inputs = [block_forward(block, h, kwargs) for h in inputs]
     return results

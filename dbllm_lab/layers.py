@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .model import quantizable_linears
-from .quant import check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init
+from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, quantize_rtn,
+                    round_half_to_zero, rtn_bits_per_weight)
 
 
 class FakeQuantLinear(nn.Module):
@@ -56,7 +57,38 @@ class _DualBinaryWeight(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
 
 
-class DualBinaryLinear(nn.Module):
+class LearnableQuantLinear(nn.Module):
+    """Base of the quantized layers whose quantizer trains: a latent weight ``weight`` (frozen unless
+    ``train_latent``), the quantizer's own parameters (``quant_parameters()``) and ``dequantized_weight()``,
+    differentiable in both. Under no_grad the dequantized weight is computed once per change of its inputs."""
+
+    def quant_parameters(self):
+        raise NotImplementedError
+
+    def dequantized_weight(self):
+        raise NotImplementedError
+
+    @property
+    def train_latent(self):
+        return self.weight.requires_grad
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            w = self.dequantized_weight()
+        else:  # inference: quantize once per change of the weight or the quantizer, not on every call
+            key = tuple((p._version, p.data_ptr()) for p in [self.weight, *self.quant_parameters()]) + (
+                self.weight.device,)
+            if getattr(self, "_w_cache", (None,))[0] != key:
+                self._w_cache = (key, self.dequantized_weight().detach())
+            w = self._w_cache[1]
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+
+    def extra_repr(self):
+        return (f"{self.in_features} -> {self.out_features}, group {self.group_size}, "
+                f"latent {'trainable' if self.train_latent else 'frozen'}")
+
+
+class DualBinaryLinear(LearnableQuantLinear):
     """FDB linear layer: y = x @ (a1 * B1 + a2 * B2)^T (+ bias), binaries recomputed every forward."""
 
     def __init__(self, weight, a1, a2, group_size, bias=None, train_latent=False):
@@ -80,10 +112,6 @@ class DualBinaryLinear(nn.Module):
         return cls(linear.weight, a1, a2, group_size, linear.bias, train_latent)
 
     @property
-    def train_latent(self):
-        return self.weight.requires_grad
-
-    @property
     def bits_per_weight(self):
         """Two bit-planes + two fp16 scales per group (``quant.fdb_bits_per_weight``)."""
         return fdb_bits_per_weight(2, self.group_size)
@@ -94,22 +122,86 @@ class DualBinaryLinear(nn.Module):
     def dequantized_weight(self):
         return _DualBinaryWeight.apply(self.weight, self.a1, self.a2, self.group_size)
 
-    def forward(self, x):
-        if torch.is_grad_enabled():
-            w = self.dequantized_weight()
-        else:  # inference: binarize once per change of the weight or scales, not on every call
-            key = (self.weight._version, self.a1._version, self.a2._version, self.weight.data_ptr(),
-                   self.a1.data_ptr(), self.a2.data_ptr(), self.weight.device)
-            if getattr(self, "_w_cache", (None,))[0] != key:
-                self._w_cache = (key, self.dequantized_weight().detach())
-            w = self._w_cache[1]
-        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+    def quant_parameters(self):
+        return [self.a1, self.a2]
 
-    def extra_repr(self):
-        return (f"{self.in_features} -> {self.out_features}, group {self.group_size}, "
-                f"latent {'trainable' if self.train_latent else 'frozen'}")
+
+def round_ste(x):
+    """round_half_to_zero(x) in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (round_half_to_zero(x) - x).detach()
+
+
+class UniformQuantLinear(LearnableQuantLinear):
+    """Learnable uniform k-bit grid (EfficientQAT's Block-AP / E2E-QP, LSQ-style): per (row, group) a step s
+    and a zero point z, both trainable,
+
+        w_hat = s * (clamp(round(w / s) + round(z), 0, 2^k - 1) - round(z))
+
+    with every round a straight-through estimator, so d w_hat / d s and d w_hat / d z follow LSQ, and the
+    latent weight trains through the STE when ``train_latent``. Initialised from RTN with clip search it
+    reproduces ``quant.fake_quantize(w, k, g, clip_search=True)`` exactly. The counterpart FDB is compared
+    with at equal training: its storage is k code bits + an fp16 step + a k-bit zero per group.
+    """
+
+    def __init__(self, weight, step, zero, group_size, bits=2, bias=None, train_latent=False):
+        super().__init__()
+        check_group_size(weight.shape[1], group_size)
+        check_bits(bits)
+        shape = (weight.shape[0], weight.shape[1] // group_size)
+        if step.shape != shape or zero.shape != shape:
+            raise ValueError(f"step and zero must have shape (out, in // group_size) = {shape}, got "
+                             f"{tuple(step.shape)}, {tuple(zero.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.group_size, self.bits = group_size, bits
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=train_latent)
+        self.step = nn.Parameter(step.detach().clone().to(weight.dtype))
+        self.zero = nn.Parameter(zero.detach().clone().to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear, group_size=64, bits=2, clip_search=True, train_latent=False):
+        _, step, zero = quantize_rtn(linear.weight.detach(), bits, group_size, clip_search)
+        return cls(linear.weight, step, zero, group_size, bits, linear.bias, train_latent)
+
+    def quant_parameters(self):
+        return [self.step, self.zero]
+
+    @property
+    def bits_per_weight(self):
+        """k code bits + fp16 step + k-bit zero per group (``quant.rtn_bits_per_weight``)."""
+        return rtn_bits_per_weight(self.bits, self.group_size)
+
+    def dequantized_weight(self):
+        out, n = self.weight.shape
+        g = self.group_size
+        wg = self.weight.reshape(out, n // g, g).float()
+        s = self.step.float()[..., None]
+        z = round_ste(self.zero.float())[..., None]
+        q = torch.clamp(round_ste(wg / s) + z, 0, 2**self.bits - 1)
+        return ((q - z) * s).reshape(out, n).to(self.weight.dtype)
 
 
 def fdb_layers(model):
     """{name: DualBinaryLinear} of a quantized model."""
     return {n: m for n, m in quantizable_linears(model).items() if isinstance(m, DualBinaryLinear)}
+
+
+def learnable_layers(model):
+    """{name: layer} of the decoder linear layers whose quantizer trains (FDB, learnable uniform)."""
+    return {n: m for n, m in quantizable_linears(model).items() if isinstance(m, LearnableQuantLinear)}
+
+
+def trainable_quant_parameters(model, train_latent=False):
+    """Freeze everything in ``model``, then enable the quantizer parameters of every learnable layer (and its
+    latent weight if ``train_latent``). Returns (quantizer parameters, latent weights) as lists."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scales, latents = [], []
+    for m in learnable_layers(model).values():
+        for p in m.quant_parameters():
+            p.requires_grad_(True)
+            scales.append(p)
+        if train_latent:
+            m.weight.requires_grad_(True)
+            latents.append(m.weight)
+    return scales, latents

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import arb
 from .calib import sequential_quantize
 from .gptq import gptq_layer
-from .layers import DualBinaryLinear, FakeQuantLinear
+from .layers import DualBinaryLinear, FakeQuantLinear, UniformQuantLinear
 from .model import quantizable_linears, set_module
 from .packing import WORD_BITS
 from .quant import (FDB_INITS, FDB_ORIENTATIONS, SUPPORTED_BITS, check_group_size, fake_quantize, fdb_bits_per_weight,
@@ -97,6 +97,12 @@ def fdb_layer(linear, H, *, bits, group_size, init="clip", orientation="per-grou
     return DualBinaryLinear.from_linear(linear, group_size, init, orientation, train_latent), None
 
 
+def uniform_layer(linear, H, *, bits, group_size, clip_search=True, train_latent=False):
+    """Learnable uniform k-bit grid (step and zero per group trainable, EfficientQAT-style), initialised from
+    RTN with the clip search: the counterpart FDB is compared with at equal training."""
+    return UniformQuantLinear.from_linear(linear, group_size, bits, clip_search, train_latent), None
+
+
 def _check_fdb(options, given):
     init, orientation = options["init"], options["orientation"]
     if init not in FDB_INITS + ("gptq",):
@@ -115,6 +121,7 @@ METHODS = {m.name: m for m in [
     Method("sign", sign_layer, (1,), 64, lambda o: False, sign_bits_per_weight, FIXED_FORMAT_RULE),
     Method("fdb", fdb_layer, (2,), 64, lambda o: o["init"] == "gptq", fdb_bits_per_weight, FIXED_FORMAT_RULE,
            packable=True, check=_check_fdb),
+    Method("uniform", uniform_layer, (2, 3, 4), 64, lambda o: False, rtn_bits_per_weight, FIXED_FORMAT_RULE),
     # ARB-LLM family (arb.py): 1 sign bit per weight plus data-dependent extras; fixed 128-column blocks
     *[Method(name, partial(arb.quantize_linear, method=name), (1,), None, lambda o: True, None, arb.BITS_RULE,
              drop=("iters",) if name == "billm" else (), summarize=arb.summarize) for name in arb.VARIANTS],

@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .distill import LOSSES, check_gamma, distill_loss
-from .layers import fdb_layers
+from .layers import (DualBinaryLinear, FakeQuantLinear, fdb_layers, learnable_layers,
+                     trainable_quant_parameters)
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that do not change the loss curve; a resumed run may change them.
@@ -111,23 +112,16 @@ def batch_indices(counter, batch_size, n, seed):
 
 
 def trainable_parameters(student, train_latent):
-    """Freeze everything, then enable a1, a2 (and the latent weights if ``train_latent``) of every FDB layer.
-    Returns ({name: param} of the scales, {name: param} of the latent weights)."""
-    layers = fdb_layers(student)
-    if not layers:
-        raise ValueError("the student has no DualBinaryLinear layers: quantize it with "
-                         "quantize_model(model, 'fdb', ...) first")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    scales, latents = {}, {}
-    for name, m in layers.items():
-        for s in ("a1", "a2"):
-            getattr(m, s).requires_grad_(True)
-            scales[f"{name}.{s}"] = getattr(m, s)
-        if train_latent:
-            m.weight.requires_grad_(True)
-            latents[f"{name}.weight"] = m.weight
-    return scales, latents
+    """Freeze everything, then enable the quantizer parameters (FDB a1, a2; uniform step, zero) of every learnable
+    layer, and the latent weights if ``train_latent``. Returns ({name: param} of the quantizer parameters,
+    {name: param} of the latent weights)."""
+    if not learnable_layers(student):
+        raise ValueError("the student has no learnable quantized layers (DualBinaryLinear or UniformQuantLinear): "
+                         "quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
+    scales, latents = trainable_quant_parameters(student, train_latent)
+    ids = {id(p) for p in scales}, {id(p) for p in latents}
+    named = dict(student.named_parameters())
+    return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]})
 
 
 class _FastDualBinaryWeight(torch.autograd.Function):
@@ -194,14 +188,14 @@ class fast_fdb:
 
 
 @torch.no_grad()
-def freeze_fdb(model):
-    """Replace every DualBinaryLinear by a FakeQuantLinear holding its current w_hat (computed once by the
-    reference ``dequantized_weight``): the trained student becomes a plain inference model without latent
-    weights or trainable scales. Same outputs (DualBinaryLinear itself also caches w_hat under no_grad)."""
+def freeze_quantized(model):
+    """Replace every learnable quantized layer (DualBinaryLinear, UniformQuantLinear) by a FakeQuantLinear holding
+    its current w_hat (computed once by the layer's reference ``dequantized_weight``): the trained student becomes
+    a plain inference model without latent weights or trainable quantizer parameters. Same outputs."""
     from .model import set_module
-    from .layers import FakeQuantLinear
-    for name, m in fdb_layers(model).items():
-        set_module(model, name, FakeQuantLinear(m.dequantized_weight(), m.bias, m.bits_per_weight, "fdb"))
+    for name, m in learnable_layers(model).items():
+        kind = "fdb" if isinstance(m, DualBinaryLinear) else "uniform"
+        set_module(model, name, FakeQuantLinear(m.dequantized_weight(), m.bias, m.bits_per_weight, kind))
     return model
 
 
@@ -214,7 +208,8 @@ def _fingerprint(windows):
     return {"shape": list(windows.shape), "sum": int(windows.sum()), "head": windows.reshape(-1)[:16].tolist()}
 
 
-def _atomic_save(obj, path):
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a killed process never leaves a half-written file."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -308,7 +303,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
         if not ckpt_path:
             return
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_save({"config": cfg.identity(), "step": step, "data": _fingerprint(windows),
+        atomic_save({"config": cfg.identity(), "step": step, "data": _fingerprint(windows),
                       "params": {k: p.detach().clone() for k, p in named.items()},
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -372,15 +367,79 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
             "peak_rss_gib": peak_rss_gib(), "steps_done": step, "completed": completed}
 
 
-def build_student(teacher, init="gptq", group_size=64, calib_windows=None, train_latent=False, progress=True):
-    """A deep copy of ``teacher`` with FDB W2 layers (``quantize_model(..., "fdb", init=...)``); returns
-    (student, report). ``calib_windows`` (teacher-generated, never the evaluation text) feed init="gptq"."""
+QUANTIZERS = ("fdb", "uniform")
+STAGES = ("blockwise", "e2e", "both")
+
+
+def build_student(teacher, quant="fdb", init="clip", group_size=64, calib_windows=None, train_latent=False,
+                  progress=True):
+    """A deep copy of ``teacher`` with learnable W2 layers; returns (student, report).
+
+    quant "fdb": ``quantize_model(..., "fdb", init=init)`` (``calib_windows``, teacher-written and never the
+    evaluation text, feed init="gptq"); quant "uniform": the learnable uniform 2-bit grid from RTN + clip search."""
     from .quantize import quantize_model
+    if quant not in QUANTIZERS:
+        raise ValueError(f"quant={quant!r} is not supported; use one of {QUANTIZERS}")
     student = copy.deepcopy(teacher)
-    report = quantize_model(student, "fdb", bits=2, group_size=group_size, init=init,
-                            calib_windows=calib_windows if init == "gptq" else None,
-                            train_latent=train_latent, progress=progress)
+    if quant == "fdb":
+        report = quantize_model(student, "fdb", bits=2, group_size=group_size, init=init,
+                                calib_windows=calib_windows if init == "gptq" else None,
+                                train_latent=train_latent, progress=progress)
+    else:
+        report = quantize_model(student, "uniform", bits=2, group_size=group_size, train_latent=train_latent,
+                                progress=progress)
     return student, report
+
+
+def _learnable_state(model):
+    return {f"{n}.{k}": p.detach().clone() for n, m in learnable_layers(model).items()
+            for k, p in m.named_parameters() if k != "bias"}
+
+
+def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
+                    stage1_dir=None, init="clip", group_size=64, device="cpu", progress=True):
+    """The two-stage recipe: build a learnable W2 student from ``teacher``, then
+    stage 1 (``blockwise.blockwise_reconstruct`` with ``blockwise``, a BlockwiseConfig) on the samples ``data``
+    (n, L) and/or stage 2 (``train``: end-to-end DAD / KD / CE with ``config``, a TrainConfig) from its result.
+
+    Checkpoints: stage 1 per block under ``stage1_dir`` (default ``out_dir/stage1``; rows that share a stage 1
+    may share this folder), stage 2 under ``out_dir/e2e``; a rerun resumes. Returns (student, info) with the
+    CPU minutes and tokens of each stage, the per-block reconstruction statistics and the e2e loss curve."""
+    from .blockwise import BlockwiseConfig, blockwise_reconstruct
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not supported; use one of {STAGES}")
+    if not torch.is_tensor(data) or data.dim() != 2 or len(data) == 0:
+        raise ValueError(f"data must be a non-empty (n, length) LongTensor of token ids, got "
+                         f"{tuple(getattr(data, 'shape', ())) or type(data).__name__}")
+    bw_cfg = (blockwise or BlockwiseConfig()).validate()
+    cfg = (config or TrainConfig()).validate()
+    student, report = build_student(teacher, quant=quant, init=init, group_size=group_size, progress=progress)
+    info = {"bits_per_weight": report["bits_per_weight"], "stage1_cpu_minutes": 0.0, "stage2_cpu_minutes": 0.0,
+            "stage1_tokens": 0, "stage2_tokens": 0}
+    if stage in ("blockwise", "both"):
+        stage1_dir = stage1_dir or (os.path.join(out_dir, "stage1") if out_dir else None)
+        done = os.path.join(stage1_dir, "stage1_result.pt") if stage1_dir else None
+        if done and os.path.isfile(done):
+            ck = torch.load(done, weights_only=False)
+            student.load_state_dict(ck["state"], strict=False)
+            r = ck["result"]
+        else:
+            r = blockwise_reconstruct(teacher, student, data, bw_cfg, out_dir=stage1_dir, device=device,
+                                      progress=progress)
+            r["cpu_seconds"] = sum(b["cpu_seconds"] for b in r["blocks"])  # also right after a resume
+            if done:
+                atomic_save({"state": _learnable_state(student), "result": r}, done)
+        info.update(stage1_cpu_minutes=round(r["cpu_seconds"] / 60, 2), stage1_blocks=r["blocks"],
+                    stage1_tokens=bw_cfg.epochs * data.numel(), stage1_peak_rss_gib=round(r["peak_rss_gib"], 2))
+    if stage in ("e2e", "both"):
+        r = train(student, data, teacher=teacher, config=cfg, out_dir=os.path.join(out_dir, "e2e") if out_dir else None,
+                  progress=progress)
+        info.update(stage2_cpu_minutes=round(r["cpu_seconds"] / 60, 2), stage2_tokens=r["history"][-1]["tokens"],
+                    stage2_final_loss=r["history"][-1]["loss"], stage2_curve=r["history"],
+                    stage2_peak_rss_gib=round(r["peak_rss_gib"], 2))
+    info["train_cpu_minutes"] = round(info["stage1_cpu_minutes"] + info["stage2_cpu_minutes"], 2)
+    info["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    return student, info
 
 
 def config_from_dict(d):

@@ -187,14 +187,14 @@ def test_fast_training_forward_matches_the_reference(setup):
     assert "forward" not in vars(next(iter(fdb_layers(st).values())))
 
 
-def test_freeze_fdb_keeps_the_outputs(setup):
+def test_freeze_quantized_keeps_the_outputs(setup):
     from dbllm_lab.layers import FakeQuantLinear
-    from dbllm_lab.train import freeze_fdb
+    from dbllm_lab.train import freeze_quantized
     _, data, student = setup
     st = copy.deepcopy(student)
     x = data[:2, :16]
     with torch.no_grad():
         ref = st(x).logits
-        freeze_fdb(st)
+        freeze_quantized(st)
         assert not fdb_layers(st) and any(isinstance(m, FakeQuantLinear) for m in st.modules())
         assert torch.equal(st(x).logits, ref)

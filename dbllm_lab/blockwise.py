@@ -1,0 +1,293 @@
+"""Block-wise reconstruction: the first training stage (the idea of EfficientQAT's Block-AP and OmniQuant,
+applied to FDB and to a learnable uniform 2-bit grid).
+
+Decoder block i of the quantized student is trained so that it reproduces block i of the FP teacher:
+
+    min over (a1, a2[, latent W]) of  L( S_i(x_i^q),  T_i(x_i^fp) )
+
+where x_i^fp are the FP model's hidden states entering block i and x_i^q the student's (the outputs of the
+already-trained quantized blocks before it; ``inputs="fp"`` feeds x_i^fp instead). The target T_i(x_i^fp) is
+the FP block's output on FP inputs, so a block can also repair the error its predecessors left.
+
+The loss (``loss=``):
+- "mse": plain mean squared error. On SmolLM2-135M blocks >= 11 it is swamped by one position: the attention
+  sink writes ~25,000 into one channel of the residual stream at position 0, and its squared error outweighs
+  all other positions together.
+- "relative": per-token relative error, mean_t ||e_t||^2 / ||y_t||^2 (every token weighs the same).
+- "split" (default): the sink is its own term. A token is a sink when its FP output norm exceeds
+  ``sink_ratio`` times the median token norm of the batch; then
+
+      L = sum_{t ordinary} ||e_t||^2 / sum_{t ordinary} ||y_t||^2  +  sink_weight * mean_{t sink} ||e_t||^2 / ||y_t||^2
+
+  i.e. a normalised MSE over ordinary tokens (which keeps MSE's weighting of large ordinary errors, such as a
+  misfiring outlier channel) plus a relative error on the sinks, so neither side can drown the other.
+
+Streaming: one block at a time. Teacher and student blocks are moved to ``device`` only while they are used
+(so a model larger than the accelerator fits); what the stage allocates is one block's activations for the
+calibration set (three streams: FP input, quantized input, target), that block's gradients and optimiser
+state. After each block its trainable tensors are written atomically to ``out_dir/block_NNN.pt``; a rerun
+loads the finished blocks, recomputes the two streams through them and continues with the next block (a run
+killed inside a block restarts that block, which is deterministic given the seed).
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from .calib import block_forward, capture_block0_inputs
+from .layers import learnable_layers, trainable_quant_parameters
+from .model import decoder_layers
+from .train import atomic_save, fast_fdb, peak_rss_gib
+
+LOSSES = ("split", "relative", "mse")
+INPUTS = ("quant", "fp")
+
+
+@dataclass
+class BlockwiseConfig:
+    epochs: int = 2                # passes over the calibration samples per block
+    batch_size: int = 4            # samples per optimiser step
+    lr: float = 5e-4               # peak lr of the quantizer scales (FDB a1, a2 / uniform step, zero)
+    lr_latent: float = 5e-4        # peak lr of the latent weights (STE); used when train_latent
+    train_latent: bool = True      # also train the latent full-precision weights through the STE
+    loss: str = "split"            # "split" | "relative" | "mse"
+    inputs: str = "quant"          # "quant": outputs of the quantized blocks before; "fp": the FP model's
+    sink_ratio: float = 20.0       # "split": a token is a sink when ||y_t|| > sink_ratio * median_t ||y_t||
+    sink_weight: float = 1.0       # "split": weight of the sink term
+    min_lr_ratio: float = 0.1      # cosine decay to min_lr_ratio * lr within each block
+    seed: int = 0
+
+    def validate(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not supported for the block-wise stage; use one of {LOSSES}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs={self.inputs!r} is not supported; use one of {INPUTS}")
+        for key in ("epochs", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
+        for key in ("lr", "lr_latent", "sink_ratio"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
+        if not self.sink_weight >= 0:
+            raise ValueError(f"sink_weight={self.sink_weight!r} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        return self
+
+
+def config_from_dict(d):
+    """A BlockwiseConfig from a dict (a papermill parameters cell, a CLI), refusing unknown keys."""
+    known = {f.name for f in fields(BlockwiseConfig)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown block-wise settings {bad}; allowed: {sorted(known)}")
+    return BlockwiseConfig(**d).validate()
+
+
+def sink_mask(y, sink_ratio):
+    """(batch, seq) bool: tokens whose norm exceeds ``sink_ratio`` x the median token norm of the batch."""
+    norms = y.float().norm(dim=-1)
+    return norms > sink_ratio * norms.flatten().median()
+
+
+def reconstruction_loss(out, y, kind="split", sink_ratio=20.0, sink_weight=1.0):
+    """Block output error (see the module docstring for the three kinds); out, y: (batch, seq, hidden)."""
+    e2 = (out.float() - y.float()).pow(2).sum(-1)
+    y2 = y.float().pow(2).sum(-1)
+    if kind == "mse":
+        return e2.mean() / y.shape[-1]
+    if kind == "relative":
+        return (e2 / y2.clamp(min=1e-12)).mean()
+    sink = sink_mask(y, sink_ratio)
+    ordinary = ~sink
+    loss = e2[ordinary].sum() / y2[ordinary].sum().clamp(min=1e-12)
+    if sink.any() and sink_weight:
+        loss = loss + sink_weight * (e2[sink] / y2[sink]).mean()
+    return loss
+
+
+@torch.no_grad()
+def error_stats(out, y, sink_ratio=20.0):
+    """Relative errors of one block's output, split by sink / ordinary token, and the largest |activation|
+    (value, position, channel) of ``out`` and ``y``. out, y: lists of (1, seq, hidden) tensors."""
+    e_ord = y_ord = e_sink = y_sink = 0.0
+    n_sink = 0
+    top = {"fp": (0.0, -1, -1), "quant": (0.0, -1, -1)}
+    for o, t in zip(out, y):
+        o, t = o.float(), t.float()
+        sink = sink_mask(t, sink_ratio)
+        e2 = (o - t).pow(2).sum(-1)
+        y2 = t.pow(2).sum(-1)
+        e_ord += float(e2[~sink].sum())
+        y_ord += float(y2[~sink].sum())
+        e_sink += float(e2[sink].sum())
+        y_sink += float(y2[sink].sum())
+        n_sink += int(sink.sum())
+        for key, a in (("fp", t), ("quant", o)):
+            v, flat = a[0].abs().flatten().max(0)
+            if float(v) > top[key][0]:
+                top[key] = (float(v), int(flat) // a.shape[-1], int(flat) % a.shape[-1])
+    return {"rel_err_ordinary": e_ord / max(y_ord, 1e-12), "rel_err_sink": e_sink / y_sink if n_sink else None,
+            "sink_tokens": n_sink,
+            "max_fp": top["fp"][0], "max_fp_pos": top["fp"][1], "max_fp_channel": top["fp"][2],
+            "max_quant": top["quant"][0], "max_quant_pos": top["quant"][1], "max_quant_channel": top["quant"][2]}
+
+
+def _run(block, xs, kwargs, device, batch=8):
+    with torch.no_grad():
+        return [block_forward(block, torch.cat(xs[i:i + batch]).to(device), kwargs).to(xs[0].device).split(1)
+                for i in range(0, len(xs), batch)]
+
+
+def _flat(chunks):
+    return [t for c in chunks for t in c]
+
+
+def _block_state(block):
+    return {n: p.detach().clone() for n, p in block.named_parameters()
+            if n.endswith(("a1", "a2", "step", "zero", "weight")) and any(
+                n.startswith(ln + ".") for ln in learnable_layers(block))}
+
+
+def _drop_caches(block):
+    for m in learnable_layers(block).values():
+        m.__dict__.pop("_w_cache", None)
+
+
+def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, desc="block"):
+    """Train one block's quantizer parameters (and latent weights) to map x_in -> y (lists of (1, seq, d)).
+    Returns the per-step losses."""
+    scales, latents = trainable_quant_parameters(block, cfg.train_latent)
+    groups = [{"params": scales, "lr": cfg.lr, "weight_decay": 0.0}]
+    if latents:
+        groups.append({"params": latents, "lr": cfg.lr_latent, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    n = len(x_in)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    losses = []
+    block.train()
+    with fast_fdb(block):
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            for k in range(per_epoch):
+                idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
+                x = torch.cat([x_in[j] for j in idx]).to(device)
+                t = torch.cat([y[j] for j in idx]).to(device)
+                loss = reconstruction_loss(block_forward(block, x, kwargs), t, cfg.loss, cfg.sink_ratio,
+                                           cfg.sink_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+    block.eval()
+    for p in scales + latents:
+        p.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def block_errors(teacher, student, windows, sink_ratio=20.0, device="cpu"):
+    """Per block, ``error_stats`` of the student's block output on the student's own stream against the FP
+    block's output on the FP stream: how far each block of a quantized model is from the FP model, as the
+    model runs (errors of earlier blocks included). Works for any student (quantized or not)."""
+    x_fp, kwargs = capture_block0_inputs(teacher, windows.to(device))
+    x_fp = _flat([x.split(1) for x in x_fp])
+    x_q, rows = list(x_fp), []
+    for i, (tb, sb) in enumerate(zip(decoder_layers(teacher), decoder_layers(student))):
+        y = _flat(_run(tb, x_fp, kwargs, device))
+        x_q = _flat(_run(sb, x_q, kwargs, device))
+        _drop_caches(sb)
+        rows.append({"block": i, **error_stats(x_q, y, sink_ratio)})
+        x_fp = y
+    return rows
+
+
+def _identity(cfg, windows):
+    return {**asdict(cfg), "windows": list(windows.shape), "windows_sum": int(windows.sum())}
+
+
+def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, device="cpu", progress=True,
+                          stop_after_blocks=None):
+    """Stage 1 of the two-stage recipe: reconstruct every decoder block of ``student`` (a quantized copy of
+    ``teacher`` with learnable quantized layers) from the FP ``teacher`` on ``windows`` (n, seqlen) of
+    teacher-written text. Trains in place; returns {"blocks": [per-block stats], "seconds", "cpu_seconds",
+    "peak_rss_gib", "config"}. ``stop_after_blocks`` returns early (a simulated kill, for tests)."""
+    cfg = (config or BlockwiseConfig()).validate()
+    if not learnable_layers(student):
+        raise ValueError("the student has no learnable quantized layers (DualBinaryLinear or UniformQuantLinear):"
+                         " quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
+    if windows.dim() != 2 or len(windows) == 0:
+        raise ValueError(f"windows must be a non-empty (n, seqlen) LongTensor, got shape {tuple(windows.shape)}")
+    t_blocks, s_blocks = decoder_layers(teacher), decoder_layers(student)
+    if len(t_blocks) != len(s_blocks):
+        raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}")
+    identity = _identity(cfg, windows)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        manifest = os.path.join(out_dir, "blockwise.json")
+        if os.path.isfile(manifest):
+            with open(manifest) as f:
+                old = json.load(f)
+            if old["identity"] != identity:
+                diff = {k: (old["identity"].get(k), v) for k, v in identity.items() if old["identity"].get(k) != v}
+                raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
+                                 + "; ".join(f"{k}: {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                                 + "). Use another out_dir.")
+        else:
+            with open(manifest + ".tmp", "w") as f:
+                json.dump({"identity": identity}, f)
+            os.replace(manifest + ".tmp", manifest)
+    t0, c0 = time.time(), time.process_time()
+    x_fp, kwargs = capture_block0_inputs(teacher, windows.to(device))
+    x_fp = _flat([x.split(1) for x in x_fp])
+    x_q = list(x_fp)
+    stats, done = [], 0
+    bar = tqdm(total=len(s_blocks), desc="block-wise", disable=not progress)
+    for i, (tb, sb) in enumerate(zip(t_blocks, s_blocks)):
+        if stop_after_blocks is not None and done >= stop_after_blocks:
+            break
+        path = os.path.join(out_dir, f"block_{i:03d}.pt") if out_dir else None
+        tb.to(device), sb.to(device)
+        y = _flat(_run(tb, x_fp, kwargs, device))
+        if path and os.path.isfile(path):
+            ck = torch.load(path, weights_only=False)
+            with torch.no_grad():
+                for n, p in sb.named_parameters():
+                    if n in ck["state"]:
+                        p.copy_(ck["state"][n])
+            stats.append(ck["stats"])
+        else:
+            x_in = x_q if cfg.inputs == "quant" else x_fp
+            before = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
+            _drop_caches(sb)
+            bt, bc = time.time(), time.process_time()
+            losses = train_block(sb, x_in, y, kwargs, cfg, seed=cfg.seed * 1000 + i, device=device,
+                                 progress=progress, desc=f"block {i}")
+            after = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
+            _drop_caches(sb)
+            row = {"block": i, "before": before, "after": after, "loss_first": losses[0], "loss_last": losses[-1],
+                   "steps": len(losses), "seconds": time.time() - bt, "cpu_seconds": time.process_time() - bc}
+            stats.append(row)
+            if path:
+                atomic_save({"state": _block_state(sb), "stats": row, "identity": identity}, path)
+            done += 1
+        x_q = _flat(_run(sb, x_q, kwargs, device))
+        _drop_caches(sb)
+        x_fp = y
+        if device != "cpu":
+            tb.to("cpu"), sb.to("cpu")
+        bar.update(1)
+        bar.set_postfix(err=f"{stats[-1]['after']['rel_err_ordinary']:.3f}")
+    bar.close()
+    return {"blocks": stats, "config": asdict(cfg), "seconds": time.time() - t0,
+            "cpu_seconds": time.process_time() - c0, "peak_rss_gib": peak_rss_gib(),
+            "completed": len(stats) == len(s_blocks)}
