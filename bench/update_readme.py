@@ -20,7 +20,8 @@ from common import markdown_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- table: (\S+)(?: \[([^\]]*)\])? -->\n)(.*?)(<!-- /table -->)", re.S)
-SETTING_KEYS = ("model", "dataset", "split", "seqlen", "windows", "group_size", "calib", "train_budget", "note")
+SETTING_KEYS = ("model", "dataset", "split", "seqlen", "windows", "group_size", "calib", "train_budget", "engine",
+                "docs_per_task", "note")
 
 
 def render(path, columns):
