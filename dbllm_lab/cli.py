@@ -5,6 +5,7 @@
     dbllm-lab eval-ppl --checkpoint ckpt/ ...
     dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
     dbllm-lab train --loss dad --gamma 1.0 --steps 30 --out-dir checkpoints/dad [--eval]
+    dbllm-lab eval-zeroshot --tasks piqa,arc_easy --limit 100 [--checkpoint ckpt/] [--out zs.json]  # lm-eval
 """
 import argparse
 import sys
@@ -108,6 +109,27 @@ def cmd_train(args):
     return summary
 
 
+def cmd_eval_zeroshot(args):
+    """Zero-shot accuracy with lm-evaluation-harness on local task files (dbllm_lab/zeroshot.py)."""
+    import json
+    from .zeroshot import check_limit, evaluate, parse_tasks, task_file
+    tasks = parse_tasks(args.tasks)
+    check_limit(args.limit)
+    for t in tasks:  # a missing data file fails before the model loads
+        task_file(t, args.data_dir)
+    model, tok = _model(args)
+    res = evaluate(model, tok, tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size)
+    res["settings"].update(model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
+    for t, r in res["tasks"].items():
+        norm = "" if r["acc_norm"] is None else f"  acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"
+        print(f"{t:14s} n={r['n']:5d}  acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.out}")
+    return res
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -176,6 +198,17 @@ def build_parser():
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--eval", action="store_true", help="WikiText-2 perplexity afterwards")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-evaluation-harness on local task files")
+    p.add_argument("--model", default=None, help="HF id, local folder or .gguf; default: embedded SmolLM2-135M")
+    p.add_argument("--checkpoint", default=None, help="a packed checkpoint folder (from `quantize --out`)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task (default: the full split)")
+    p.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl (or DBLLM_DATA_DIR)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval_zeroshot)
     return ap
 
 
