@@ -33,15 +33,17 @@ from dbllm_lab.quantize import quantize_model  # noqa: E402
 from dbllm_lab.train import TrainConfig, freeze_quantized, peak_rss_gib, train_two_stage  # noqa: E402
 
 BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 / 1 in the earlier rows below)
+# TrainConfig / BlockwiseConfig defaults (the CLI's) unless a row overrides them
 
 # name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples)
 ROWS = {
+    "fdb blockwise": ("fdb", "blockwise", {}, {}, 64),
+    "fdb blockwise mse": ("fdb", "blockwise", {"loss": "mse"}, {}, 64),
     "fdb 2-stage dad s0": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "uniform 2-stage dad s0": ("uniform", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "fdb 2-stage kd s0": ("fdb", "both", {}, {"loss": "kd", "seed": 0}, 64),
     "fdb 2-stage dad s1": ("fdb", "both", {"seed": 1}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 1}, 64),
     "fdb 2-stage kd s1": ("fdb", "both", {"seed": 1}, {"loss": "kd", "seed": 1}, 64),
-    "fdb blockwise mse": ("fdb", "blockwise", {"loss": "mse"}, {}, 64),
     "fdb 2-stage dad n16": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 16),
     "fdb 2-stage dad n32": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 32),
     "fdb 2-stage dad n128": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 128),

@@ -113,10 +113,11 @@ def reconstruction_loss(out, y, kind="split", sink_ratio=20.0, sink_weight=1.0):
 
 @torch.no_grad()
 def error_stats(out, y, sink_ratio=20.0):
-    """Relative errors of one block's output, split by sink / ordinary token, and the largest |activation|
-    (value, position, channel) of ``out`` and ``y``. out, y: lists of (1, seq, hidden) tensors."""
+    """Relative errors of one block's output, split by sink / ordinary token (sinks found in the FP output ``y``),
+    ``sink_misfires``: ordinary tokens that look like sinks in ``out``, and the largest |activation| (value,
+    position, channel) of ``out`` and ``y``. out, y: lists of (1, seq, hidden) tensors."""
     e_ord = y_ord = e_sink = y_sink = 0.0
-    n_sink = 0
+    n_sink = misfires = 0
     top = {"fp": (0.0, -1, -1), "quant": (0.0, -1, -1)}
     for o, t in zip(out, y):
         o, t = o.float(), t.float()
@@ -128,12 +129,13 @@ def error_stats(out, y, sink_ratio=20.0):
         e_sink += float(e2[sink].sum())
         y_sink += float(y2[sink].sum())
         n_sink += int(sink.sum())
+        misfires += int((sink_mask(o, sink_ratio) & ~sink).sum())
         for key, a in (("fp", t), ("quant", o)):
             v, flat = a[0].abs().flatten().max(0)
             if float(v) > top[key][0]:
                 top[key] = (float(v), int(flat) // a.shape[-1], int(flat) % a.shape[-1])
     return {"rel_err_ordinary": e_ord / max(y_ord, 1e-12), "rel_err_sink": e_sink / y_sink if n_sink else None,
-            "sink_tokens": n_sink,
+            "sink_tokens": n_sink, "sink_misfires": misfires,
             "max_fp": top["fp"][0], "max_fp_pos": top["fp"][1], "max_fp_channel": top["fp"][2],
             "max_quant": top["quant"][0], "max_quant_pos": top["quant"][1], "max_quant_channel": top["quant"][2]}
 

@@ -4,7 +4,7 @@
     dbllm-lab quantize --method fdb --group-size 64 --init clip --out ckpt/ [--eval]
     dbllm-lab eval-ppl --checkpoint ckpt/ ...
     dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
-    dbllm-lab train --loss dad --gamma 1.0 --steps 30 --out-dir checkpoints/dad [--eval]
+    dbllm-lab train --stage both --loss dad --out-dir checkpoints/dad [--eval]   # block-wise, then end-to-end
     dbllm-lab eval-zeroshot --tasks piqa,arc_easy --limit 100 [--checkpoint ckpt/] [--out zs.json]  # lm-eval
 """
 import argparse
@@ -81,29 +81,38 @@ def cmd_generate_data(args):
 
 
 def cmd_train(args):
-    """Quantize to FDB W2 and train the scales (optionally latent weights) against the FP teacher."""
+    """Two-stage training of a W2 student (FDB or the learnable uniform grid) against the FP teacher:
+    --stage blockwise (block-wise reconstruction), e2e (end-to-end DAD / KD / CE) or both."""
     import json
+    from .blockwise import BlockwiseConfig
+    from .train import TrainConfig
     from .datafree import corpus_samples, generate_samples
     from .model import load_model
-    from .train import TrainConfig, build_student, freeze_fdb, train
+    from .train import STAGES, TrainConfig, freeze_quantized, train_two_stage
+    if args.stage not in STAGES:
+        raise ValueError(f"--stage {args.stage!r} is not supported; use one of {STAGES}")
     cfg = TrainConfig(loss=args.loss, gamma=args.gamma, steps=args.steps, seqlen=args.train_seqlen,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_latent=args.lr_latent,
                       train_latent=args.train_latent, warmup=args.warmup, seed=args.seed,
                       ckpt_every=args.ckpt_every).validate()
-    teacher, tok = load_model(args.model, dtype=args.dtype)
+    bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
+                         lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
+                         inputs=args.bw_inputs, seed=args.seed).validate()
+    if isinstance(args.n, bool) or args.n <= 0:
+        raise ValueError(f"--n {args.n!r} must be a positive number of training samples")
+    teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.train_text:
         data = corpus_samples(tok, args.n, args.gen_len, path=args.train_text, seed=args.seed)
     else:
         data = generate_samples(teacher, tok, args.n, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
-    calib = data.reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
-    student, report = build_student(teacher, init=args.init, group_size=args.group_size, calib_windows=calib)
-    result = train(student, data, teacher=teacher, config=cfg, out_dir=args.out_dir)
-    summary = {"steps": result["steps_done"], "final_loss": result["history"][-1]["loss"],
-               "train_minutes": result["seconds"] / 60, "peak_rss_gib": result["peak_rss_gib"],
-               "bits_per_weight": report["bits_per_weight"], "out_dir": args.out_dir}
+    student, info = train_two_stage(teacher, data, stage=args.stage, quant=args.quant, blockwise=bw, config=cfg,
+                                    out_dir=args.out_dir, init=args.init, group_size=args.group_size,
+                                    device=args.device)
+    summary = {k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}
+    summary.update(stage=args.stage, quant=args.quant, out_dir=args.out_dir)
     if args.eval:
         from .ppl import perplexity
-        summary["ppl"] = perplexity(freeze_fdb(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
+        summary["ppl"] = perplexity(freeze_quantized(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
                                     data_dir=args.data_dir).ppl
     print(json.dumps(summary, indent=2))
     return summary
@@ -131,6 +140,8 @@ def cmd_eval_zeroshot(args):
 
 
 def build_parser():
+    from .blockwise import BlockwiseConfig
+    from .train import TrainConfig
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -174,18 +185,31 @@ def build_parser():
     p.add_argument("--cache-dir", default="data/generated")
     p.set_defaults(func=cmd_generate_data)
 
-    p = sub.add_parser("train", help="FDB W2 student trained against the FP teacher (DAD, KD or CE)")
+    p = sub.add_parser("train", help="W2 student (FDB or uniform) trained against the FP teacher: block-wise "
+                                     "reconstruction, then end-to-end DAD / KD / CE")
     common(p)
-    p.add_argument("--loss", default="dad", help="dad, kd or ce")
-    p.add_argument("--gamma", type=float, default=1.0, help="DAD gamma in [0, 1]")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--train-seqlen", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-2, help="peak lr of the FDB scales")
-    p.add_argument("--lr-latent", type=float, default=1e-5)
-    p.add_argument("--train-latent", action="store_true", help="also train the latent weights (STE)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stage", default="both", help="blockwise, e2e or both (block-wise first)")
+    p.add_argument("--quant", default="fdb", help="fdb (dual binarization) or uniform (learnable 2-bit grid)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    bw = BlockwiseConfig()
+    p.add_argument("--bw-epochs", type=int, default=bw.epochs, help="block-wise: passes over the samples per block")
+    p.add_argument("--bw-batch-size", type=int, default=bw.batch_size)
+    p.add_argument("--bw-lr", type=float, default=bw.lr, help="block-wise: peak lr of the quantizer scales")
+    p.add_argument("--bw-lr-latent", type=float, default=bw.lr_latent, help="block-wise: peak lr of the latent weights")
+    p.add_argument("--bw-scales-only", action="store_true", help="block-wise: train only the scales")
+    p.add_argument("--bw-loss", default=bw.loss, help="block-wise loss: split (default), relative or mse")
+    p.add_argument("--bw-inputs", default=bw.inputs, help="block-wise inputs: quant (default) or fp")
+    tc = TrainConfig()
+    p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")
+    p.add_argument("--gamma", type=float, default=tc.gamma, help="DAD gamma in [0, 1]")
+    p.add_argument("--steps", type=int, default=tc.steps, help="end-to-end optimiser steps")
+    p.add_argument("--train-seqlen", type=int, default=tc.seqlen)
+    p.add_argument("--batch-size", type=int, default=tc.batch_size)
+    p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
+    p.add_argument("--lr", type=float, default=tc.lr, help="end-to-end: peak lr of the quantizer scales")
+    p.add_argument("--lr-latent", type=float, default=tc.lr_latent)
+    p.add_argument("--train-latent", action="store_true", help="end-to-end: also train the latent weights (STE)")
+    p.add_argument("--warmup", type=int, default=tc.warmup)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="clip", help="FDB init: clip, gptq (on the training text) or minmax")
     p.add_argument("--group-size", type=int, default=64)
@@ -195,7 +219,7 @@ def build_parser():
     p.add_argument("--train-text", default=None, help="train on this text file instead of generated text")
     p.add_argument("--cache-dir", default="data/generated")
     p.add_argument("--out-dir", default=None, help="checkpoints + loss curve; an existing run there resumes")
-    p.add_argument("--ckpt-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=tc.ckpt_every)
     p.add_argument("--eval", action="store_true", help="WikiText-2 perplexity afterwards")
     p.set_defaults(func=cmd_train)
 

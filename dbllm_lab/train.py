@@ -41,21 +41,21 @@ NOT_IDENTITY = ("ckpt_every", "log_every")
 @dataclass
 class TrainConfig:
     loss: str = "dad"            # "dad" | "kd" | "ce"
-    gamma: float = 1.0           # DAD's gamma in [0, 1]
-    steps: int = 100             # optimiser steps
+    gamma: float = 0.0           # DAD's gamma in [0, 1] (best of the committed end-to-end sweep)
+    steps: int = 60              # optimiser steps
     seqlen: int = 128            # training window length (samples are cut into windows of this length)
-    batch_size: int = 4          # windows per micro-batch
+    batch_size: int = 2          # windows per micro-batch
     grad_accum: int = 1          # micro-batches per optimiser step
-    lr: float = 1e-3             # peak learning rate of the scales a1, a2
+    lr: float = 1e-2             # peak learning rate of the quantizer parameters (FDB a1, a2)
     lr_latent: float = 1e-5      # peak learning rate of the latent weights (train_latent=True)
     train_latent: bool = False   # also train the latent weights through the STE
-    warmup: int = 10             # linear warm-up steps
+    warmup: int = 3              # linear warm-up steps
     min_lr_ratio: float = 0.1    # cosine decays to min_lr_ratio * lr
     weight_decay: float = 0.0    # AdamW decay (on latent weights only; scales never decay)
     max_grad_norm: float = 1.0   # gradient clipping (0 = off)
     seed: int = 0
     chunk: int = 256             # positions per chunk in the vocabulary-wide loss reductions
-    ckpt_every: int = 50         # checkpoint every N steps (0 = only at the end when out_dir is set)
+    ckpt_every: int = 10         # checkpoint every N steps (0 = only at the end when out_dir is set)
     log_every: int = 10          # tqdm postfix refresh
 
     def validate(self):
