@@ -1,6 +1,6 @@
 """Dual-bit-plane matmul benchmark: packed DB-LLM layer vs the dense matmul, against the bandwidth limit.
 
-    python bench/kernel.py                      # CUDA if present, else the CPU torch path
+    python bench/kernel.py                      # needs CUDA; the CPU kernel: bench/kernel_cpu.py
     python bench/kernel.py --batches 1 --shapes 576x576   # a subset
 
 Shapes are out x in (LLaMA-7B 4096x4096, 4096x11008 = down_proj, 11008x4096 = up/gate; the embedded
@@ -14,9 +14,7 @@ the eager time (one Python call, launch overhead included) is reported too. Achi
 time with bytes = packed planes + scales + activations + output (dense: fp16 weight + activations +
 output). A memory-bound kernel can beat fp16 by at most 16 / bits-per-weight (6.4 at g = 64).
 
-On CPU (writes bench/results/kernel_cpu.json): what PackedDualBinaryLinear runs there, i.e. unpack once,
-cache the dense weight, ``F.linear`` (fp32), vs the fp32 dense matmul, plus the uncached path (unpack on
-every call) and the one-time unpack cost; median of a few ``time.perf_counter`` repeats; memory of each form.
+On CPU, ``bench/kernel_cpu.py`` times the C++ kernel (it reuses the weights and shapes of this file).
 
 Both count the ones in each bit-plane (sparsity) of weights quantized with FDB (quant.fdb_init / dual_binarize):
 Gaussian weights for the LLaMA-7B shapes and, where loadable, the embedded model's layer-0 weights for its shapes.
@@ -25,7 +23,6 @@ import argparse
 import os
 import re
 import sys
-import time
 
 import torch
 
@@ -35,10 +32,9 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") not in 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import machine_info, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 from dbllm_lab import kernel as K, quant  # noqa: E402
-from dbllm_lab.analysis import time_ms  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
 
 LLAMA7B = ["4096x4096", "4096x11008", "11008x4096"]
@@ -139,34 +135,6 @@ def bench_cuda(shape, M, planes, args):
             "config": str(getattr(tuned, "best_config", None))}
 
 
-def bench_cpu(shape, M, planes, args):
-    from torch.nn import functional as F
-    N, Kin = shape
-    g = args.group_size
-    b1, b2, a1, a2 = planes
-    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g)  # fp16 scales: the packed format
-    t0 = time.perf_counter()
-    w32 = layer.dequantize(torch.float32)
-    unpack_ms = (time.perf_counter() - t0) * 1e3
-    wdense = w32.clone()  # the dense fp32 baseline weight
-    x = torch.randn(M, Kin)
-    t_dense = time_ms(lambda: F.linear(x, wdense), args.cpu_repeats)
-    layer(x)  # fill the cache
-    t_cached = time_ms(lambda: layer(x), args.cpu_repeats)
-    nocache = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, cache=False)
-    t_uncached = time_ms(lambda: nocache(x), max(1, args.cpu_repeats // 2))
-    ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
-    err = ((layer(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    packed = layer.packed_bytes()
-    return {"path": "torch cpu (unpack once, cached dense fp32, F.linear)",
-            "packed_cached_ms": t_cached, "fp32_dense_ms": t_dense, "packed_uncached_ms": t_uncached,
-            "unpack_once_ms": unpack_ms, "speedup_cached_vs_fp32": t_dense / t_cached,
-            "speedup_uncached_vs_fp32": t_dense / t_uncached,
-            "fp32_dense_GBps": (N * Kin * 4 + (M * Kin + M * N) * 4) / t_dense / 1e6,
-            "packed_MiB": packed / 2**20, "dense_cache_MiB": N * Kin * 4 / 2**20, "fp16_MiB": N * Kin * 2 / 2**20,
-            "fp32_MiB": N * Kin * 4 / 2**20, "max_rel_err_vs_reference": err}
-
-
 def parse_shape(s):
     m = re.fullmatch(r"(\d+)[xX](\d+)", s)
     if not m:
@@ -181,25 +149,19 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="CUDA activation dtype")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--no-embedded-weights", action="store_true", help="Gaussian weights for every shape")
-    ap.add_argument("--cpu-repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU torch threads (default 1: on a shared, loaded machine multi-threaded OpenMP "
-                         "matmuls of these sizes stall for ~16 ms per call); 0 keeps torch's default")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--copies", type=int, default=8, help="weight copies per CUDA graph replay")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but no CUDA device is visible")
+    if not torch.cuda.is_available():
+        ap.error("no CUDA device is visible: this benchmark times the Triton kernels; for the CPU kernel run "
+                 "python bench/kernel_cpu.py")
+    device = "cuda"
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if args.out is None:
-        tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
+        tag = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
         args.out = os.path.join(results, f"kernel_{tag}.json")
 
     data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
@@ -209,32 +171,22 @@ def main():
         b1, b2, a1, a2, how = quantize(w, args.group_size)
         sp = sparsity(b1, b2)
         for M in args.batches:
-            fn = bench_cuda if device == "cuda" else bench_cpu
             row = {"shape": f"{shape[0]}x{shape[1]}", "out": shape[0], "in": shape[1], "batch": M,
                    "weights": source, **sp, "bits_per_weight": K.bits_per_weight(args.group_size),
-                   **fn(shape, M, (b1, b2, a1, a2), args)}
+                   **bench_cuda(shape, M, (b1, b2, a1, a2), args)}
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    settings = {"device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+    settings = {"device": device, "device_name": torch.cuda.get_device_name(0),
                 "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
                 "quantizer": how, "torch_threads": torch.get_num_threads(),
                 "triton": getattr(K.triton, "__version__", None), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
                 "bandwidth_limit": "speedup over fp16 <= 16 / bits_per_weight (memory-bound decode)"}
-    if device == "cuda":
-        settings.update({"timer": "triton.testing.do_bench median, L2 flushed per rep, CUDA graph of "
-                                  f"{args.copies} launches on distinct weight copies (per-op time)",
-                         "activation_dtype": args.dtype, "warmup_ms": args.warmup, "rep_ms": args.rep,
-                         "baseline": "torch F.linear with dense fp16/bf16 weight"})
-        cols = ["shape", "batch", "path", "kernel_ms", "fp16_ms", "kernel_GBps", "fp16_GBps", "speedup_vs_fp16",
-                "speedup_limit", "kernel_eager_ms", "ones_b1", "ones_b2", "max_rel_err_vs_reference"]
-    else:
-        settings.update({"timer": f"time.perf_counter median of {args.cpu_repeats} repeats after 1 warmup "
-                                  f"(uncached: {max(1, args.cpu_repeats // 2)})",
-                         "activation_dtype": "fp32", "baseline": "torch F.linear with dense fp32 weight",
-                         "note": "no GPU in this run: the Triton kernels are not timed (they run only in the "
-                                 "interpreter here, which is not a performance measure)"})
-        cols = ["shape", "batch", "fp32_dense_ms", "packed_cached_ms", "packed_uncached_ms", "unpack_once_ms",
-                "speedup_cached_vs_fp32", "packed_MiB", "fp32_MiB", "ones_b1", "ones_b2", "both_zero"]
+    settings.update({"timer": "triton.testing.do_bench median, L2 flushed per rep, CUDA graph of "
+                              f"{args.copies} launches on distinct weight copies (per-op time)",
+                     "activation_dtype": args.dtype, "warmup_ms": args.warmup, "rep_ms": args.rep,
+                     "baseline": "torch F.linear with dense fp16/bf16 weight"})
+    cols = ["shape", "batch", "path", "kernel_ms", "fp16_ms", "kernel_GBps", "fp16_GBps", "speedup_vs_fp16",
+            "speedup_limit", "kernel_eager_ms", "ones_b1", "ones_b2", "max_rel_err_vs_reference"]
     write_results(args.out, rows, settings, columns=cols)
 
 

@@ -13,13 +13,14 @@ a1, a2 are (N, K // g) fp16 (fp32 also accepted). Bits per weight = 2 + 2 * 16 /
 
 Entry points
 ------------
-``dual_binary_matmul(x, p1, p2, a1, a2, group_size)``  dispatcher: Triton kernel on CUDA, torch on CPU.
+``dual_binary_matmul(x, p1, p2, a1, a2, group_size)``  dispatcher: Triton kernel on CUDA, the C++ kernel of
+                           ``dbllm_lab.cpu_kernel`` on CPU (torch dequantize + matmul if it cannot be built).
 ``dual_binary_gemv(...)``  Triton, decoding (1-8 activation rows); each program owns BLOCK_N output rows
                            and all M rows of x, streams the packed words once.
 ``dual_binary_gemm(...)``  Triton, prefill; bit-planes unpacked per (BLOCK_K x BLOCK_N) tile into the
                            activation dtype and multiplied with ``tl.dot`` (fp32 accumulation).
 ``dual_binary_matmul_reference(...)``  pure torch, the literal per-group formula above, in fp32.
-``dequantize(...)``  the dense (N, K) ``w_hat`` (used by the CPU path of PackedDualBinaryLinear).
+``dequantize(...)``  the dense (N, K) ``w_hat`` (the 'torch' fallback path; inspection).
 
 Both kernels require BLOCK_K to divide the group size, so every K tile lies in exactly one group and
 its scales are one (BLOCK_N,) vector per tile: the scale is applied once per row per tile, as the
@@ -53,7 +54,7 @@ except ImportError:  # the reference and torch paths work without triton
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.float32)
 GEMV_MAX_ROWS = 8  # M <= 8 -> GEMV (decoding), else GEMM (prefill)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
 def interpreting():
@@ -376,15 +377,23 @@ def dual_binary_gemm(x, p1, p2, a1, a2, group_size, out=None, config=None):
 def dual_binary_matmul(x, p1, p2, a1, a2, group_size, backend="auto"):
     """``x @ w_hat.T`` with ``w_hat = a1*b1 + a2*b2`` per group, from the packed bit-planes.
 
-    backend: 'auto' (Triton on CUDA tensors, torch on CPU tensors), 'triton' (also on CPU under
-    TRITON_INTERPRET=1), or 'torch' (dequantize then matmul in x.dtype). Triton picks the GEMV kernel
-    for <= 8 activation rows and the GEMM kernel otherwise. Returns (..., out) in x.dtype.
+    backend: 'auto' (Triton on CUDA tensors, the C++ CPU kernel on CPU tensors when it builds here, else
+    torch), 'triton' (also on CPU under TRITON_INTERPRET=1), 'cpu' (``cpu_kernel.dual_binary_matmul_cpu``),
+    or 'torch' (dequantize then matmul in x.dtype). Triton picks the GEMV kernel for <= 8 activation rows
+    and the GEMM kernel otherwise. Returns (..., out) in x.dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     M, N, K = check_inputs(x, p1, p2, a1, a2, group_size)
     if backend == "auto":
-        backend = "triton" if (x.is_cuda and HAS_TRITON and not interpreting()) else "torch"
+        from . import cpu_kernel
+        if x.is_cuda:
+            backend = "triton" if HAS_TRITON and not interpreting() else "torch"
+        else:
+            backend = "cpu" if x.device.type == "cpu" and cpu_kernel.available() else "torch"
+    if backend == "cpu":
+        from .cpu_kernel import dual_binary_matmul_cpu
+        return dual_binary_matmul_cpu(x, p1, p2, a1, a2, group_size)
     if backend == "torch":
         w = dequantize(p1, p2, a1, a2, group_size, dtype=x.dtype)
         return torch.nn.functional.linear(x, w)

@@ -6,18 +6,24 @@ Buffers: ``p1``, ``p2`` (out, in // 32) int32 words (``dbllm_lab.packing`` layou
 (out, in // g) scales (fp16 by default: the packed format; fp32 keeps the simulated model's scales exactly),
 optional ``bias``. Storage is 2 + 2 * 16 / g bits per weight (2.5 at g = 64).
 
-Forward picks its path automatically:
-  * CUDA tensors (with triton): the Triton kernels of ``dbllm_lab.kernel`` (GEMV for <= 8 rows, GEMM above),
-    straight from the packed words, no dense weight ever materialised;
-  * CPU (or no triton): a vectorised torch path: unpack once into a dense ``w_hat`` in the activation dtype,
-    cache it, then ``F.linear``. The cache costs the dense weight's memory; ``cache=False`` dequantizes on
-    every call instead (packed memory only, slower).
-``backend='triton'`` forces the kernel (on CPU only under TRITON_INTERPRET=1); ``backend='torch'`` forces torch.
+Forward runs one of three paths, chosen by the ``backend`` switch (constructor argument or attribute; the
+packed model never holds a dense weight on any path):
+  * ``'triton'``: the Triton kernels of ``dbllm_lab.kernel`` (GEMV for <= 8 rows, GEMM above), on CUDA (on CPU
+    tensors only under TRITON_INTERPRET=1, for tests);
+  * ``'cpu'``: the C++ kernel of ``dbllm_lab.cpu_kernel`` (AVX-512 where the CPU has it), compiled on first use,
+    straight from the packed words at any batch size;
+  * ``'torch'``: dequantize into a temporary dense ``w_hat`` on every call, then ``F.linear`` (slow; the fallback
+    when neither kernel can run, and a reference);
+  * ``'auto'`` (default): 'triton' for CUDA inputs, 'cpu' for CPU inputs when the C++ kernel builds here,
+    else 'torch' (with a warning naming the reason).
 """
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_kernel
 from .kernel import BACKENDS, HAS_TRITON, SCALE_DTYPES, bits_per_weight, dequantize, dual_binary_matmul, interpreting
 from .packing import WORD_BITS, pack_bits
 
@@ -26,7 +32,7 @@ class PackedDualBinaryLinear(nn.Module):
     """Dual-binarized linear layer from packed bit-planes; see the module docstring for the formula and paths."""
 
     def __init__(self, in_features, out_features, group_size=64, bias=False, scale_dtype=torch.float16,
-                 backend="auto", cache=True, device=None):
+                 backend="auto", device=None):
         super().__init__()
         if group_size <= 0 or group_size % WORD_BITS:
             raise ValueError(f"group_size={group_size} is not supported: it must be a positive multiple of "
@@ -38,14 +44,13 @@ class PackedDualBinaryLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.backend, self.cache = backend, cache
+        self.backend = backend
         words, groups = in_features // WORD_BITS, in_features // group_size
         self.register_buffer("p1", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("p2", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("a1", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("a2", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._w_cache = None  # (key, dense w_hat) for the CPU path
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -97,40 +102,36 @@ class PackedDualBinaryLinear(nn.Module):
     def packed_bytes(self):
         return sum(t.numel() * t.element_size() for t in (self.p1, self.p2, self.a1, self.a2))
 
-    def use_kernel(self, x):
-        """True when forward(x) runs the Triton kernel, False for the torch path."""
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and HAS_TRITON and not interpreting()
-
-    def _dense(self, dtype):
-        key = (dtype, self.p1.device, self.p1._version, self.p2._version, self.a1._version, self.a2._version,
-               self.p1.data_ptr(), self.a1.data_ptr())
-        if self._w_cache is not None and self._w_cache[0] == key:
-            return self._w_cache[1]
-        w = self.dequantize(dtype)
-        if self.cache:
-            self._w_cache = (key, w)
-        return w
-
-    def clear_cache(self):
-        self._w_cache = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.half() invalidate the dense cache
-        self._w_cache = None
-        return super()._apply(fn, *args, **kwargs)
+    def path(self, x):
+        """'triton', 'cpu' or 'torch': the path forward(x) runs (see the module docstring)."""
+        if self.backend != "auto":
+            return self.backend
+        if x.is_cuda:
+            return "triton" if HAS_TRITON and not interpreting() else "torch"
+        reason = cpu_kernel.why_unavailable()
+        if reason is None:
+            return "cpu"
+        _warn_once(f"dbllm_lab CPU kernel unavailable, PackedDualBinaryLinear falls back to dequantizing on every "
+                   f"call (slow): {reason}")
+        return "torch"
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
-        if self.use_kernel(x):
+        if x.device != self.p1.device:
+            raise ValueError(f"input is on {x.device} but the packed weights are on {self.p1.device}")
+        path = self.path(x)
+        if path == "triton":
             y = dual_binary_matmul(x, self.p1, self.p2, self.a1, self.a2, self.group_size, backend="triton")
-        else:
-            if x.device != self.p1.device:
-                raise ValueError(f"input is on {x.device} but the packed weights are on {self.p1.device}")
-            y = F.linear(x, self._dense(x.dtype))
+        elif path == "cpu":
+            if x.dtype not in cpu_kernel.ACT_DTYPES:
+                raise TypeError(f"input has dtype {x.dtype}; the CPU kernel takes float32, float16 or bfloat16")
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            y = cpu_kernel._run(cpu_kernel.load(), x2, x2.shape[0], self.out_features, self.in_features,
+                                self.p1.contiguous(), self.p2.contiguous(), self.a1.contiguous(),
+                                self.a2.contiguous(), self.group_size).view(*x.shape[:-1], self.out_features)
+        else:  # dense w_hat lives only for this call
+            y = F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -139,6 +140,15 @@ class PackedDualBinaryLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}, scales={str(self.a1.dtype).replace('torch.', '')}, "
                 f"bits_per_weight={self.bits_per_weight:g}, backend={self.backend}")
+
+
+_WARNED = set()
+
+
+def _warn_once(msg):
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def pack_model(model, scale_dtype=torch.float16, **kwargs):

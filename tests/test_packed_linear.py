@@ -1,5 +1,5 @@
-"""PackedDualBinaryLinear: automatic path choice, agreement with the simulated (dense w_hat) layer, caching,
-state_dict round trip, bad input, and whole models (tiny random LLaMA; the embedded SmolLM2 quantized
+"""PackedDualBinaryLinear: automatic path choice, agreement with the simulated (dense w_hat) layer on every CPU
+path, no dense weight held, state_dict round trip, bad input, and whole models (tiny random LLaMA; the embedded SmolLM2 quantized
 with FDB, saved as a packed checkpoint, reloaded) whose logits match the simulated-quantization model.
 
 Tolerances (stated): fp32 scales -> logits within 1e-4 relative to their max |value| (only summation
@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from dbllm_lab import cpu_kernel  # noqa: E402
 from dbllm_lab import kernel as K  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear, pack_model  # noqa: E402
 
@@ -51,25 +52,23 @@ class SimDualBinaryLinear(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------------
-def test_cpu_path_matches_simulated_layer_and_caches():
+def test_cpu_paths_match_simulated_layer_and_hold_no_dense_weight():
     g = 64
     b1, b2, a1, a2 = planes(48, 128, g)
     bias = torch.randn(48)
     sim = SimDualBinaryLinear(b1, b2, a1, a2, g, bias=bias)
-    lin = PackedDualBinaryLinear.from_dual_binary(sim, scale_dtype=torch.float32)
     x = torch.randn(2, 5, 128)
-    assert not lin.use_kernel(x)  # CPU tensors -> torch path
-    torch.testing.assert_close(lin(x), sim(x), rtol=1e-5, atol=1e-5)
-    w = lin._w_cache[1]
-    lin(x)
-    assert lin._w_cache[1] is w, "dense weight should be unpacked once and cached"
+    for backend in ("auto", "cpu", "torch"):
+        lin = PackedDualBinaryLinear.from_dual_binary(sim, scale_dtype=torch.float32, backend=backend)
+        assert lin.path(x) == ("cpu" if backend == "auto" and cpu_kernel.available() else backend)
+        torch.testing.assert_close(lin(x), sim(x), rtol=1e-5, atol=1e-5)
+        dense_shaped = [n for n, v in list(lin.state_dict().items()) + list(vars(lin).items())
+                        if torch.is_tensor(v) and tuple(v.shape) == (48, 128)]
+        assert dense_shaped == [], f"backend={backend}: dense weight held in {dense_shaped}"
     with torch.no_grad():
-        lin.a1.mul_(2)  # in-place change of a buffer invalidates the cache
-    assert lin._dense(torch.float32) is not w
+        lin.a1.mul_(2)  # the packed buffers are the only state: a change shows in the next call
     torch.testing.assert_close(lin.dequantize(), dense(b1, b2, 2 * a1, a2, g))
-    nocache = PackedDualBinaryLinear.from_dual_binary(sim, scale_dtype=torch.float32, cache=False)
-    nocache(x)
-    assert nocache._w_cache is None
+    torch.testing.assert_close(lin(x), F.linear(x, dense(b1, b2, 2 * a1, a2, g), bias), rtol=1e-5, atol=1e-5)
     assert "bits_per_weight=3" in repr(lin) and "bits_per_weight=2.5" in repr(PackedDualBinaryLinear(128, 8))
 
 
@@ -96,7 +95,7 @@ def test_kernel_backend_matches_torch_backend(rows):
     tri = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="triton")
     ref = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="torch")
     x = torch.randn(rows, 128).half()
-    assert tri.use_kernel(x) and not ref.use_kernel(x)
+    assert tri.path(x) == "triton" and ref.path(x) == "torch"
     torch.testing.assert_close(tri(x).float(), ref(x.float()), rtol=3e-3, atol=3e-3)
 
 
@@ -105,7 +104,7 @@ def test_state_dict_round_trip():
     b1, b2, a1, a2 = planes(16, 64, g)
     lin = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, bias=torch.randn(16))
     x = torch.randn(4, 64)
-    y = lin(x)  # fills the cache; load_state_dict must invalidate it
+    y = lin(x)
     other = PackedDualBinaryLinear(64, 16, group_size=g, bias=True)
     other(x)
     other.load_state_dict(lin.state_dict())
@@ -140,6 +139,8 @@ def test_bad_input():
         lin(torch.randn(2, 128, device="meta"))
     with pytest.raises(TypeError, match="activations must be one of"):
         PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="triton")(torch.randn(2, 128).double())
+    with pytest.raises(TypeError, match="input has dtype torch.float64; the CPU kernel takes float32"):
+        PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="cpu")(torch.randn(2, 128).double())
 
 
 # -------------------------------------------------------------------------------------------------------

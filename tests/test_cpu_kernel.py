@@ -1,0 +1,173 @@
+"""The C++ CPU kernel (dbllm_lab.cpu_kernel) vs the pure per-group reference, and the packed model on the CPU.
+
+Fresh random data every run (seed in each failure message; replay with DBLLM_TEST_SEED=<seed>); outputs are
+poisoned with NaN first, so an element the kernel fails to write fails the comparison. Both builds are checked
+on this machine: the native one (AVX-512 where the CPU has it) and the portable loop (forced with
+``generic=True``), on ragged shapes (out not a multiple of the 4-row blocks, in = 1..8 words, batch 1..33).
+
+Tolerances (stated): the kernel accumulates in fp32 in a different order than the reference, so results agree to
+1e-5 of max |reference|. The packed embedded model (1 decoder block, FDB g = 64, through a packed checkpoint)
+matches the DualBinaryLinear model it was saved from to 1e-4 of max |logit| with fp32 scales and 2e-2 with fp16
+scales (the packed format: scales rounded to fp16, relative error <= 2^-11 each).
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from dbllm_lab import cpu_kernel as C
+from dbllm_lab import kernel as K
+from dbllm_lab.packing import pack_bits
+
+pytestmark = pytest.mark.skipif(not C.available(), reason=f"CPU kernel unavailable: {C.why_unavailable()}")
+SEED = int(os.environ.get("DBLLM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+BUILDS = [False, True]  # native, portable
+
+
+def make(N, Kin, g, scale_dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(SEED + seed)
+    b1 = (torch.rand(N, Kin, generator=gen) < 0.3).to(torch.uint8)
+    b2 = (torch.rand(N, Kin, generator=gen) < 0.5).to(torch.uint8)
+    a1 = (torch.randn(N, Kin // g, generator=gen) * 0.1).to(scale_dtype)  # either sign: mirrored groups too
+    a2 = (torch.randn(N, Kin // g, generator=gen) * 0.05).to(scale_dtype)
+    return pack_bits(b1), pack_bits(b2), a1, a2
+
+
+def close(y, ref, what, rtol=1e-5):
+    assert torch.isfinite(y).all(), f"{what}: unwritten (NaN-poisoned) or non-finite output, seed={SEED}"
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    assert err < rtol, f"{what}: max |y - ref| / max |ref| = {err:.2e} >= {rtol}, seed={SEED}"
+
+
+@pytest.mark.parametrize("generic", BUILDS, ids=["native", "portable"])
+@pytest.mark.parametrize("N,Kin,g", [(1, 32, 32), (7, 96, 32), (130, 256, 128), (45, 192, 64), (6, 64, 64)])
+def test_matches_reference_on_ragged_shapes(N, Kin, g, generic):
+    for M in (1, 2, 3, 5, 8, 9, 13, 16, 17, 33):
+        for scale_dtype in (torch.float16, torch.float32):
+            p1, p2, a1, a2 = make(N, Kin, g, scale_dtype, seed=M)
+            x = torch.randn(M, Kin, generator=torch.Generator().manual_seed(SEED + 7 * M))
+            ref = K.dual_binary_matmul_reference(x, p1, p2, a1, a2, g)
+            out = torch.full((M, N), float("nan"))
+            y = C.dual_binary_matmul_cpu(x, p1, p2, a1, a2, g, out=out, generic=generic)
+            assert y.data_ptr() == out.data_ptr()
+            close(y, ref, f"N={N} K={Kin} g={g} M={M} scales={scale_dtype} generic={generic}")
+
+
+@pytest.mark.parametrize("generic", BUILDS, ids=["native", "portable"])
+def test_activation_dtypes_leading_dims_and_threads(generic):
+    p1, p2, a1, a2 = make(40, 128, 64)
+    x = torch.randn(2, 3, 128)
+    ref = K.dual_binary_matmul_reference(x, p1, p2, a1, a2, 64)
+    y = C.dual_binary_matmul_cpu(x, p1, p2, a1, a2, 64, generic=generic)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.float32
+    close(y, ref, "leading dims")
+    close(C.dual_binary_matmul_cpu(x, p1, p2, a1, a2, 64, threads=1, generic=generic), ref, "1 thread")
+    for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):  # output rounding of x.dtype
+        xd = x.to(dt)
+        y = C.dual_binary_matmul_cpu(xd, p1, p2, a1, a2, 64, generic=generic)
+        assert y.dtype == dt
+        close(y, K.dual_binary_matmul_reference(xd, p1, p2, a1, a2, 64), f"{dt}", rtol=tol)
+    assert C.dual_binary_matmul_cpu(torch.randn(0, 128), p1, p2, a1, a2, 64).shape == (0, 40)
+
+
+def test_dispatcher_picks_the_cpu_kernel():
+    p1, p2, a1, a2 = make(24, 64, 32)
+    x = torch.randn(3, 64)
+    ref = K.dual_binary_matmul_reference(x, p1, p2, a1, a2, 32)
+    for backend in ("auto", "cpu", "torch"):
+        close(K.dual_binary_matmul(x, p1, p2, a1, a2, 32, backend=backend), ref, backend)
+
+
+def test_bad_input():
+    p1, p2, a1, a2 = make(16, 128, 64)
+    x = torch.randn(2, 128)
+    run = C.dual_binary_matmul_cpu
+    with pytest.raises(TypeError, match="x has dtype torch.float64; activations must be one of"):
+        run(x.double(), p1, p2, a1, a2, 64)
+    with pytest.raises(TypeError, match="p1 has dtype torch.int64; packed bit-planes must be int32"):
+        run(x, p1.long(), p2, a1, a2, 64)
+    with pytest.raises(TypeError, match="a1 has dtype torch.bfloat16; scales must be one of"):
+        run(x, p1, p2, a1.bfloat16(), a2, 64)
+    with pytest.raises(TypeError, match="a1 and a2 dtypes differ"):
+        run(x, p1, p2, a1.float(), a2, 64)
+    with pytest.raises(ValueError, match=r"x has in_features=96 but the bit-planes hold 4 words x 32 = 128"):
+        run(torch.randn(2, 96), p1, p2, a1, a2, 64)
+    with pytest.raises(ValueError, match=r"scales have shape \(16, 2\), expected .* \(16, 4\) for group_size=32"):
+        run(x, p1, p2, a1, a2, 32)
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        run(x, p1, p2, a1, a2, 48)
+    with pytest.raises(ValueError, match=r"x is not contiguous .* pass x.contiguous\(\)"):
+        run(torch.randn(128, 2).t(), p1, p2, a1, a2, 64)
+    with pytest.raises(ValueError, match="p1 is not contiguous"):
+        run(x, torch.randint(0, 9, (4, 16), dtype=torch.int32).t(), p2, a1, a2, 64)
+    with pytest.raises(ValueError, match="the CPU kernel got tensors on meta"):
+        run(*(t.to("meta") for t in (x, p1, p2, a1, a2)), 64)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 16\) float32"):
+        run(x, p1, p2, a1, a2, 64, out=torch.empty(2, 15))
+
+
+def test_real_embedded_layer(embedded):
+    """FDB bit-planes of the embedded model's layer-0 down_proj (576 x 1536): kernel == reference == dense."""
+    from dbllm_lab.packed_linear import PackedDualBinaryLinear
+    from dbllm_lab.quant import dual_binarize, fdb_init
+    model, _ = embedded
+    w = model.model.layers[0].mlp.down_proj.weight.detach().float()
+    a1, a2 = fdb_init(w, 64)
+    b1, b2 = dual_binarize(w, a1, a2, 64)
+    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, 64, backend="cpu")
+    gen = torch.Generator().manual_seed(SEED)
+    for M in (1, 4, 16):
+        x = torch.randn(M, w.shape[1], generator=gen)
+        ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, 64)
+        with torch.no_grad():
+            close(layer(x), ref, f"down_proj M={M}")
+            close(x @ layer.dequantize().T, ref, f"dense M={M}", rtol=1e-4)
+
+
+def _dense_tensors(module):
+    """Floating tensors of shape (out, in) anywhere on a packed layer (buffers, parameters, attributes)."""
+    shape = (module.out_features, module.in_features)
+    found = [n for n, t in list(module.named_buffers()) + list(module.named_parameters())
+             if t is not None and t.is_floating_point() and tuple(t.shape) == shape]
+    found += [n for n, v in vars(module).items() if torch.is_tensor(v) and tuple(v.shape) == shape]
+    return found
+
+
+def test_packed_embedded_checkpoint_matches_dual_binary_model(embedded, tmp_path):
+    """1 decoder block of the embedded model, FDB (clip init, g = 64) -> DualBinaryLinear model -> packed checkpoint
+    -> reloaded on the CPU kernel: logits within the stated tolerance, identical greedy tokens with fp32 scales,
+    and no dense weight anywhere in the packed layers (before and after a forward)."""
+    from dbllm_lab import checkpoint
+    from dbllm_lab.model import quantizable_linears
+    from dbllm_lab.packed_linear import PackedDualBinaryLinear
+    from dbllm_lab.quantize import quantize_model
+    model, tok = embedded
+    base = copy.deepcopy(model)
+    base.model.layers = base.model.layers[:1]
+    base.config.num_hidden_layers = 1
+    sim = copy.deepcopy(base)
+    quantize_model(sim, "fdb", group_size=64, init="clip", progress=False)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        ls = sim(ids).logits
+        out_s = sim.generate(ids, **gen)
+    for scale_dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        path = tmp_path / str(scale_dtype)
+        checkpoint.save_quantized(sim, str(path), scale_dtype=scale_dtype)
+        packed = checkpoint.load_quantized(str(path), base_model=copy.deepcopy(base))
+        layers = quantizable_linears(packed)
+        assert len(layers) == 7 and all(isinstance(m, PackedDualBinaryLinear) for m in layers.values())
+        assert all(m.path(ids.float()) == "cpu" for m in layers.values())
+        with torch.no_grad():
+            lp = packed(ids).logits
+            out_p = packed.generate(ids, **gen)
+        rel = ((lp - ls).abs().max() / ls.abs().max()).item()
+        assert rel < tol, f"scales {scale_dtype}: max |logit diff| / max |logit| = {rel:.2e} >= {tol}"
+        if scale_dtype == torch.float32:
+            assert torch.equal(out_p, out_s)
+        for name, m in layers.items():
+            assert _dense_tensors(m) == [], f"{name} holds a dense weight: {_dense_tensors(m)}"
+            assert {n for n, _ in m.named_buffers()} == {"p1", "p2", "a1", "a2"}
+            assert list(m.parameters()) == []
