@@ -19,14 +19,14 @@ def expect(name, value, condition, ok, full_only=False, quick=False):
 
     ``value`` is what was measured, ``condition`` the claim in words (e.g. "> 0 in every layer type"), ``ok`` the
     computed truth of the claim. ``full_only=True`` marks a claim that holds only at full settings: in quick mode
-    (``quick=True``) it is printed as not checked. Returns ``value``.
+    (``quick=True``) it is printed as not checked. Returns None (so a notebook cell ending in ``expect`` shows
+    only the printed line).
     """
     if not isinstance(ok, bool) and type(ok).__name__ not in ("bool_", "bool"):
         raise TypeError(f"expect({name!r}): ok must be a bool (the claim's truth), got {type(ok).__name__}")
     if full_only and quick:
         print(f"[full mode only, not checked in quick mode] {name}: {_show(value)} (claim: {condition})")
-        return value
+        return
     if not bool(ok):
         raise AssertionError(f"claim failed: {name}: measured {_show(value)}, expected {condition}")
     print(f"[ok] {name}: {_show(value)} ({condition})")
-    return value
