@@ -50,6 +50,7 @@ ROWS = {
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
+ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
 
 
 def parse_args(argv=None):
@@ -148,12 +149,15 @@ def run_table(ctx, out):
         write_results(out, rows, settings)
         del m
     for name, spec in ROWS.items():
-        if name in done or name not in only:
+        if name not in only or name in {r["method"] for r in load_results(out)}:
             continue
         student, info = train_row(ctx, name, spec)
-        rows.append({"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
-                     "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
-                     "seed": spec[3].get("seed", 0), "train_samples": spec[4], **info, **ctx.measure(student, fp)})
+        row = {"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
+               "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
+               "seed": spec[3].get("seed", 0), "train_samples": spec[4], **info, **ctx.measure(student, fp)}
+        # re-read before writing: another process may have added rows meanwhile (disjoint --only sets)
+        rows = [r for r in load_results(out) if r["method"] != name] + [row]
+        rows.sort(key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
         write_results(out, rows, settings)
         del student
     return rows
