@@ -10,6 +10,9 @@
 ``AlphaExplorer(...).widget()`` / ``GammaExplorer(...).widget()`` return the slider boxes; ``.figure()`` draws the
 current state as a static matplotlib figure (what headless runs save); ``.state`` holds the numbers.
 """
+import base64
+import io
+
 import torch
 
 from .analysis import _rows, fdb_error
@@ -34,17 +37,30 @@ def fdb_state(w, x, a1, a2, group_size, m1=1.0, m2=1.0):
             "ones_b1": float(b1.float().mean()), "ones_b2": float(b2.float().mean())}
 
 
+def png_output(fig):
+    """``fig`` as one Output-widget output: a display_data message with the PNG (base64), what a browser renders."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)}}
+
+
 class _Explorer:
-    """Shared plumbing: ``draw(fig)`` of the current ``state``; redraw (and refresh the displayed figure)
-    after each update; a static ``figure()``; ``_show()`` puts the figure in an ipywidgets Output."""
+    """Shared plumbing: ``draw(fig)`` of the current ``state``; a static pyplot ``figure()`` (what headless runs
+    save); ``_show()`` returns an ipywidgets Output whose ``outputs`` hold the current figure as a PNG, replaced
+    after each update (``_redraw``).
+
+    Setting ``Output.outputs`` is what the browser renders (as ``Output.append_display_data`` does); a display-id
+    update of output captured inside an Output is not applied by JupyterLab. The widget's figure is a bare
+    matplotlib ``Figure``, never registered with pyplot, so the inline backend shows no stray copy of it in a later
+    cell and no figure stays open."""
     figsize = (10, 3.6)
-    _fig = _handle = None
+    _fig = _out = None
 
     def _redraw(self):
-        if self._fig is not None:
+        if self._out is not None:
             self.draw(self._fig)
-            if self._handle is not None:
-                self._handle.update(self._fig)
+            self._out.outputs = (png_output(self._fig),)
 
     def figure(self):
         import matplotlib.pyplot as plt
@@ -52,15 +68,13 @@ class _Explorer:
 
     def _show(self):
         import ipywidgets as W
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-        out = W.Output()
-        with out:
-            with plt.ioff():
-                self._fig = plt.figure(figsize=self.figsize)
-            self.draw(self._fig)
-            self._handle = display(self._fig, display_id=True)
-        return out
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        self._fig = Figure(figsize=self.figsize)
+        FigureCanvasAgg(self._fig)
+        self._out = W.Output()
+        self._redraw()
+        return self._out
 
 
 class AlphaExplorer(_Explorer):

@@ -55,3 +55,30 @@ def test_gamma_slider_reweights_positions():
         Wd.dad_state(h_t, h_s, 1.5)
     fig = ex.figure()
     assert len(fig.axes) >= 2
+
+
+def _png(output):
+    """PNG bytes of one Output-widget output (what the browser renders)."""
+    import base64
+    assert output["output_type"] == "display_data" and "image/png" in output["data"], output
+    png = base64.b64decode(output["data"]["image/png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return png
+
+
+def test_slider_change_puts_a_new_image_in_the_output_and_leaves_no_figure_open(layer):
+    import matplotlib.pyplot as plt
+    plt.close("all")
+    g = torch.Generator().manual_seed(2)
+    h_t, h_s = torch.rand(60, generator=g) * 5, torch.rand(60, generator=g) * 5
+    alpha, gamma = Wd.AlphaExplorer(*layer, group_size=32, grid=[0.5, 1.0, 1.5]), Wd.GammaExplorer(h_t, h_s)
+    for ex in (alpha, gamma):
+        out = ex.widget().children[1]
+        (first,) = out.outputs  # the Output holds exactly the current figure
+        if ex is alpha:
+            ex.sliders[0].value = 1.3
+        else:
+            ex.slider.value = 0.9
+        (second,) = out.outputs
+        assert _png(second) != _png(first), f"{type(ex).__name__}: the slider moved but the Output kept its image"
+        assert plt.get_fignums() == [], f"{type(ex).__name__} left pyplot figures open: {plt.get_fignums()}"
