@@ -17,7 +17,7 @@ endif
 # quick mode by default; FULL=1 for full settings
 FULL ?= 0
 
-.PHONY: install reproduce test test-slow bench clean strip-notebooks
+.PHONY: install reproduce test test-slow test-browser lab bench clean strip-notebooks
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The what-if sliders in real JupyterLab + headless Chromium (needs `apt-get install chromium`; skips without it)
+test-browser: install
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -e ".[browser]"
+	$(PY) -m pytest -q -m slow tests/test_browser.py
+
+# JupyterLab on the notebooks with the project's kernel ("Python (dbllm_lab)" = this .venv); --allow-root as root
+lab: install
+	$(PY) -m ipykernel install --sys-prefix --name dbllm_lab --display-name "Python (dbllm_lab)"
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --MappingKernelManager.default_kernel_name=dbllm_lab \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 strip-notebooks: install
 	$(PY) -m dbllm_lab.run_notebooks --strip-only
