@@ -81,6 +81,9 @@ def save_row(out, row, settings, order):
         fcntl.flock(fd, fcntl.LOCK_EX)
         rows = [r for r in load_results(out) if r["method"] != row["method"]] + [row]
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        limits = sorted({r.get("limit") or 0 for r in rows})  # rows run with another limit are kept as they are
+        if len(limits) > 1:
+            settings = {**settings, "limit": limits, "docs_per_task": "differs by row: see the docs_per_task column"}
         write_results(out, rows, settings, MD_COLUMNS)
     finally:
         os.close(fd)
