@@ -142,14 +142,20 @@ def parse_shape(s):
     return int(m.group(1)), int(m.group(2))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(ap):
+    """Shapes, batches, group size and weight source: shared with bench/kernel_cpu.py."""
     ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in LLAMA7B + EMBEDDED],
                     help="OUTxIN (default: LLaMA-7B and embedded-model shapes)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="CUDA activation dtype")
     ap.add_argument("--no-embedded-weights", action="store_true", help="Gaussian weights for every shape")
+    return ap
+
+
+def main():
+    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="CUDA activation dtype")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--copies", type=int, default=8, help="weight copies per CUDA graph replay")

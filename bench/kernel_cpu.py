@@ -28,7 +28,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_results  # noqa: E402
-from kernel import EMBEDDED, LLAMA7B, parse_shape, quantize, sparsity, weights_for  # noqa: E402
+from kernel import add_shape_args, quantize, sparsity, weights_for  # noqa: E402
 
 from dbllm_lab import cpu_kernel  # noqa: E402
 from dbllm_lab import kernel as K  # noqa: E402
@@ -101,15 +101,11 @@ def bench_shape(shape, batches, planes, args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in LLAMA7B + EMBEDDED],
-                    help="OUTxIN (default: LLaMA-7B and embedded-model shapes)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--group-size", type=int, default=64)
+    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
     ap.add_argument("--rounds", type=int, default=15, help="timed samples per method (median reported)")
     ap.add_argument("--rotate-mib", type=int, default=512, help="weight copies of each method span this many MiB")
-    ap.add_argument("--no-embedded-weights", action="store_true", help="Gaussian weights for every shape")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "kernel_cpu.json"))
     args = ap.parse_args()

@@ -16,7 +16,8 @@ How (x86 with AVX-512, the path that is timed in ``bench/kernel_cpu.py``):
   * batch 2..16: dequantize in registers, ``w = a1 * b1 + a2 * b2`` for 16 columns (one masked move and one
     masked add), then one FMA per activation row; tiles of up to 8 activation rows x 2 output rows, so the
     16 weights decoded once serve every activation row. Larger batches run in blocks of 8 rows.
-  * rows are split over threads with OpenMP (torch's own libgomp, so no second thread pool).
+  * rows are split over threads with OpenMP in chunks handed out dynamically (a thread that the OS delays on a
+    busy machine does not hold the others up); torch's own libgomp, so no second thread pool.
 Other CPUs (no AVX-512, e.g. ARM or AVX2-only x86): a portable C++ loop (unpack 32 weights of a word into
 registers, then a ``#pragma omp simd`` dot product with each activation row) that the compiler vectorises for
 the host. It gives the same results and is tested, but it is slower and is not what the benchmark times.
@@ -197,7 +198,7 @@ void dbl_matmul(const float* x, int64_t M, const int32_t* p1, const int32_t* p2,
     Args A = {x, M, (const uint32_t*)p1, (const uint32_t*)p2, a1, a2, scales_half, y, N, K, g};
 #ifdef DBLLM_AVX512
     const int64_t NR = M == 1 ? 4 : 2, nblocks = N / NR;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
     for (int64_t b = 0; b <= nblocks; b++) {
         if (b < nblocks) {
             if (M == 1) gemv_rows<4>(A, b * NR); else gemm_rows<2>(A, b * NR);
@@ -206,7 +207,7 @@ void dbl_matmul(const float* x, int64_t M, const int32_t* p1, const int32_t* p2,
         }
     }
 #else
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int64_t n = 0; n < N; n++) generic_row(A, n);
 #endif
 }

@@ -71,6 +71,14 @@ def test_activation_dtypes_leading_dims_and_threads(generic):
     assert C.dual_binary_matmul_cpu(torch.randn(0, 128), p1, p2, a1, a2, 64).shape == (0, 40)
 
 
+def test_generate_arguments():
+    from dbllm_lab.generate import greedy_generate, set_backend
+    with pytest.raises(ValueError, match="max_new_tokens=1 must be an int >= 2"):
+        greedy_generate(None, None, "hi", max_new_tokens=1)
+    with pytest.raises(ValueError, match="backend='gpu' is not one of"):
+        set_backend(torch.nn.Linear(2, 2), "gpu")
+
+
 def test_dispatcher_picks_the_cpu_kernel():
     p1, p2, a1, a2 = make(24, 64, 32)
     x = torch.randn(3, 64)
@@ -139,6 +147,7 @@ def test_packed_embedded_checkpoint_matches_dual_binary_model(embedded, tmp_path
     -> reloaded on the CPU kernel: logits within the stated tolerance, identical greedy tokens with fp32 scales,
     and no dense weight anywhere in the packed layers (before and after a forward)."""
     from dbllm_lab import checkpoint
+    from dbllm_lab.generate import greedy_generate, set_backend
     from dbllm_lab.model import quantizable_linears
     from dbllm_lab.packed_linear import PackedDualBinaryLinear
     from dbllm_lab.quantize import quantize_model
@@ -167,6 +176,12 @@ def test_packed_embedded_checkpoint_matches_dual_binary_model(embedded, tmp_path
         assert rel < tol, f"scales {scale_dtype}: max |logit diff| / max |logit| = {rel:.2e} >= {tol}"
         if scale_dtype == torch.float32:
             assert torch.equal(out_p, out_s)
+            res = greedy_generate(packed, tok, "The capital of France is", max_new_tokens=6)  # the CLI's path
+            assert res["token_ids"] == out_s[0, ids.shape[1]:].tolist() and res["decode_tokens_per_s"] > 0
+            assert set_backend(packed, "torch") == 7
+            with torch.no_grad():
+                assert ((packed(ids).logits - lp).abs().max() / lp.abs().max()).item() < 1e-5
+            set_backend(packed, "auto")
         for name, m in layers.items():
             assert _dense_tensors(m) == [], f"{name} holds a dense weight: {_dense_tensors(m)}"
             assert {n for n, _ in m.named_buffers()} == {"p1", "p2", "a1", "a2"}
