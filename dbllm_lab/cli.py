@@ -6,6 +6,7 @@
     dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
     dbllm-lab train --stage both --loss dad --out-dir checkpoints/dad [--eval]   # block-wise, then end-to-end
     dbllm-lab eval-zeroshot --tasks piqa,arc_easy --limit 100 [--checkpoint ckpt/] [--out zs.json]  # lm-eval
+    dbllm-lab generate --checkpoint ckpt/ --prompt "The capital of France is" --max-new-tokens 64 [--backend cpu]
 """
 import argparse
 import sys
@@ -139,6 +140,24 @@ def cmd_eval_zeroshot(args):
     return res
 
 
+def cmd_generate(args):
+    """Greedy text from the FP model or, with --checkpoint, the packed model (its layers on --backend)."""
+    import torch
+    from .generate import greedy_generate, set_backend
+    if args.max_new_tokens < 2:  # before the model loads
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 2 (one prefill token + decoding)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = _model(args)
+    n = set_backend(model, args.backend) if args.checkpoint else 0
+    res = greedy_generate(model, tok, args.prompt, args.max_new_tokens)
+    print(args.prompt + res["text"])
+    print(f"[{res['new_tokens']} tokens, decode {res['decode_tokens_per_s']:.1f} tokens/s, prefill "
+          f"{res['prefill_s']:.2f} s; {'packed layers: %d on backend %s' % (n, args.backend) if n else 'FP model'}; "
+          f"{torch.get_num_threads()} threads]")
+    return res
+
+
 def build_parser():
     from .blockwise import BlockwiseConfig
     from .train import TrainConfig
@@ -233,6 +252,17 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("generate", help="greedy text from the FP model or a packed checkpoint, with tokens/s")
+    p.add_argument("--model", default=None, help="HF id, local folder or .gguf; default: embedded SmolLM2-135M")
+    p.add_argument("--checkpoint", default=None, help="a packed checkpoint folder (from `quantize --out`)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
+                   help="packed layers: auto (Triton on CUDA, the C++ kernel on CPU), cpu, torch or triton")
+    p.add_argument("--threads", type=int, default=None, help="torch and CPU-kernel threads (default: torch's)")
+    p.set_defaults(func=cmd_generate)
     return ap
 
 
