@@ -9,12 +9,14 @@ import glob
 import os
 import random
 
+from .paths import PROJECT_ROOT
+
 DATASETS = ("wikitext2", "c4", "c4-new")
 SPLITS = {"wikitext2": ("test", "validation", "train"), "c4": ("validation", "train"), "c4-new": ("validation", "train")}
 _WIKI_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}
-# the project's data/ folder: found next to the package, as in a clone or an editable install (`pip install -e .`);
-# a non-editable install does not carry it: point DBLLM_DATA_DIR at a clone's data/ folder instead
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+# the project's data/ folder beside the package (a clone, or an editable install `pip install -e .`); a non-editable
+# install does not carry it: point DBLLM_DATA_DIR at a clone's data/ folder instead
+SHIPPED_DIR = os.path.join(PROJECT_ROOT, "data") if PROJECT_ROOT else None
 _WIKI_PARQUET = {"test": "test-*.parquet", "validation": "validation-*.parquet", "train": "train-*.parquet"}
 
 
@@ -53,9 +55,12 @@ def _missing(dataset, split, tried, hub_error):
     layout = {"wikitext2": " (the layout of the official WikiText-2 raw zip)",
               "c4": " (a shard of allenai/c4 en)", "c4-new": " (a shard of allenai/c4 en)"}[dataset]
     return FileNotFoundError(
-        f"No {dataset} {split} text found. File not found: looked for {where} in {', '.join(tried) or 'no folder (none given, no data/ beside the package)'}. "
-        f"Hub: {hub_error}. Fix: put the file at <DIR>/{where}{layout} and pass data_dir=<DIR> "
-        f"(--data-dir <DIR>, or set DBLLM_DATA_DIR=<DIR>).")
+        f"No {dataset} {split} text found. File not found: looked for {where} in "
+        f"{', '.join(tried) or 'no folder (none given, no data/ beside the package)'}. Hub: {hub_error}. "
+        f"Fix: put the file at <DIR>/{where}{layout} and pass data_dir=<DIR> (--data-dir <DIR>, or set "
+        f"DBLLM_DATA_DIR=<DIR>).")
+
+
 _C4_SHARDS = {"validation": "c4/c4-validation.00000-of-00008.json.gz", "train": "c4/c4-train.00000-of-01024.json.gz"}
 
 
@@ -104,7 +109,7 @@ def load_text(dataset="wikitext2", split="test", data_dir=None, seed=0):
     for d in given:
         if not os.path.isdir(d):
             raise FileNotFoundError(f"data_dir {d!r} does not exist or is not a directory")
-    tried = given + ([SHIPPED_DIR] if os.path.isdir(SHIPPED_DIR) else [])
+    tried = given + ([SHIPPED_DIR] if SHIPPED_DIR and os.path.isdir(SHIPPED_DIR) else [])
     lines = hub_error = None
     for d in tried:
         lines = _wikitext_lines(split, d) if dataset == "wikitext2" else _c4_docs(split, d)
