@@ -47,6 +47,8 @@ ROWS = {
     "fdb 2-stage dad n16": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 16),
     "fdb 2-stage dad n32": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 32),
     "fdb 2-stage dad n128": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 128),
+    "fdb 2-stage dad +latent": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0, "train_latent": True,
+                                                   "lr_latent": 1e-4}, 64),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -64,6 +66,9 @@ def parse_args(argv=None):
                                                              "2-core machine made small matmuls several times slower)")
     ap.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     ap.add_argument("--ckpt-dir", default="checkpoints/dbllm_table")
+    ap.add_argument("--plot", action="store_true", help="only redraw the figures from the JSON")
+    ap.add_argument("--full-split", default=None, metavar="ROW",
+                    help="add the full WikiText-2 test split PPL (all windows) to a finished row (or fp)")
     ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
     ap.add_argument("--quick", action="store_true", help="--memory-flatness: smaller models and data (for tests)")
     ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
@@ -163,6 +168,76 @@ def run_table(ctx, out):
     return rows
 
 
+def full_split(a, name):
+    """Rebuild a finished row's model from its checkpoints and add its PPL on the full test split."""
+    rows = load_results(a.out)
+    if name not in {r["method"] for r in rows} or (name != "fp" and name not in ROWS):
+        raise ValueError(f"--full-split {name!r}: not a finished row of {a.out}")
+    teacher, tok = load_model(a.model)
+    if name == "fp":
+        model = teacher
+    else:
+        pool = generate_samples(teacher, tok, a.gen_pool, a.gen_len, seed=0, batch_size=64)
+        ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
+        model, _ = train_row(ctx, name, ROWS[name])
+    res = perplexity(model, tok, seqlen=a.seqlen, data_dir=a.data_dir)
+    rows = load_results(a.out)
+    settings = json.load(open(a.out))["settings"]
+    for r in rows:
+        if r["method"] == name:
+            r.update(ppl_full_split=res.ppl, full_split_windows=res.windows, full_split_eval_seconds=round(res.seconds, 1))
+    write_results(a.out, rows, settings)
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+
+def settings_gen_len(out):
+    with open(out) as f:
+        return json.load(f)["settings"]["data_generation"]["tokens_per_sample"]
+
+
+def plot(out, fig_dir="figures"):
+    """PPL against training CPU-minutes (each training path from its initialisation) and against the number of
+    teacher-written training tokens; PNG + the CSV behind each in ``fig_dir``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    rows = {r["method"]: r for r in load_results(out)}
+    paths = {"FDB two-stage (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
+             "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
+             "uniform two-stage (DAD)": ["uniform init", "uniform 2-stage dad s0"]}
+    pts = [{"path": k, "method": m, "train_cpu_minutes": rows[m].get("train_cpu_minutes") or 0.0, "ppl": rows[m]["ppl"]}
+           for k, ms in paths.items() for m in ms if m in rows]
+    tok = [{"method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out), "ppl": rows[m]["ppl"],
+            "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
+           for m in ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0", "fdb 2-stage dad n128")
+           if m in rows]
+    os.makedirs(fig_dir, exist_ok=True)
+    fp = rows.get("fp", {}).get("ppl")
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    df = pd.DataFrame(pts)
+    for k, g in df.groupby("path", sort=False):
+        ax[0].semilogy(g.train_cpu_minutes, g.ppl, "o-", label=k)
+    dt = pd.DataFrame(tok)
+    if len(dt):
+        ax[1].semilogy(dt.train_tokens, dt.ppl, "o-", label="FDB two-stage (DAD)")
+    for a in ax:
+        if fp:
+            a.axhline(fp, color="k", ls=":", label="FP (Q4_1 dequantized)")
+            a.axhline(3 * fp, color="gray", ls="--", label="3x FP")
+        a.set_ylabel("WikiText-2 PPL (first 40 windows, seqlen 512)")
+        a.legend(fontsize=8)
+    ax[0].set(xlabel="training CPU-minutes (2-core machine, 1 thread)", title="PPL vs training compute")
+    ax[1].set(xlabel="teacher-written training tokens", xscale="log", title="PPL vs training data")
+    fig.tight_layout()
+    fig.savefig(os.path.join(fig_dir, "dbllm_training_curves.png"), dpi=110)
+    df.to_csv(os.path.join(fig_dir, "dbllm_ppl_vs_cpu_minutes.csv"), index=False)
+    dt.to_csv(os.path.join(fig_dir, "dbllm_ppl_vs_tokens.csv"), index=False)
+    plt.close(fig)
+    print("wrote", os.path.join(fig_dir, "dbllm_training_curves.png"))
+
+
 # ---- stage-1 memory against depth -------------------------------------------------------------------------------
 
 def _vm_hwm_kib():
@@ -176,7 +251,7 @@ def memory_probe(blocks, quick):
     from dbllm_lab.blockwise import blockwise_reconstruct
     from dbllm_lab.model import tiny_llama
     torch.manual_seed(0)
-    hidden, inter = (128, 344) if quick else (512, 1376)
+    hidden, inter = (128, 384) if quick else (512, 1408)
     teacher = tiny_llama(vocab_size=512, hidden=hidden, layers=blocks, heads=8, kv_heads=4, intermediate=inter,
                          max_pos=256)
     student = copy.deepcopy(teacher)
@@ -221,9 +296,14 @@ def main(argv=None):
         return
     if a.memory_flatness:
         return run_memory_flatness(a)
+    if a.plot:
+        return plot(a.out)
+    if a.full_split:
+        return full_split(a, a.full_split)
     t0 = time.time()
     ctx = Context(a)
     rows = run_table(ctx, a.out)
+    plot(a.out)
     print(f"done in {(time.time() - t0) / 60:.1f} min, peak RSS {peak_rss_gib():.2f} GiB")
     for r in rows:
         print({k: r.get(k) for k in ("method", "ppl", "head_excess_high", "train_cpu_minutes")})
