@@ -39,6 +39,7 @@ import sys
 import torch
 
 from .packing import WORD_BITS, unpack_bits
+from .quant import fdb_bits_per_weight
 
 if not torch.cuda.is_available():  # must precede the @triton.jit decorations below
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -63,8 +64,9 @@ def interpreting():
 
 
 def bits_per_weight(group_size, scale_bits=16):
-    """Storage cost per weight: two bit-planes plus two scales per group of ``group_size`` weights."""
-    return 2 + 2 * scale_bits / group_size
+    """Storage cost per weight of the packed format: the FDB rule ``quant.fdb_bits_per_weight`` (two bit-planes
+    plus two ``scale_bits`` scales per group of ``group_size`` weights)."""
+    return fdb_bits_per_weight(2, group_size, scale_bits)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .model import quantizable_linears
-from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, quantize_rtn,
-                    round_half_to_zero, rtn_bits_per_weight)
+from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, fdb_round,
+                    quantize_rtn, round_half_to_zero, rtn_bits_per_weight)
 
 
 class FakeQuantLinear(nn.Module):
@@ -35,25 +35,25 @@ class FakeQuantLinear(nn.Module):
 
 
 class _DualBinaryWeight(torch.autograd.Function):
-    """w_hat = a1 * b1 + a2 * b2 (per group); gradients: a1 <- sum_group(g * b1), a2 <- sum_group(g * b2),
-    latent w <- g (STE)."""
+    """w_hat = a1 * b1 + a2 * b2 per group, (b1, b2) = ``quant.fdb_round`` of the latent weight; gradients:
+    a1 <- sum_group(g * b1), a2 <- sum_group(g * b2), latent w <- g (STE). Works on the (out, groups, g) view:
+    no repeated-scale temporaries."""
 
     @staticmethod
     def forward(ctx, w, a1, a2, group_size):
-        b1, b2 = dual_binarize(w.detach(), a1.detach(), a2.detach(), group_size)
+        out, n = w.shape
+        b1, b2 = fdb_round(w.detach().reshape(out, n // group_size, group_size), a1.detach()[..., None],
+                           a2.detach()[..., None])
         ctx.save_for_backward(b1, b2)
-        ctx.group_size = group_size
-        A1 = a1.repeat_interleave(group_size, 1)
-        A2 = a2.repeat_interleave(group_size, 1)
-        return (A1 * b1.to(A1.dtype) + A2 * b2.to(A2.dtype)).to(w.dtype)
+        w_hat = a1[..., None] * b1.to(a1.dtype) + a2[..., None] * b2.to(a2.dtype)
+        return w_hat.reshape(out, n).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         b1, b2 = ctx.saved_tensors
-        g = ctx.group_size
-        out, n = grad.shape
-        ga1 = (grad * b1.to(grad.dtype)).reshape(out, n // g, g).sum(-1) if ctx.needs_input_grad[1] else None
-        ga2 = (grad * b2.to(grad.dtype)).reshape(out, n // g, g).sum(-1) if ctx.needs_input_grad[2] else None
+        gg = grad.reshape(b1.shape)
+        ga1 = (gg * b1.to(grad.dtype)).sum(-1) if ctx.needs_input_grad[1] else None
+        ga2 = (gg * b2.to(grad.dtype)).sum(-1) if ctx.needs_input_grad[2] else None
         return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
 
 

@@ -124,66 +124,18 @@ def trainable_parameters(student, train_latent):
     return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]})
 
 
-class _FastDualBinaryWeight(torch.autograd.Function):
-    """The same w_hat = a1 * b1 + a2 * b2 as ``layers._DualBinaryWeight`` (nearest of the levels
-    {0, a2, a1, a1 + a2}), computed with three threshold comparisons per weight instead of a 4-level
-    distance/argmin: with the group's levels sorted s0 < s1 < s2 < s3 and midpoints m_k,
-    w_hat = s0 + sum_k (s_k - s_{k-1}) [w > m_k], and b1, b2 follow the same steps. Only exact ties at a
-    midpoint may be assigned differently (the reference sends them to the level nearer zero).
-    Gradients: a1 <- sum_group(grad * b1), a2 <- sum_group(grad * b2), latent <- grad (STE)."""
-
-    @staticmethod
-    def forward(ctx, w, a1, a2, group_size):
-        out, n = w.shape
-        wg = w.detach().reshape(out, n // group_size, group_size)
-        a1d, a2d = a1.detach().float(), a2.detach().float()
-        levels = torch.stack([torch.zeros_like(a1d), a2d, a1d, a1d + a2d], -1)
-        srt, order = levels.sort(-1)
-        bits1, bits2 = (order >= 2).float(), (order % 2).float()  # (b1, b2) of each sorted level
-        mid = (srt[..., 1:] + srt[..., :-1]) / 2
-        masks = [wg > mid[..., k:k + 1] for k in range(3)]
-        d1, d2 = bits1.diff(dim=-1), bits2.diff(dim=-1)
-        b1 = bits1[..., :1].expand_as(wg).clone()
-        b2 = bits2[..., :1].expand_as(wg).clone()
-        for k, m in enumerate(masks):
-            b1.add_(m * d1[..., k:k + 1])
-            b2.add_(m * d2[..., k:k + 1])
-        ctx.save_for_backward(b1.to(torch.uint8), b2.to(torch.uint8))
-        ctx.group_size = group_size
-        return (b1 * a1d[..., None] + b2 * a2d[..., None]).reshape(out, n).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        b1, b2 = ctx.saved_tensors
-        out, ng, g = b1.shape
-        gg = grad.reshape(out, ng, g)
-        ga1 = (gg * b1).sum(-1) if ctx.needs_input_grad[1] else None
-        ga2 = (gg * b2).sum(-1) if ctx.needs_input_grad[2] else None
-        return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
-
-
-def _fast_forward(m):
-    def forward(x):
-        w_hat = _FastDualBinaryWeight.apply(m.weight, m.a1, m.a2, m.group_size)
-        return torch.nn.functional.linear(x, w_hat.to(x.dtype), m.bias)
-    return forward
-
-
 class fast_fdb:
-    """Context manager: the student's DualBinaryLinear layers use ``_FastDualBinaryWeight`` while training
-    (same levels and gradients, ~several times cheaper on CPU); the reference forward is restored on exit."""
+    """No-op context manager, kept only so existing ``with fast_fdb(model):`` blocks keep working. Training used to
+    swap in a training-only FDB rounding here; ``DualBinaryLinear`` now uses the single ``quant.fdb_round``,
+    which is faster than that form was (bench/results/fdb_round.json), so there is nothing to swap."""
 
     def __init__(self, model):
-        self.layers = list(fdb_layers(model).values())
+        self.model = model
 
     def __enter__(self):
-        for m in self.layers:
-            m.forward = _fast_forward(m)
         return self
 
     def __exit__(self, *exc):
-        for m in self.layers:
-            del m.forward
         return False
 
 

@@ -15,8 +15,8 @@ import io
 
 import torch
 
-from .analysis import _rows, fdb_error
-from .quant import _grouped, dual_binarize, fdb_init
+from .landscape import fdb_error, sample_rows
+from .quant import dual_binarize, fdb_init, grouped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,13 +83,13 @@ class AlphaExplorer(_Explorer):
 
     def __init__(self, w, x, group_size=64, init="clip", orientation="per-group", max_rows=128, max_tokens=256,
                  grid=None, m1=1.0, m2=1.0, title=""):
-        self.w = _rows(w, max_rows)
+        self.w = sample_rows(w, max_rows)
         self.x = x[:max_tokens].float()
         self.group_size, self.title = group_size, title
         self.a1, self.a2 = fdb_init(self.w, group_size, init, orientation)
         # weights in step units with the orientation folded in: every group's levels are {0, -1, 2, 1} at m = 1
         step = (self.a2.abs() * torch.sign(self.a1))[..., None]
-        self.u = (_grouped(self.w, group_size) / step).flatten()
+        self.u = (grouped(self.w, group_size) / step).flatten()
         self.grid = torch.linspace(0.5, 1.5, 11) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
         self.grid_error = torch.tensor([[fdb_error(self.w, self.x, self.a1 * g1, self.a2 * g2, group_size)
                                          for g2 in self.grid] for g1 in self.grid])

@@ -8,7 +8,8 @@ from dbllm_lab.layers import DualBinaryLinear
 from dbllm_lab.quantize import quantize_model
 from dbllm_lab.packing import pack_bits, unpack_bits
 from dbllm_lab.quant import (dequantize_rtn, dual_binarize, dual_binarize_heaviside, dual_binary_dequantize,
-                             fake_quantize, fdb_from_rtn, fdb_init, quantize_rtn, sign_binarize)
+                             fake_quantize, fdb_from_rtn, fdb_init, fdb_round, quantize_rtn, round_half_to_zero,
+                             sign_binarize)
 
 
 def _weights():
@@ -69,6 +70,94 @@ def test_nearest_level_is_optimal_against_brute_force():
         for c2 in (0, 1):
             other = dual_binary_dequantize(torch.full_like(b1, c1), torch.full_like(b2, c2), a1, a2, 32)
             assert (err <= (other - w).abs() + 1e-7).all()
+
+
+def _argmin_round(w, a1, a2):
+    """The literal rule: nearest of (0, a2, a1, a1 + a2) by |w - l|, ties to the smaller |l|, then the first code."""
+    levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)
+    dist = (w[..., None] - levels).abs()
+    tied = dist == dist.amin(-1, keepdim=True)
+    idx = torch.where(tied, levels.abs().expand_as(dist), torch.inf).argmin(-1)
+    return (idx >> 1).to(torch.uint8), (idx & 1).to(torch.uint8)
+
+
+def _dyadic_case(seed, grid=False):
+    """Scales that are small integers times 2^-6, so every level and midpoint is exact in fp32 and fp64; weights
+    exactly on every midpoint and level, plus random ones; equal levels (a2 = 0, a1 = -a2, a1 = a2) included."""
+    g = torch.Generator().manual_seed(seed)
+    G = 64
+    a1 = torch.randint(-12, 13, (G, 1), generator=g).double() / 64
+    a2 = torch.randint(-12, 13, (G, 1), generator=g).double() / 64
+    a2[:4], a1[4:8], a1[8:12] = 0, -a2[4:8], a2[8:12]
+    if grid:
+        a2 = torch.randint(1, 12, (G, 1), generator=g).double() / 64 * (torch.randint(0, 2, (G, 1), generator=g) * 2 - 1)
+        a1 = 2 * a2.abs() * (torch.randint(0, 2, (G, 1), generator=g) * 2 - 1)
+    levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)[:, 0]
+    srt = levels.sort(-1).values
+    w = torch.cat([srt, (srt[:, 1:] + srt[:, :-1]) / 2, srt[:, :1] - 0.5 + (srt[:, -1:] - srt[:, :1] + 1)
+                   * torch.rand(G, 57, generator=g, dtype=torch.float64)], 1)
+    return w, a1, a2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fdb_round_is_the_nearest_level_bit_for_bit_including_ties(seed):
+    """Exact arithmetic (dyadic scales): weights on every midpoint go to the level nearer zero, equal levels take
+    the first code, everything else the nearest level, exactly as the literal argmin in fp64."""
+    w, a1, a2 = _dyadic_case(seed)
+    b1, b2 = fdb_round(w.float(), a1.float(), a2.float())
+    r1, r2 = _argmin_round(w, a1, a2)
+    assert torch.equal(b1, r1) and torch.equal(b2, r2)
+    ties = w[:, 4:7]  # the midpoints themselves
+    assert ties.numel() == 192 and torch.equal(b1[:, 4:7], r1[:, 4:7])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fdb_round_on_a_grid_is_rtn_including_half_steps(seed):
+    """2-bit-grid groups: RTN's arithmetic, so half steps round toward zero like round_half_to_zero."""
+    w, a1, a2 = _dyadic_case(seed, grid=True)
+    b1, b2 = fdb_round(w.float(), a1.float(), a2.float())
+    s = a2.abs().float()
+    lo = torch.minimum(torch.minimum(a1, a2), a1 + a2).clamp(max=0).float()
+    hi = torch.maximum(torch.maximum(a1, a2), a1 + a2).clamp(min=0).float()
+    k = torch.maximum(torch.minimum(round_half_to_zero(w.float() / s), hi / s), lo / s)
+    assert torch.equal(a1.float() * b1 + a2.float() * b2, k * s)
+
+
+def test_fdb_round_equals_the_argmin_form_on_real_and_moved_scales(embedded):
+    """On real weights (GGUF values: many exact repeats) with the clip init and scales moved off it, in both
+    orientations, the single rounding gives the literal argmin's bits, bit for bit."""
+    from dbllm_lab.model import quantizable_linears
+    g = torch.Generator().manual_seed(0)
+    for name, lin in list(quantizable_linears(embedded[0].model.layers[0]).items())[:3]:
+        w = lin.weight.detach().float()
+        wg = w.reshape(w.shape[0], -1, 64)
+        a1, a2 = fdb_init(w, 64)
+        for s1, s2 in ((a1 * 1.01, a2 * 0.97), (a1 * (1 + 0.3 * torch.randn(a1.shape, generator=g)),
+                                                   a2 * (1 + 0.3 * torch.randn(a2.shape, generator=g)))):
+            b = fdb_round(wg, s1[..., None], s2[..., None])
+            r = _argmin_round(wg, s1[..., None], s2[..., None])
+            assert torch.equal(b[0], r[0]) and torch.equal(b[1], r[1]), name
+
+
+def test_every_fdb_path_uses_the_one_rounding(tiny):
+    """dual_binarize, the layer's forward (training and inference), its bit-planes and the packed format all give
+    fdb_round's levels."""
+    from dbllm_lab.kernel import dequantize
+    from dbllm_lab.layers import fdb_layers
+    from dbllm_lab.quantize import quantize_model
+    quantize_model(tiny, "fdb", group_size=32, progress=False)
+    for m in fdb_layers(tiny).values():
+        with torch.no_grad():
+            m.a1.mul_(1.1)  # off the grid, as after training
+        w = m.weight.detach()
+        b1, b2 = fdb_round(w.reshape(w.shape[0], -1, 32), m.a1.detach()[..., None], m.a2.detach()[..., None])
+        b1, b2 = b1.reshape(w.shape), b2.reshape(w.shape)
+        ref = dual_binary_dequantize(b1, b2, m.a1.detach(), m.a2.detach(), 32)
+        assert all(torch.equal(x, y) for x, y in zip(dual_binarize(w, m.a1, m.a2, 32), (b1, b2)))
+        assert all(torch.equal(x, y) for x, y in zip(m.bitplanes(), (b1, b2)))
+        assert torch.equal(m.dequantized_weight().detach(), ref)
+        p1, p2 = pack_bits(b1), pack_bits(b2)
+        assert torch.equal(dequantize(p1, p2, m.a1.detach(), m.a2.detach(), 32), ref)
 
 
 def test_init_options_order_and_sparsity():
