@@ -28,8 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RUN_TIMEOUT_S = 900  # model load + notebook 09 in quick mode, with margin for a busy machine
-REDRAW_TIMEOUT_S = 30
+RUN_TIMEOUT_S = 1800  # model load + notebook 09 in quick mode (4-10 min on 2 busy CPU cores), with margin
+LOAD_TIMEOUT_MS = 600_000  # JupyterLab opening the notebook and starting its kernel on a busy machine
+REDRAW_TIMEOUT_S = 60
+SHOT_TIMEOUT_MS = 120_000
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +119,14 @@ def _notebook_copy(data_dir):
     return os.path.relpath(dst, ROOT)
 
 
+def _shot(target, name, **kw):
+    """Screenshot of a page or element to build/browser/NAME; on a busy machine a slow screenshot only warns."""
+    try:
+        target.screenshot(path=os.path.join(OUT, name), timeout=SHOT_TIMEOUT_MS, **kw)
+    except Exception as e:  # playwright's TimeoutError; the checks do not depend on the pictures
+        print(f"screenshot {name} not saved: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
 def _save_img(src, name):
     assert src.startswith("data:image/png;base64,"), src[:80]
     with open(os.path.join(OUT, name), "wb") as f:
@@ -132,7 +142,7 @@ def _move_slider(page, label, presses, shot):
     img.wait_for(timeout=30_000)
     before_src, before_readout = img.get_attribute("src"), slider.locator(".widget-readout").inner_text()
     box.scroll_into_view_if_needed()
-    box.screenshot(path=os.path.join(OUT, f"{shot}_before.png"))
+    _shot(box, f"{shot}_before.png")
     handle = slider.locator(".noUi-handle")
     handle.focus()
     for _ in range(presses):
@@ -141,7 +151,7 @@ def _move_slider(page, label, presses, shot):
     while after_src == before_src and time.time() - t0 < REDRAW_TIMEOUT_S:
         page.wait_for_timeout(250)
         after_src = img.get_attribute("src")
-    box.screenshot(path=os.path.join(OUT, f"{shot}_after.png"))
+    _shot(box, f"{shot}_after.png")
     _save_img(before_src, f"{shot}_figure_before.png")
     _save_img(after_src, f"{shot}_figure_after.png")
     return before_readout, slider.locator(".widget-readout").inner_text(), before_src, after_src
@@ -156,10 +166,11 @@ def test_sliders_redraw_their_figures_in_jupyterlab(lab, data_dir, tmp_path):
             str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 1000})
         page = ctx.new_page()
+        page.set_default_timeout(120_000)  # a busy 2-core machine renders slowly
         try:
-            page.goto(f"{base}/lab/tree/{nb_path}?token={token}", timeout=120_000)
-            page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=120_000)
-            page.locator("#jp-main-statusbar").get_by_text(re.compile(r"\| Idle")).wait_for(timeout=120_000)
+            page.goto(f"{base}/lab/tree/{nb_path}?token={token}", timeout=LOAD_TIMEOUT_MS)
+            page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=LOAD_TIMEOUT_MS)
+            page.locator("#jp-main-statusbar").get_by_text(re.compile(r"\| Idle")).wait_for(timeout=LOAD_TIMEOUT_MS)
             page.locator("li.lm-MenuBar-item", has_text="Run").first.click()
             page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()
             done = page.get_by_text(re.compile(r"notebook time \d+ s"))
@@ -169,12 +180,12 @@ def test_sliders_redraw_their_figures_in_jupyterlab(lab, data_dir, tmp_path):
                 if page.locator(".jp-Dialog").count():  # e.g. a kernel choice: take the default, as a user would
                     page.locator(".jp-Dialog .jp-mod-accept").click()
                 if error.count():
-                    page.screenshot(path=os.path.join(OUT, "error.png"), full_page=True)
+                    _shot(page, "error.png")
                     pytest.fail("a cell of the notebook failed in JupyterLab:\n" + error.first.inner_text()[-3000:])
                 assert time.time() - t0 < RUN_TIMEOUT_S, f"notebook did not finish in {RUN_TIMEOUT_S} s"
                 page.wait_for_timeout(1000)
             print(f"notebook ran in JupyterLab in {time.time() - t0:.0f} s")
-            page.screenshot(path=os.path.join(OUT, "notebook_done.png"))
+            _shot(page, "notebook_done.png")
 
             problems = []  # every check runs, so one run names every failure
             # the gamma cell shows its own static figure only (no stray copy of the alpha widget's figure)
@@ -191,8 +202,8 @@ def test_sliders_redraw_their_figures_in_jupyterlab(lab, data_dir, tmp_path):
                     problems.append(f"the {label} slider moved ({r0} -> {r1}) but its figure did not change within "
                                     f"{REDRAW_TIMEOUT_S} s (screenshots in build/browser/{shot}_*.png)")
             assert not problems, "; ".join(problems)
-        except BaseException:
-            page.screenshot(path=os.path.join(OUT, "failure.png"), full_page=True)
+        except Exception:
+            _shot(page, "failure.png")
             raise
         finally:
             ctx.close()
