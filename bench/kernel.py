@@ -47,11 +47,11 @@ EMBEDDED_LAYER = {(576, 576): "self_attn.q_proj", (192, 576): "self_attn.k_proj"
 # ------------------------------------------------------------------------------------------------------
 # Weights -> FDB bit-planes
 # ------------------------------------------------------------------------------------------------------
-def quantize(w, g):
-    """(b1, b2, a1, a2, how): FDB with the project's clip-search init (method.md §1)."""
-    a1, a2 = quant.fdb_init(w.float(), g)
+def quantize(w, g, init="clip"):
+    """(b1, b2, a1, a2, how): FDB with the project's init (default the clip search, method.md §1)."""
+    a1, a2 = quant.fdb_init(w.float(), g, init=init)
     b1, b2 = quant.dual_binarize(w.float(), a1, a2, g)
-    return b1, b2, a1, a2, "dbllm_lab.quant.fdb_init(init='clip', orientation='per-group') + dual_binarize"
+    return b1, b2, a1, a2, f"dbllm_lab.quant.fdb_init(init={init!r}, orientation='per-group') + dual_binarize"
 
 
 def weights_for(shapes, g, use_embedded):

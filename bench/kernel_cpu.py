@@ -17,6 +17,7 @@ activations, output); the byte-count limit of the speedup over fp32 is fp32 byte
 weights alone at g = 64; a memory-bound GEMV cannot beat it). Writes bench/results/kernel_cpu.json.
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -68,8 +69,7 @@ def bench_shape(shape, batches, planes, args):
     w32 = layer.dequantize(torch.float32)
     rotate = args.rotate_mib * 2**20
     packed_bytes = layer.packed_bytes()
-    layers = [layer] + [PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="cpu")
-                        for _ in range(copies_for(packed_bytes, rotate) - 1)]
+    layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(packed_bytes, rotate) - 1)]
     w32s = [w32] + [w32.clone() for _ in range(copies_for(w32.numel() * 4, rotate) - 1)]
     w16s = [w.bfloat16() for w in w32s[:copies_for(w32.numel() * 2, rotate)]]
     while len(w16s) < copies_for(w32.numel() * 2, rotate):
@@ -100,34 +100,15 @@ def bench_shape(shape, batches, planes, args):
     return rows
 
 
-def main():
-    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
-    ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
-    ap.add_argument("--rounds", type=int, default=15, help="timed samples per method (median reported)")
-    ap.add_argument("--rotate-mib", type=int, default=512, help="weight copies of each method span this many MiB")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "kernel_cpu.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    kinfo = cpu_kernel.info()  # compiles on first use
-    load_before = os.getloadavg()
-    t_start = time.time()
-    data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
-    rows, how = [], None
-    for shape in args.shapes:
-        w, source = data[shape]
-        b1, b2, a1, a2, how = quantize(w, args.group_size)
-        for row in bench_shape(shape, args.batches, (b1, b2, a1, a2), args):
-            row.update({"weights": source, **sparsity(b1, b2)})
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+def save(args, rows, how, kinfo, load_before, t_start, done):
+    """Write the rows so far (after every shape: a run stopped early keeps what it measured)."""
     load_after = os.getloadavg()
     loaded = max(load_before[0], load_after[0]) > 0.5 * os.cpu_count()
     settings = {
         "device": "cpu", "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
         "torch_threads": torch.get_num_threads(), "kernel_threads": torch.get_num_threads(), "kernel": kinfo,
         "quantizer": how, "rounds": args.rounds, "rotate_mib": args.rotate_mib, "seconds": time.time() - t_start,
+        "complete": done if done else f"no: {len(rows)} of {len(args.shapes) * len(args.batches)} rows measured so far",
         "loadavg_before": load_before, "loadavg_after": load_after,
         "timer": "time.perf_counter; per sample a run of calls on successive weight copies (>= 2 ms), methods "
                  "interleaved each round; median of the samples",
@@ -144,5 +125,30 @@ def main():
                            "speedup_vs_bf16", "byte_limit_vs_fp32", "fraction_of_limit", "max_rel_err_vs_reference"])
 
 
+def main():
+    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
+    ap.add_argument("--init", default="clip", choices=["clip", "minmax"],
+                    help="FDB init of the bit-planes (the kernel's time does not depend on it; minmax is faster)")
+    ap.add_argument("--rounds", type=int, default=15, help="timed samples per method (median reported)")
+    ap.add_argument("--rotate-mib", type=int, default=512, help="weight copies of each method span this many MiB")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "kernel_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kinfo = cpu_kernel.info()  # compiles on first use
+    load_before = os.getloadavg()
+    t_start = time.time()
+    data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
+    rows, how = [], None
+    for shape in args.shapes:
+        w, source = data[shape]
+        b1, b2, a1, a2, how = quantize(w, args.group_size, args.init)
+        for row in bench_shape(shape, args.batches, (b1, b2, a1, a2), args):
+            row.update({"weights": source, **sparsity(b1, b2)})
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        save(args, rows, how, kinfo, load_before, t_start, done=shape == args.shapes[-1])
 if __name__ == "__main__":
     main()

@@ -22,13 +22,14 @@ Other CPUs (no AVX-512, e.g. ARM or AVX2-only x86): a portable C++ loop (unpack 
 registers, then a ``#pragma omp simd`` dot product with each activation row) that the compiler vectorises for
 the host. It gives the same results and is tested, but it is slower and is not what the benchmark times.
 
-Candidates timed before choosing (4096 x 4096, batch 1, fp16 scales, g = 64, one thread, same weights, min of
-40 calls on a loaded 2-core Xeon with AVX-512, see ``bench/kernel_cpu.py --candidates`` for the recorded run):
-the AVX-512 masked add (chosen for batch 1), the AVX-512 in-register dequantize (chosen for batch >= 2), a
-T-MAC-style lookup table of the 256 subset sums of every 8 activations (one table read per packed byte: about
-1.4x slower than the masked add at batch 1 and, with one 512 KiB table per activation row, not a fit for
-batch 16) and the portable loop (about 3x slower). numba was timed too (the same lookup-table and unpack
-loops); it was slower than the C++ loops it mirrors and would add a large dependency, so it was not kept.
+Candidates timed before choosing (a one-off prototype run, not a committed benchmark: 4096 x 4096, batch 1, fp16
+scales, g = 64, one thread, weights rotated through 512 MiB of copies, min of 20 calls, on this project's 2-core
+AVX-512 Xeon while other jobs loaded it, load average 5.6-8.2): AVX-512 masked add 1.61 ms (chosen for batch 1),
+AVX-512 in-register dequantize 1.77 ms (chosen for batch >= 2: at batch 4 and 16 it decodes the weights once for
+all rows; 6.4 and 11.0 ms there against 23.4 and 36.7 ms for the portable loop), a T-MAC-style lookup table of the
+256 subset sums of every 8 activations (one table read per packed byte) 3.46 ms, and the portable loop 4.55 ms.
+numba was installed for the comparison but not timed (the machine was saturated); it was not kept because it
+would add a large dependency for loops that the C++ ones above already cover.
 
 Build: on first use the source below is compiled with the C++ compiler on PATH (``$CXX``, else ``c++``,
 ``g++``, ``clang++``) into ``$DBLLM_CACHE_DIR`` (default ``~/.cache/dbllm_lab``) and loaded with ctypes; later
