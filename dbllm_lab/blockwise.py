@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .calib import block_forward, capture_block0_inputs
 from .layers import learnable_layers, trainable_quant_parameters
 from .model import decoder_layers
-from .train import atomic_save, fast_fdb, peak_rss_gib
+from .runtime import atomic_save, peak_rss_gib
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -176,20 +176,19 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
         opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total)))
     losses = []
     block.train()
-    with fast_fdb(block):
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
-            for k in range(per_epoch):
-                idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
-                x = torch.cat([x_in[j] for j in idx]).to(device)
-                t = torch.cat([y[j] for j in idx]).to(device)
-                loss = reconstruction_loss(block_forward(block, x, kwargs), t, cfg.loss, cfg.sink_ratio,
-                                           cfg.sink_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+        for k in range(per_epoch):
+            idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
+            x = torch.cat([x_in[j] for j in idx]).to(device)
+            t = torch.cat([y[j] for j in idx]).to(device)
+            loss = reconstruction_loss(block_forward(block, x, kwargs), t, cfg.loss, cfg.sink_ratio,
+                                       cfg.sink_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
     block.eval()
     for p in scales + latents:
         p.requires_grad_(False)

@@ -106,9 +106,10 @@ def cmd_train(args):
         data = corpus_samples(tok, args.n, args.gen_len, path=args.train_text, seed=args.seed)
     else:
         data = generate_samples(teacher, tok, args.n, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
+    calib = data.reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
     student, info = train_two_stage(teacher, data, stage=args.stage, quant=args.quant, blockwise=bw, config=cfg,
                                     out_dir=args.out_dir, init=args.init, group_size=args.group_size,
-                                    device=args.device)
+                                    calib_windows=calib, device=args.device)
     summary = {k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}
     summary.update(stage=args.stage, quant=args.quant, out_dir=args.out_dir)
     if args.eval:
@@ -229,7 +230,7 @@ def build_parser():
     p.add_argument("--lr-latent", type=float, default=tc.lr_latent)
     p.add_argument("--train-latent", action="store_true", help="end-to-end: also train the latent weights (STE)")
     p.add_argument("--warmup", type=int, default=tc.warmup)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=tc.seed)
     p.add_argument("--init", default="clip", help="FDB init: clip, gptq (on the training text) or minmax")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-windows", type=int, default=16)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .blockwise import BlockwiseConfig, blockwise_reconstruct
 from .distill import LOSSES, check_gamma, distill_loss
-from .layers import (DualBinaryLinear, FakeQuantLinear, fdb_layers, learnable_layers,
-                     trainable_quant_parameters)
+from .layers import DualBinaryLinear, FakeQuantLinear, learnable_layers, trainable_quant_parameters
+from .runtime import atomic_save, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that do not change the loss curve; a resumed run may change them.
@@ -124,21 +124,6 @@ def trainable_parameters(student, train_latent):
     return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]})
 
 
-class fast_fdb:
-    """No-op context manager, kept only so existing ``with fast_fdb(model):`` blocks keep working. Training used to
-    swap in a training-only FDB rounding here; ``DualBinaryLinear`` now uses the single ``quant.fdb_round``,
-    which is faster than that form was (bench/results/fdb_round.json), so there is nothing to swap."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.no_grad()
 def freeze_quantized(model):
     """Replace every learnable quantized layer (DualBinaryLinear, UniformQuantLinear) by a FakeQuantLinear holding
@@ -151,20 +136,8 @@ def freeze_quantized(model):
     return model
 
 
-def peak_rss_gib():
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def _fingerprint(windows):
     return {"shape": list(windows.shape), "sum": int(windows.sum()), "head": windows.reshape(-1)[:16].tolist()}
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed process never leaves a half-written file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def write_curve(history, out_dir, stem="curve"):
@@ -269,45 +242,44 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     params = list(named.values())
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.loss}", disable=not progress)
     done_here = 0
-    with fast_fdb(student):
-        while step < cfg.steps:
-            if stop_after is not None and done_here >= stop_after:
-                break
-            t0, c0 = time.time(), time.process_time()
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                idx = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n, cfg.seed)
-                x = windows[idx]
-                t_logits = None
-                if cfg.loss != "ce":
-                    if teacher_logits is not None:
-                        t_logits = teacher_logits[idx]
-                    else:
-                        with torch.no_grad():
-                            t_logits = teacher(x).logits
-                s_logits = student(x).logits
-                loss = distill_loss(cfg.loss, s_logits, x, t_logits, cfg.gamma, cfg.chunk) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-                del s_logits, t_logits, loss
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            step += 1
-            done_here += 1
-            seconds += time.time() - t0
-            cpu_seconds += time.process_time() - c0
-            history.append({"step": step, "loss": total, "lr": lr, "seconds": round(seconds, 3),
-                            "cpu_seconds": round(cpu_seconds, 3), "tokens": step * cfg.grad_accum * cfg.batch_size
-                            * cfg.seqlen})
-            bar.update(1)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save()
+    while step < cfg.steps:
+        if stop_after is not None and done_here >= stop_after:
+            break
+        t0, c0 = time.time(), time.process_time()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n, cfg.seed)
+            x = windows[idx]
+            t_logits = None
+            if cfg.loss != "ce":
+                if teacher_logits is not None:
+                    t_logits = teacher_logits[idx]
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(x).logits
+            s_logits = student(x).logits
+            loss = distill_loss(cfg.loss, s_logits, x, t_logits, cfg.gamma, cfg.chunk) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+            del s_logits, t_logits, loss
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        step += 1
+        done_here += 1
+        seconds += time.time() - t0
+        cpu_seconds += time.process_time() - c0
+        history.append({"step": step, "loss": total, "lr": lr, "seconds": round(seconds, 3),
+                        "cpu_seconds": round(cpu_seconds, 3), "tokens": step * cfg.grad_accum * cfg.batch_size
+                        * cfg.seqlen})
+        bar.update(1)
+        if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save()
     bar.close()
     completed = step >= cfg.steps
     if completed:
@@ -349,7 +321,7 @@ def _learnable_state(model):
 
 
 def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
-                    stage1_dir=None, init="clip", group_size=64, device="cpu", progress=True):
+                    stage1_dir=None, init="clip", group_size=64, calib_windows=None, device="cpu", progress=True):
     """The two-stage recipe: build a learnable W2 student from ``teacher``, then
     stage 1 (``blockwise.blockwise_reconstruct`` with ``blockwise``, a BlockwiseConfig) on the samples ``data``
     (n, L) and/or stage 2 (``train``: end-to-end DAD / KD / CE with ``config``, a TrainConfig) from its result.
@@ -357,7 +329,6 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
     Checkpoints: stage 1 per block under ``stage1_dir`` (default ``out_dir/stage1``; rows that share a stage 1
     may share this folder), stage 2 under ``out_dir/e2e``; a rerun resumes. Returns (student, info) with the
     CPU minutes and tokens of each stage, the per-block reconstruction statistics and the e2e loss curve."""
-    from .blockwise import BlockwiseConfig, blockwise_reconstruct
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not supported; use one of {STAGES}")
     if not torch.is_tensor(data) or data.dim() != 2 or len(data) == 0:
@@ -365,7 +336,8 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
                          f"{tuple(getattr(data, 'shape', ())) or type(data).__name__}")
     bw_cfg = (blockwise or BlockwiseConfig()).validate()
     cfg = (config or TrainConfig()).validate()
-    student, report = build_student(teacher, quant=quant, init=init, group_size=group_size, progress=progress)
+    student, report = build_student(teacher, quant=quant, init=init, group_size=group_size,
+                                    calib_windows=calib_windows, progress=progress)
     info = {"bits_per_weight": report["bits_per_weight"], "stage1_cpu_minutes": 0.0, "stage2_cpu_minutes": 0.0,
             "stage1_tokens": 0, "stage2_tokens": 0}
     if stage in ("blockwise", "both"):
