@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -78,15 +78,6 @@ class BlockwiseConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         return self
-
-
-def config_from_dict(d):
-    """A BlockwiseConfig from a dict (a papermill parameters cell, a CLI), refusing unknown keys."""
-    known = {f.name for f in fields(BlockwiseConfig)}
-    bad = sorted(set(d) - known)
-    if bad:
-        raise ValueError(f"unknown block-wise settings {bad}; allowed: {sorted(known)}")
-    return BlockwiseConfig(**d).validate()
 
 
 def sink_mask(y, sink_ratio):

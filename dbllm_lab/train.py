@@ -366,10 +366,11 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
     return student, info
 
 
-def config_from_dict(d):
-    """A TrainConfig from a dict (e.g. a papermill parameters cell), refusing unknown keys."""
-    known = {f.name for f in fields(TrainConfig)}
+def config_from_dict(d, cls=TrainConfig):
+    """A ``cls`` (TrainConfig or blockwise.BlockwiseConfig) from a dict (e.g. a papermill parameters cell),
+    refusing unknown keys."""
+    known = {f.name for f in fields(cls)}
     bad = sorted(set(d) - known)
     if bad:
-        raise ValueError(f"unknown training settings {bad}; allowed: {sorted(known)}")
-    return TrainConfig(**d).validate()
+        raise ValueError(f"unknown {cls.__name__} settings {bad}; allowed: {sorted(known)}")
+    return cls(**d).validate()
