@@ -86,7 +86,6 @@ def cmd_train(args):
     --stage blockwise (block-wise reconstruction), e2e (end-to-end DAD / KD / CE) or both."""
     import json
     from .blockwise import BlockwiseConfig
-    from .train import TrainConfig
     from .datafree import corpus_samples, generate_samples
     from .model import load_model
     from .train import STAGES, TrainConfig, freeze_quantized, train_two_stage

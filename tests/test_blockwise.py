@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dbllm_lab.blockwise import BlockwiseConfig, block_errors, blockwise_reconstruct, reconstruction_loss
-from dbllm_lab.layers import UniformQuantLinear, learnable_layers
+from dbllm_lab.layers import UniformQuantLinear
 from dbllm_lab.model import tiny_llama
 from dbllm_lab.quant import fake_quantize
 from dbllm_lab.train import TrainConfig, build_student, train_two_stage
