@@ -7,9 +7,9 @@ may run at once (rows are merged into the file under a lock on its folder).
     python bench/zeroshot.py --data-dir DIR [--limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
     python bench/zeroshot.py --data-dir DIR --checkpoint "fdb+dad=ckpt/dad" --checkpoint "fdb+kd=ckpt/kd"
 
-Trained rows (best FDB+DAD, KD at the same budget) come from packed checkpoints: train with ``dbllm-lab train``
-(or bench/dbllm_table.py), then save the student with ``dbllm_lab.checkpoint.save_quantized(freeze_fdb(student),
-DIR)`` and pass ``--checkpoint NAME=DIR``; the row is named NAME.
+Trained rows (best FDB+DAD, KD at the same budget) come from packed checkpoints: train with
+``dbllm-lab train ... --save DIR`` (or ``dbllm_lab.checkpoint.save_quantized(student, DIR)``) and pass
+``--checkpoint NAME=DIR``; the row is named NAME.
 
 Quick mode (the default, ``--limit N``) scores the first N documents of each task; every row records its limit and
 the table says "first N" beside the numbers. ``--full`` scores the full splits (PIQA 1,838, ARC-Easy 2,376,

@@ -111,6 +111,10 @@ def cmd_train(args):
                                     calib_windows=calib, device=args.device)
     summary = {k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}
     summary.update(stage=args.stage, quant=args.quant, out_dir=args.out_dir)
+    if args.save:
+        from .checkpoint import save_quantized
+        save_quantized(student, args.save)
+        summary["packed_checkpoint"] = args.save
     if args.eval:
         from .ppl import perplexity
         summary["ppl"] = perplexity(freeze_quantized(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -218,6 +222,7 @@ def build_parser():
     p.add_argument("--bw-scales-only", action="store_true", help="block-wise: train only the scales")
     p.add_argument("--bw-loss", default=bw.loss, help="block-wise loss: split (default), relative or mse")
     p.add_argument("--bw-inputs", default=bw.inputs, help="block-wise inputs: quant (default) or fp")
+    p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
     tc = TrainConfig()
     p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")
     p.add_argument("--gamma", type=float, default=tc.gamma, help="DAD gamma in [0, 1]")
