@@ -116,8 +116,9 @@ def save(args, rows, how, kinfo, load_before, t_start, done):
                    "PackedDualBinaryLinear(backend='cpu') forward, fp32 activations, fp16 scales",
         "bandwidth_limit": "speedup over fp32 <= byte_limit_vs_fp32 = fp32 bytes / packed bytes (memory-bound GEMV)",
         "note": (f"machine under load from other jobs (1-min load average {load_before[0]:.1f} before, "
-                 f"{load_after[0]:.1f} after, on {os.cpu_count()} cores): absolute times are inflated and noisy; "
-                 "the interleaved ratios are the meaningful numbers" if loaded else
+                 f"{load_after[0]:.1f} after, on {os.cpu_count()} cores): times are dominated by the scheduler (the "
+                 "kernel and torch alike wait for time slices), so neither absolute times nor ratios show what "
+                 "the kernel does on an idle machine" if loaded else
                  f"1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores"),
     }
     write_results(args.out, rows, settings,
