@@ -181,7 +181,8 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
             sched.step()
             losses.append(loss.item())
     block.eval()
-    for p in scales + latents:
+    for p in scales + latents:  # free the gradients too: kept, they would grow memory with every block trained
+        p.grad = None
         p.requires_grad_(False)
     return losses
 
