@@ -16,9 +16,17 @@ def test_save_load_identical_logits_on_embedded_model(embedded, tmp_path):
     x = torch.randint(0, 49152, (1, 48))
     header = save_quantized(model, str(tmp_path))
     assert header["group_size"] == 64 and len(header["layers"]) == 210
-    loaded = load_quantized(str(tmp_path), base_model=copy.deepcopy(base))
+    # the stored format is exact: the "torch" backend (dequantize, dense matmul) gives identical logits
+    loaded = load_quantized(str(tmp_path), base_model=copy.deepcopy(base), backend="torch")
     with torch.no_grad():
-        assert torch.equal(model(x).logits, loaded(x).logits)
+        ref = model(x).logits
+        assert torch.equal(ref, loaded(x).logits)
+        # the CPU kernel sums in another order: same logits within float rounding, same greedy tokens
+        for m in loaded.modules():
+            if hasattr(m, "backend"):
+                m.backend = "auto"
+        out = loaded(x).logits
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-3) and torch.equal(out.argmax(-1), ref.argmax(-1))
     # 2 bit-planes + 2 fp16 scales per 64 weights = 2.5 bits per weight, plus the safetensors header
     n = sum(s["in_features"] * s["out_features"] for s in header["layers"])
     assert os.path.getsize(tmp_path / WEIGHTS) == pytest.approx(n * 2.5 / 8, rel=0.01)
@@ -33,7 +41,7 @@ def _saved(tiny, path):
 def test_tiny_roundtrip(tiny, tmp_path):
     from dbllm_lab.model import tiny_llama
     model = _saved(tiny, tmp_path)
-    loaded = load_quantized(str(tmp_path), base_model=tiny_llama())
+    loaded = load_quantized(str(tmp_path), base_model=tiny_llama(), backend="torch")  # exact storage
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)

@@ -15,7 +15,7 @@ def test_eval_ppl_writes_json(tmp_path, data_dir):
 @pytest.mark.parametrize("argv, needle", [
     (["eval-ppl", "--seqlen", "1"], "seqlen=1"),
     (["eval-ppl", "--dataset", "ptb"], "dataset='ptb'"),
-    (["quantize", "--method", "int3"], "method='int3'"),
+    (["quantize", "--method", "int3"], "invalid choice: 'int3'"),
     (["quantize", "--method", "fdb", "--group-size", "100"], "does not divide"),
     (["quantize", "--method", "gptq"], "--calib-data"),
 ])
