@@ -48,7 +48,7 @@ import tempfile
 
 import torch
 
-from .packing import WORD_BITS
+from .packing import check_inputs
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -304,7 +304,6 @@ def info(generic=False):
 
 def check_cpu_inputs(x, p1, p2, a1, a2, group_size):
     """``kernel.check_inputs`` plus what this kernel needs: CPU tensors, contiguous operands."""
-    from .kernel import check_inputs
     M, N, K = check_inputs(x, p1, p2, a1, a2, group_size)
     if x.device.type != "cpu":
         raise ValueError(f"the CPU kernel got tensors on {x.device}; use dbllm_lab.kernel.dual_binary_matmul for "

@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from .packing import WORD_BITS, unpack_bits
+from .packing import ACT_DTYPES, SCALE_DTYPES, WORD_BITS, check_inputs, unpack_bits  # noqa: F401 (re-exported)
 from .quant import fdb_bits_per_weight
 
 if not torch.cuda.is_available():  # must precede the @triton.jit decorations below
@@ -52,8 +52,6 @@ except ImportError:  # the reference and torch paths work without triton
     triton = tl = None
     HAS_TRITON = False
 
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SCALE_DTYPES = (torch.float16, torch.float32)
 GEMV_MAX_ROWS = 8  # M <= 8 -> GEMV (decoding), else GEMM (prefill)
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -72,56 +70,7 @@ def bits_per_weight(group_size, scale_bits=16):
 # ----------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------
-def _names(dtypes):
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
-
-def check_inputs(x, p1, p2, a1, a2, group_size):
-    """Validate the operands of ``y = x @ w_hat.T``; raise TypeError/ValueError naming the bad value.
-
-    Returns (M, N, K) with M = number of activation rows (leading dims of x flattened).
-    """
-    for name, t in (("x", x), ("p1", p1), ("p2", p2), ("a1", a1), ("a2", a2)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {group_size!r}")
-    if group_size <= 0 or group_size % WORD_BITS:
-        raise ValueError(f"group_size={group_size} is not supported: it must be a positive multiple of {WORD_BITS} "
-                         f"(e.g. 32, 64, 128) so that groups align with the packed int32 words")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; activations must be one of {_names(ACT_DTYPES)}")
-    for name, t in (("p1", p1), ("p2", p2)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} has dtype {t.dtype}; packed bit-planes must be int32 (see packing.pack_bits)")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (out, in // 32), got shape {tuple(t.shape)}")
-    for name, t in (("a1", a1), ("a2", a2)):
-        if t.dtype not in SCALE_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; scales must be one of {_names(SCALE_DTYPES)}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (out, in // group_size), got shape {tuple(t.shape)}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    devices = {t.device for t in (x, p1, p2, a1, a2)}
-    if len(devices) > 1:
-        raise ValueError(f"all operands must be on one device, got x:{x.device} p1:{p1.device} p2:{p2.device} "
-                         f"a1:{a1.device} a2:{a2.device}")
-    if p1.shape != p2.shape:
-        raise ValueError(f"p1 and p2 shapes differ: {tuple(p1.shape)} vs {tuple(p2.shape)}")
-    if a1.shape != a2.shape:
-        raise ValueError(f"a1 and a2 shapes differ: {tuple(a1.shape)} vs {tuple(a2.shape)}")
-    N, KW = p1.shape
-    K = x.shape[-1]
-    if K != KW * WORD_BITS:
-        raise ValueError(f"x has in_features={K} but the bit-planes hold {KW} words x 32 = {KW * WORD_BITS} columns")
-    if K % group_size:
-        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
-    if tuple(a1.shape) != (N, K // group_size):
-        raise ValueError(f"scales have shape {tuple(a1.shape)}, expected (out, in // group_size) = "
-                         f"({N}, {K // group_size}) for group_size={group_size}")
-    M = x.numel() // K if K else 0
-    return M, N, K
 
 
 # ----------------------------------------------------------------------------------------------------------
