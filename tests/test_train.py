@@ -142,7 +142,7 @@ def test_misc_errors(setup):
         train(copy.deepcopy(student), data, config=_cfg(), progress=False)
     with pytest.raises(ValueError, match="DualBinaryLinear"):
         train(copy.deepcopy(teacher), data, teacher=teacher, config=_cfg(), progress=False)
-    with pytest.raises(ValueError, match="unknown training settings"):
+    with pytest.raises(ValueError, match="unknown TrainConfig settings"):
         config_from_dict({"steps": 3, "lr_scales": 1.0})
     with pytest.raises(ValueError, match="fewer than seqlen"):
         to_windows(data, 64)
