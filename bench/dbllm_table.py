@@ -39,6 +39,9 @@ BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 /
 ROWS = {
     "fdb blockwise": ("fdb", "blockwise", {}, {}, 64),
     "fdb blockwise mse": ("fdb", "blockwise", {"loss": "mse"}, {}, 64),
+    # stage-1 budget sweep: same data, more optimiser steps (smaller batches), higher latent lr, more epochs
+    "fdb blockwise b1": ("fdb", "blockwise", {"batch_size": 1}, {}, 64),
+    "fdb blockwise lat2e-3": ("fdb", "blockwise", {"lr_latent": 2e-3}, {}, 64),
     "fdb 2-stage dad s0": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "uniform 2-stage dad s0": ("uniform", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "fdb 2-stage kd s0": ("fdb", "both", {}, {"loss": "kd", "seed": 0}, 64),
@@ -108,16 +111,20 @@ class Context:
         return row
 
 
+def stage1_dir(ckpt_dir, quant, bw, n):
+    """One stage-1 folder per (quantizer, block-wise overrides, samples): rows that differ only in their
+    end-to-end stage share it, e.g. stage1_fdb_{loss=mse}_n64."""
+    overrides = ",".join(f"{k}={v}" for k, v in sorted(bw.items()))
+    return os.path.join(ckpt_dir, f"stage1_{quant}_{{{overrides}}}_n{n}")
+
+
 def train_row(ctx, name, spec):
     quant, stage, bw, e2e, n = spec
     a = ctx.args
-    out_dir = os.path.join(a.ckpt_dir, name.replace(" ", "_"))
-    bw_cfg = BlockwiseConfig(**bw)
-    e2e_cfg = TrainConfig(**e2e)
-    student, info = train_two_stage(ctx.teacher, ctx.pool[:n], stage=stage, quant=quant, blockwise=bw_cfg,
-                                    config=e2e_cfg, out_dir=out_dir,
-                                    stage1_dir=os.path.join(a.ckpt_dir, f"stage1_{quant}_{json.dumps(bw, sort_keys=True)}_n{n}"
-                                                            .replace(" ", "").replace('"', "").replace(":", "=")))
+    student, info = train_two_stage(ctx.teacher, ctx.pool[:n], stage=stage, quant=quant,
+                                    blockwise=BlockwiseConfig(**bw), config=TrainConfig(**e2e),
+                                    out_dir=os.path.join(a.ckpt_dir, name.replace(" ", "_")),
+                                    stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n))
     freeze_quantized(student)
     return student, info
 
