@@ -2,7 +2,8 @@
 and of a learnable uniform 2-bit grid, against FP, RTN and the untrained initialisations.
 
 Every trained row is built by ``dbllm_lab.train.train_two_stage``, the function ``dbllm-lab train --stage``
-calls, with the defaults of ``BlockwiseConfig`` / ``TrainConfig`` unless a row names an override. All rows see
+calls, with ``BlockwiseConfig(**BASE_STAGE1)`` (the first recipe: batch 4, latent lr 5e-4) and ``TrainConfig``'s
+defaults unless a row names an override. All rows see
 teacher-written text (prefixes of one cached pool, never the evaluated split). Each row records WikiText-2
 test PPL (first ``--windows`` windows of ``--seqlen``), the head-class bias statistic on the first
 ``--bias-windows`` windows, and the CPU minutes of each stage; data generation is reported once in the
@@ -10,6 +11,7 @@ settings. Rows already in the JSON are skipped and every stage checkpoints under
 command resumes.
 
     python bench/dbllm_table.py                       # the table (rows in ROWS order; --only NAME,NAME)
+    python bench/dbllm_table.py --save "fdb 2-stage dad s0" ckpt/dad   # a finished row as a packed checkpoint
     python bench/dbllm_table.py --memory-flatness     # stage-1 peak memory on random LLaMA configs, 8/16/32 blocks
 """
 import argparse
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_eval_args, eval_settings, load_results, write_results  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.blockwise import BlockwiseConfig  # noqa: E402
+from dbllm_lab.checkpoint import save_quantized  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
@@ -35,6 +38,13 @@ from dbllm_lab.train import TrainConfig, freeze_quantized, peak_rss_gib, train_t
 BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 / 1 in the earlier rows below)
 # TrainConfig / BlockwiseConfig defaults (the CLI's) unless a row overrides them
 
+# Block-wise settings of every row = BASE_STAGE1 (the first recipe) updated by the row's overrides; the stage-1
+# folders are named by those overrides. TUNED_STAGE1 is what BlockwiseConfig's defaults are now.
+BASE_STAGE1 = {"batch_size": 4, "lr_latent": 5e-4}
+LAT2E3_STAGE1 = {"lr_latent": 2e-3}
+TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
+TUNED_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}
+
 # name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples)
 ROWS = {
     "fdb blockwise": ("fdb", "blockwise", {}, {}, 64),
@@ -42,6 +52,9 @@ ROWS = {
     # stage-1 budget sweep: same data, more optimiser steps (smaller batches), higher latent lr, more epochs
     "fdb blockwise b1": ("fdb", "blockwise", {"batch_size": 1}, {}, 64),
     "fdb blockwise lat2e-3": ("fdb", "blockwise", {"lr_latent": 2e-3}, {}, 64),
+    "fdb blockwise lat5e-3": ("fdb", "blockwise", {"lr_latent": 5e-3}, {}, 64),
+    "fdb blockwise lat1e-2": ("fdb", "blockwise", {"lr_latent": 1e-2}, {}, 64),
+    "fdb blockwise b1 lat2e-3": ("fdb", "blockwise", {"batch_size": 1, "lr_latent": 2e-3}, {}, 64),
     "fdb 2-stage dad s0": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "uniform 2-stage dad s0": ("uniform", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "fdb 2-stage kd s0": ("fdb", "both", {}, {"loss": "kd", "seed": 0}, 64),
@@ -53,6 +66,25 @@ ROWS = {
     "fdb 2-stage dad n128": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 128),
     "fdb 2-stage dad +latent": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0, "train_latent": True,
                                                    "lr_latent": 1e-4}, 64),
+    # stage 1 with the latent weights at lr 2e-3 (batch 4: "lat2e-3"; batch 1, 4x the steps: "tuned", the best of the
+    # stage-1 sweep above), then end to end with the latent weights trained too (lr 1e-4, as "+latent"); seed s
+    # sets both stages' data order
+    "fdb lat2e-3 dad s0": ("fdb", "both", LAT2E3_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
+    "fdb lat2e-3 kd s0": ("fdb", "both", LAT2E3_STAGE1, {**TUNED_E2E, "loss": "kd"}, 64),
+    # after a good stage 1, the end-to-end lr of 1e-2 on the scales (tuned for starting from the FDB init) undoes it:
+    # the lat2e-3 rows end above their stage 1 (267). Gentler end-to-end learning rates:
+    "fdb tuned dad lr2e-4": ("fdb", "both", TUNED_STAGE1,
+                             {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "lr": 2e-4, "lr_latent": 1e-4}, 64),
+    "fdb tuned dad lr1e-3": ("fdb", "both", TUNED_STAGE1,
+                             {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "lr": 1e-3, "lr_latent": 3e-4}, 64),
+    "fdb tuned dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
+    "fdb tuned kd s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "kd"}, 64),
+    "fdb tuned dad s1": ("fdb", "both", {**TUNED_STAGE1, "seed": 1},
+                         {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "seed": 1}, 64),
+    "fdb tuned kd s1": ("fdb", "both", {**TUNED_STAGE1, "seed": 1}, {**TUNED_E2E, "loss": "kd", "seed": 1}, 64),
+    "uniform tuned dad s0": ("uniform", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
+    # the largest budget: all 128 pool samples in both stages, 240 end-to-end steps
+    "fdb long dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 240}, 128),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -73,6 +105,8 @@ def parse_args(argv=None):
     ap.add_argument("--plot", action="store_true", help="only redraw the figures from the JSON")
     ap.add_argument("--full-split", default=None, metavar="ROW",
                     help="add the full WikiText-2 test split PPL (all windows) to a finished row (or fp)")
+    ap.add_argument("--save", nargs=2, default=None, metavar=("ROW", "DIR"),
+                    help="write a finished FDB row as a packed checkpoint folder DIR, then exit")
     ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
     ap.add_argument("--quick", action="store_true", help="--memory-flatness: smaller models and data (for tests)")
     ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
@@ -122,7 +156,7 @@ def train_row(ctx, name, spec):
     quant, stage, bw, e2e, n = spec
     a = ctx.args
     student, info = train_two_stage(ctx.teacher, ctx.pool[:n], stage=stage, quant=quant,
-                                    blockwise=BlockwiseConfig(**bw), config=TrainConfig(**e2e),
+                                    blockwise=BlockwiseConfig(**{**BASE_STAGE1, **bw}), config=TrainConfig(**e2e),
                                     out_dir=os.path.join(a.ckpt_dir, name.replace(" ", "_")),
                                     stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n))
     freeze_quantized(student)
@@ -141,7 +175,7 @@ def run_table(ctx, out):
     settings = eval_settings(ctx.teacher, a, bias={"windows": a.bias_windows, "head_k": a.head_k,
                                                   "buckets": a.buckets, "edges_nats": ctx.edges,
                                                   "head_reference": "token frequencies of the evaluated windows"},
-                             blockwise_defaults=vars(BlockwiseConfig()), e2e_defaults=vars(TrainConfig()),
+                             blockwise_base=vars(BlockwiseConfig(**BASE_STAGE1)), e2e_defaults=vars(TrainConfig()),
                              rows={k: {"quant": v[0], "stage": v[1], "blockwise": v[2], "e2e": v[3], "samples": v[4]}
                                    for k, v in ROWS.items()},
                              data_generation=ctx.gen, threads=torch.get_num_threads(),
@@ -176,18 +210,23 @@ def run_table(ctx, out):
     return rows
 
 
-def full_split(a, name):
-    """Rebuild a finished row's model from its checkpoints and add its PPL on the full test split."""
+def rebuild(a, name):
+    """(teacher, tokenizer, model) of a finished row, rebuilt from its checkpoints (no training is redone)."""
     rows = load_results(a.out)
     if name not in {r["method"] for r in rows} or (name != "fp" and name not in ROWS):
-        raise ValueError(f"--full-split {name!r}: not a finished row of {a.out}")
+        raise ValueError(f"{name!r}: not a finished row of {a.out}; finished: {sorted(r['method'] for r in rows)}")
     teacher, tok = load_model(a.model)
     if name == "fp":
-        model = teacher
-    else:
-        pool = generate_samples(teacher, tok, a.gen_pool, a.gen_len, seed=0, batch_size=64)
-        ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
-        model, _ = train_row(ctx, name, ROWS[name])
+        return teacher, tok, teacher
+    pool = generate_samples(teacher, tok, a.gen_pool, a.gen_len, seed=0, batch_size=64)
+    ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
+    model, _ = train_row(ctx, name, ROWS[name])
+    return teacher, tok, model
+
+
+def full_split(a, name):
+    """Add a finished row's PPL on the full test split."""
+    _, tok, model = rebuild(a, name)
     res = perplexity(model, tok, seqlen=a.seqlen, data_dir=a.data_dir)
     rows = load_results(a.out)
     settings = json.load(open(a.out))["settings"]
@@ -195,6 +234,15 @@ def full_split(a, name):
         if r["method"] == name:
             r.update(ppl_full_split=res.ppl, full_split_windows=res.windows, full_split_eval_seconds=round(res.seconds, 1))
     write_results(a.out, rows, settings)
+
+
+def save_packed(a, name, path):
+    """Write a finished FDB row as a packed checkpoint (e.g. for ``bench/zeroshot.py --checkpoint``)."""
+    if name in ROWS and ROWS[name][0] != "fdb":
+        raise ValueError(f"{name!r} is a {ROWS[name][0]} row; the packed format stores FDB models only")
+    _, _, model = rebuild(a, name)
+    header = save_quantized(model, path)
+    print(f"saved {name!r} to {path} ({len(header['layers'])} packed layers, group size {header['group_size']})")
 
 
 # ---- figures ----------------------------------------------------------------------------------------------------
@@ -308,6 +356,8 @@ def main(argv=None):
         return plot(a.out)
     if a.full_split:
         return full_split(a, a.full_split)
+    if a.save:
+        return save_packed(a, *a.save)
     t0 = time.time()
     ctx = Context(a)
     rows = run_table(ctx, a.out)

@@ -50,9 +50,9 @@ INPUTS = ("quant", "fp")
 @dataclass
 class BlockwiseConfig:
     epochs: int = 2                # passes over the calibration samples per block
-    batch_size: int = 4            # samples per optimiser step
+    batch_size: int = 1            # samples per optimiser step (1: the most steps for the same compute)
     lr: float = 5e-4               # peak lr of the quantizer scales (FDB a1, a2 / uniform step, zero)
-    lr_latent: float = 5e-4        # peak lr of the latent weights (STE); used when train_latent
+    lr_latent: float = 2e-3        # peak lr of the latent weights (STE); used when train_latent
     train_latent: bool = True      # also train the latent full-precision weights through the STE
     loss: str = "split"            # "split" | "relative" | "mse"
     inputs: str = "quant"          # "quant": outputs of the quantized blocks before; "fp": the FP model's
