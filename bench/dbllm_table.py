@@ -33,7 +33,7 @@ from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
 from dbllm_lab.quantize import quantize_model  # noqa: E402
-from dbllm_lab.train import TrainConfig, freeze_quantized, peak_rss_gib, train_two_stage  # noqa: E402
+from dbllm_lab.train import AFTER_STAGE1, TrainConfig, freeze_quantized, peak_rss_gib, train_two_stage  # noqa: E402
 
 BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 / 1 in the earlier rows below)
 # TrainConfig / BlockwiseConfig defaults (the CLI's) unless a row overrides them
@@ -42,8 +42,9 @@ BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 /
 # folders are named by those overrides. TUNED_STAGE1 is what BlockwiseConfig's defaults are now.
 BASE_STAGE1 = {"batch_size": 4, "lr_latent": 5e-4}
 LAT2E3_STAGE1 = {"lr_latent": 2e-3}
+LAT_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}  # as "+latent": scales at TrainConfig's lr 1e-2
 TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
-TUNED_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}
+TUNED_E2E = {**AFTER_STAGE1, "seed": 0}  # lr 2e-4 on the scales, 1e-4 on the latent weights
 
 # name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples)
 ROWS = {
@@ -69,12 +70,11 @@ ROWS = {
     # stage 1 with the latent weights at lr 2e-3 (batch 4: "lat2e-3"; batch 1, 4x the steps: "tuned", the best of the
     # stage-1 sweep above), then end to end with the latent weights trained too (lr 1e-4, as "+latent"); seed s
     # sets both stages' data order
-    "fdb lat2e-3 dad s0": ("fdb", "both", LAT2E3_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
-    "fdb lat2e-3 kd s0": ("fdb", "both", LAT2E3_STAGE1, {**TUNED_E2E, "loss": "kd"}, 64),
+    "fdb lat2e-3 dad s0": ("fdb", "both", LAT2E3_STAGE1, {**LAT_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
+    "fdb lat2e-3 kd s0": ("fdb", "both", LAT2E3_STAGE1, {**LAT_E2E, "loss": "kd"}, 64),
     # after a good stage 1, the end-to-end lr of 1e-2 on the scales (tuned for starting from the FDB init) undoes it:
-    # the lat2e-3 rows end above their stage 1 (267). Gentler end-to-end learning rates:
-    "fdb tuned dad lr2e-4": ("fdb", "both", TUNED_STAGE1,
-                             {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "lr": 2e-4, "lr_latent": 1e-4}, 64),
+    # the lat2e-3 rows end above their stage 1 (267). end-to-end learning rates:
+    # Gentler end-to-end learning rates ("fdb tuned dad s0" is lr 2e-4 on the scales, 1e-4 on the latent weights):
     "fdb tuned dad lr1e-3": ("fdb", "both", TUNED_STAGE1,
                              {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "lr": 1e-3, "lr_latent": 3e-4}, 64),
     "fdb tuned dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
@@ -260,15 +260,19 @@ def plot(out, fig_dir="figures"):
     import matplotlib.pyplot as plt
     import pandas as pd
     rows = {r["method"]: r for r in load_results(out)}
-    paths = {"FDB two-stage (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
+    paths = {"FDB two-stage, first recipe (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
+             "FDB two-stage, tuned (DAD; last: 128 samples, 240 steps)":
+                 ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0", "fdb long dad s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
-             "uniform two-stage (DAD)": ["uniform init", "uniform 2-stage dad s0"]}
+             "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
+             "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
     pts = [{"path": k, "method": m, "train_cpu_minutes": rows[m].get("train_cpu_minutes") or 0.0, "ppl": rows[m]["ppl"]}
            for k, ms in paths.items() for m in ms if m in rows]
-    tok = [{"method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out), "ppl": rows[m]["ppl"],
-            "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
-           for m in ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0", "fdb 2-stage dad n128")
-           if m in rows]
+    curves = {"FDB two-stage, first recipe (DAD)": ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0"),
+              "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0")}
+    tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
+            "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
+           for k, ms in curves.items() for m in ms if m in rows]
     os.makedirs(fig_dir, exist_ok=True)
     fp = rows.get("fp", {}).get("ppl")
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
@@ -276,8 +280,8 @@ def plot(out, fig_dir="figures"):
     for k, g in df.groupby("path", sort=False):
         ax[0].semilogy(g.train_cpu_minutes, g.ppl, "o-", label=k)
     dt = pd.DataFrame(tok)
-    if len(dt):
-        ax[1].semilogy(dt.train_tokens, dt.ppl, "o-", label="FDB two-stage (DAD)")
+    for k, g in (dt.groupby("path", sort=False) if len(dt) else ()):
+        ax[1].semilogy(g.train_tokens, g.ppl, "o-", label=k)
     for a in ax:
         if fp:
             a.axhline(fp, color="k", ls=":", label="FP (Q4_1 dequantized)")

@@ -81,23 +81,34 @@ def cmd_generate_data(args):
     return data
 
 
-def cmd_train(args):
-    """Two-stage training of a W2 student (FDB or the learnable uniform grid) against the FP teacher:
-    --stage blockwise (block-wise reconstruction), e2e (end-to-end DAD / KD / CE) or both."""
-    import json
+def train_configs(args):
+    """(TrainConfig, BlockwiseConfig) of ``dbllm-lab train``: unset end-to-end options take TrainConfig's defaults,
+    or ``train.AFTER_STAGE1`` with ``--stage both``."""
     from .blockwise import BlockwiseConfig
-    from .datafree import corpus_samples, generate_samples
-    from .model import load_model
-    from .train import STAGES, TrainConfig, freeze_quantized, train_two_stage
+    from .train import AFTER_STAGE1, STAGES, TrainConfig
     if args.stage not in STAGES:
         raise ValueError(f"--stage {args.stage!r} is not supported; use one of {STAGES}")
+    e2e = {**vars(TrainConfig()), **(AFTER_STAGE1 if args.stage == "both" else {})}
     cfg = TrainConfig(loss=args.loss, gamma=args.gamma, steps=args.steps, seqlen=args.train_seqlen,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_latent=args.lr_latent,
-                      train_latent=args.train_latent, warmup=args.warmup, seed=args.seed,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      lr=e2e["lr"] if args.lr is None else args.lr,
+                      lr_latent=e2e["lr_latent"] if args.lr_latent is None else args.lr_latent,
+                      train_latent=args.train_latent or e2e["train_latent"], warmup=args.warmup, seed=args.seed,
                       ckpt_every=args.ckpt_every).validate()
     bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
                          inputs=args.bw_inputs, seed=args.seed).validate()
+    return cfg, bw
+
+
+def cmd_train(args):
+    """Two-stage training of a W2 student (FDB or the learnable uniform grid) against the FP teacher:
+    --stage blockwise (block-wise reconstruction), e2e (end-to-end DAD / KD / CE) or both."""
+    import json
+    from .datafree import corpus_samples, generate_samples
+    from .model import load_model
+    from .train import freeze_quantized, train_two_stage
+    cfg, bw = train_configs(args)
     if isinstance(args.n, bool) or args.n <= 0:
         raise ValueError(f"--n {args.n!r} must be a positive number of training samples")
     teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -164,7 +175,7 @@ def cmd_generate(args):
 
 def build_parser():
     from .blockwise import BlockwiseConfig
-    from .train import TrainConfig
+    from .train import AFTER_STAGE1, TrainConfig
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -230,9 +241,14 @@ def build_parser():
     p.add_argument("--train-seqlen", type=int, default=tc.seqlen)
     p.add_argument("--batch-size", type=int, default=tc.batch_size)
     p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
-    p.add_argument("--lr", type=float, default=tc.lr, help="end-to-end: peak lr of the quantizer scales")
-    p.add_argument("--lr-latent", type=float, default=tc.lr_latent)
-    p.add_argument("--train-latent", action="store_true", help="end-to-end: also train the latent weights (STE)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"end-to-end: peak lr of the quantizer scales (default {tc.lr}; {AFTER_STAGE1['lr']} after "
+                        f"stage 1, --stage both)")
+    p.add_argument("--lr-latent", type=float, default=None,
+                   help=f"end-to-end: peak lr of the latent weights (default {tc.lr_latent}; "
+                        f"{AFTER_STAGE1['lr_latent']} with --stage both)")
+    p.add_argument("--train-latent", action="store_true",
+                   help="end-to-end: also train the latent weights (STE); always on with --stage both")
     p.add_argument("--warmup", type=int, default=tc.warmup)
     p.add_argument("--seed", type=int, default=tc.seed)
     p.add_argument("--init", default="clip", help="FDB init: clip, gptq (on the training text) or minmax")

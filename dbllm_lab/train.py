@@ -291,6 +291,11 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
             "peak_rss_gib": peak_rss_gib(), "steps_done": step, "completed": completed}
 
 
+# End-to-end settings after a block-wise stage (``dbllm-lab train --stage both``): TrainConfig's lr of 1e-2 on the
+# scales suits a start from the FDB init but undoes a good stage 1 (bench/results/dbllm_table.json: the "lat2e-3"
+# rows end above their stage 1); the "tuned" rows use these.
+AFTER_STAGE1 = {"lr": 2e-4, "lr_latent": 1e-4, "train_latent": True}
+
 QUANTIZERS = ("fdb", "uniform")
 STAGES = ("blockwise", "e2e", "both")
 

@@ -12,6 +12,22 @@ def test_train_arguments():
     assert (g.n, g.gen_len, g.func.__name__) == (3, 9, "cmd_generate_data")
 
 
+def test_train_end_to_end_defaults_follow_the_stage():
+    """--stage both: unset end-to-end options take train.AFTER_STAGE1 (an lr of 1e-2 undoes a good stage 1);
+    --stage e2e: TrainConfig's; explicit values win in both."""
+    from dbllm_lab.blockwise import BlockwiseConfig
+    from dbllm_lab.cli import train_configs
+    from dbllm_lab.train import AFTER_STAGE1, TrainConfig
+    both, bw = train_configs(build_parser().parse_args(["train"]))
+    assert (both.lr, both.lr_latent, both.train_latent) == (AFTER_STAGE1["lr"], AFTER_STAGE1["lr_latent"], True)
+    assert (bw.batch_size, bw.lr_latent) == (BlockwiseConfig().batch_size, BlockwiseConfig().lr_latent)
+    e2e, _ = train_configs(build_parser().parse_args(["train", "--stage", "e2e"]))
+    tc = TrainConfig()
+    assert (e2e.lr, e2e.lr_latent, e2e.train_latent) == (tc.lr, tc.lr_latent, False)
+    mine, _ = train_configs(build_parser().parse_args(["train", "--lr", "3e-3", "--lr-latent", "2e-5"]))
+    assert (mine.lr, mine.lr_latent) == (3e-3, 2e-5)
+
+
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
                                         (["--steps", "0"], "steps"), (["--loss", "mse"], "loss"),
                                         (["--lr", "0"], "lr")])
