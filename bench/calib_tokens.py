@@ -11,7 +11,6 @@ by the FP model (``datafree.generate_samples``), never the evaluated split. GPTQ
 overfits: on held-out text its error can be worse than RTN's; the ARB papers calibrate on far more.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys

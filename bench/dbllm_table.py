@@ -54,7 +54,6 @@ ROWS = {
     "fdb blockwise b1": ("fdb", "blockwise", {"batch_size": 1}, {}, 64),
     "fdb blockwise lat2e-3": ("fdb", "blockwise", {"lr_latent": 2e-3}, {}, 64),
     "fdb blockwise lat5e-3": ("fdb", "blockwise", {"lr_latent": 5e-3}, {}, 64),
-    "fdb blockwise lat1e-2": ("fdb", "blockwise", {"lr_latent": 1e-2}, {}, 64),
     "fdb blockwise b1 lat2e-3": ("fdb", "blockwise", {"batch_size": 1, "lr_latent": 2e-3}, {}, 64),
     "fdb 2-stage dad s0": ("fdb", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
     "uniform 2-stage dad s0": ("uniform", "both", {}, {"loss": "dad", "gamma": BEST_GAMMA, "seed": 0}, 64),
@@ -73,8 +72,8 @@ ROWS = {
     "fdb lat2e-3 dad s0": ("fdb", "both", LAT2E3_STAGE1, {**LAT_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
     "fdb lat2e-3 kd s0": ("fdb", "both", LAT2E3_STAGE1, {**LAT_E2E, "loss": "kd"}, 64),
     # after a good stage 1, the end-to-end lr of 1e-2 on the scales (tuned for starting from the FDB init) undoes it:
-    # the lat2e-3 rows end above their stage 1 (267). end-to-end learning rates:
-    # Gentler end-to-end learning rates ("fdb tuned dad s0" is lr 2e-4 on the scales, 1e-4 on the latent weights):
+    # the lat2e-3 rows end above their stage 1 (267). Gentler end-to-end learning rates ("fdb tuned dad s0" is
+    # lr 2e-4 on the scales, 1e-4 on the latent weights):
     "fdb tuned dad lr1e-3": ("fdb", "both", TUNED_STAGE1,
                              {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "lr": 1e-3, "lr_latent": 3e-4}, 64),
     "fdb tuned dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
