@@ -17,6 +17,7 @@ command resumes.
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ LAT_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}  # as "+latent": 
 TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
 TUNED_E2E = {**AFTER_STAGE1, "seed": 0}  # lr 2e-4 on the scales, 1e-4 on the latent weights
 
-# name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples)
+# name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples: n for both stages, or
+# (n stage 1, n stage 2)); samples are a prefix of the teacher-written pool (teacher_pool)
 ROWS = {
     "fdb blockwise": ("fdb", "blockwise", {}, {}, 64),
     "fdb blockwise mse": ("fdb", "blockwise", {"loss": "mse"}, {}, 64),
@@ -84,6 +86,12 @@ ROWS = {
     "uniform tuned dad s0": ("uniform", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
     # twice the training text: all 128 pool samples in both stages (stage 1 does twice the steps)
     "fdb long dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 128),
+    # the same stage 1 (128 samples), then 10x the end-to-end steps (600 x 2 x 128 tokens) on 512 samples: per token,
+    # an end-to-end step costs about 1.3x a block-wise one and trains all blocks against the teacher's outputs
+    "fdb e2e600 dad s0": ("fdb", "both", TUNED_STAGE1,
+                          {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
+    "fdb e2e600 dad lr1e-3 s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA,
+                                                               "steps": 600, "lr": 1e-3, "lr_latent": 3e-4}, (128, 512)),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -92,7 +100,8 @@ ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
 
 def parse_args(argv=None):
     ap = add_eval_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "bench/results/dbllm_table.json")
-    ap.add_argument("--gen-pool", type=int, default=128, help="teacher-written samples generated once (a row uses a prefix)")
+    ap.add_argument("--gen-pool", type=int, default=512,
+                    help="teacher-written samples generated once, in sets of 128 (a row uses a prefix)")
     ap.add_argument("--gen-len", type=int, default=256, help="tokens per generated sample")
     ap.add_argument("--bias-windows", type=int, default=6)
     ap.add_argument("--head-k", type=int, default=100)
@@ -118,10 +127,9 @@ class Context:
     def __init__(self, args):
         self.args = args
         self.teacher, self.tok = load_model(args.model)
-        t0, c0 = time.time(), time.process_time()
-        self.pool = generate_samples(self.teacher, self.tok, args.gen_pool, args.gen_len, seed=0, batch_size=64)
-        self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "seconds": round(time.time() - t0, 1),
-                    "cpu_seconds": round(time.process_time() - c0, 1), "note": "0 when read from the cache"}
+        self.pool, sets = teacher_pool(self.teacher, self.tok, args.gen_pool, args.gen_len)
+        self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "set_size": POOL_SET, "sets": sets,
+                    "note": f"sets of {POOL_SET} samples, set k with seed k; seconds are 0 when read from the cache"}
         self.eval = eval_windows(self.teacher, self.tok, "wikitext2", "test", args.seqlen, args.windows or None,
                                  args.data_dir)
         self.bias_windows = self.eval[:args.bias_windows]
@@ -144,6 +152,26 @@ class Context:
         return row
 
 
+POOL_SET = 128
+
+
+def teacher_pool(teacher, tok, n, gen_len):
+    """The first ``n`` samples of the training pool, generated (and cached) in sets of POOL_SET, set k with seed k,
+    so that a larger pool extends a smaller one. Returns (samples, per-set generation times)."""
+    sets, times = [], []
+    for k in range(math.ceil(n / POOL_SET)):
+        t0, c0 = time.time(), time.process_time()
+        sets.append(generate_samples(teacher, tok, POOL_SET, gen_len, seed=k, batch_size=64))
+        times.append({"seed": k, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
+    return torch.cat(sets)[:n], times
+
+
+def row_samples(spec):
+    """(stage-1 samples, stage-2 samples) of a row."""
+    n = spec[4]
+    return (n, n) if isinstance(n, int) else tuple(n)
+
+
 def stage1_dir(ckpt_dir, quant, bw, n):
     """One stage-1 folder per (quantizer, block-wise overrides, samples): rows that differ only in their
     end-to-end stage share it, e.g. stage1_fdb_{loss=mse}_n64."""
@@ -152,12 +180,15 @@ def stage1_dir(ckpt_dir, quant, bw, n):
 
 
 def train_row(ctx, name, spec, freeze=True):
-    quant, stage, bw, e2e, n = spec
+    quant, stage, bw, e2e, _ = spec
+    n1, n2 = row_samples(spec)
     a = ctx.args
-    student, info = train_two_stage(ctx.teacher, ctx.pool[:n], stage=stage, quant=quant,
+    if max(n1, n2) > len(ctx.pool):
+        raise ValueError(f"row {name!r} needs {max(n1, n2)} samples; --gen-pool is {len(ctx.pool)}")
+    student, info = train_two_stage(ctx.teacher, ctx.pool[:n1], stage=stage, quant=quant,
                                     blockwise=BlockwiseConfig(**{**BASE_STAGE1, **bw}), config=TrainConfig(**e2e),
                                     out_dir=os.path.join(a.ckpt_dir, name.replace(" ", "_")),
-                                    stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n))
+                                    stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n1), e2e_data=ctx.pool[:n2])
     if freeze:  # fixed quantized weights: fast evaluation (the learnable layers are what a packed checkpoint stores)
         freeze_quantized(student)
     return student, info
@@ -201,7 +232,8 @@ def run_table(ctx, out):
         student, info = train_row(ctx, name, spec)
         row = {"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
                "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
-               "seed": spec[3].get("seed", 0), "train_samples": spec[4], **info, **ctx.measure(student, fp)}
+               "seed": spec[3].get("seed", 0), "train_samples": max(row_samples(spec)),
+               "stage_samples": list(row_samples(spec)), **info, **ctx.measure(student, fp)}
         # re-read before writing: another process may have added rows meanwhile (disjoint --only sets)
         rows = [r for r in load_results(out) if r["method"] != name] + [row]
         rows.sort(key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
@@ -218,7 +250,7 @@ def rebuild(a, name, freeze=True):
     teacher, tok = load_model(a.model)
     if name == "fp":
         return teacher, tok, teacher
-    pool = generate_samples(teacher, tok, a.gen_pool, a.gen_len, seed=0, batch_size=64)
+    pool, _ = teacher_pool(teacher, tok, a.gen_pool, a.gen_len)
     ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
     model, _ = train_row(ctx, name, ROWS[name], freeze=freeze)
     return teacher, tok, model

@@ -326,19 +326,22 @@ def _learnable_state(model):
 
 
 def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
-                    stage1_dir=None, init="clip", group_size=64, calib_windows=None, device="cpu", progress=True):
+                    stage1_dir=None, init="clip", group_size=64, calib_windows=None, device="cpu", progress=True,
+                    e2e_data=None):
     """The two-stage recipe: build a learnable W2 student from ``teacher``, then
     stage 1 (``blockwise.blockwise_reconstruct`` with ``blockwise``, a BlockwiseConfig) on the samples ``data``
-    (n, L) and/or stage 2 (``train``: end-to-end DAD / KD / CE with ``config``, a TrainConfig) from its result.
+    (n, L) and/or stage 2 (``train``: end-to-end DAD / KD / CE with ``config``, a TrainConfig) from its result,
+    on ``e2e_data`` when given (e.g. more samples than stage 1 can afford), else on ``data``.
 
     Checkpoints: stage 1 per block under ``stage1_dir`` (default ``out_dir/stage1``; rows that share a stage 1
     may share this folder), stage 2 under ``out_dir/e2e``; a rerun resumes. Returns (student, info) with the
     CPU minutes and tokens of each stage, the per-block reconstruction statistics and the e2e loss curve."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not supported; use one of {STAGES}")
-    if not torch.is_tensor(data) or data.dim() != 2 or len(data) == 0:
-        raise ValueError(f"data must be a non-empty (n, length) LongTensor of token ids, got "
-                         f"{tuple(getattr(data, 'shape', ())) or type(data).__name__}")
+    for key, d in (("data", data), ("e2e_data", data if e2e_data is None else e2e_data)):
+        if not torch.is_tensor(d) or d.dim() != 2 or len(d) == 0:
+            raise ValueError(f"{key} must be a non-empty (n, length) LongTensor of token ids, got "
+                             f"{tuple(getattr(d, 'shape', ())) or type(d).__name__}")
     bw_cfg = (blockwise or BlockwiseConfig()).validate()
     cfg = (config or TrainConfig()).validate()
     student, report = build_student(teacher, quant=quant, init=init, group_size=group_size,
@@ -361,7 +364,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
         info.update(stage1_cpu_minutes=round(r["cpu_seconds"] / 60, 2), stage1_blocks=r["blocks"],
                     stage1_tokens=bw_cfg.epochs * data.numel(), stage1_peak_rss_gib=round(r["peak_rss_gib"], 2))
     if stage in ("e2e", "both"):
-        r = train(student, data, teacher=teacher, config=cfg, out_dir=os.path.join(out_dir, "e2e") if out_dir else None,
+        r = train(student, data if e2e_data is None else e2e_data, teacher=teacher, config=cfg, out_dir=os.path.join(out_dir, "e2e") if out_dir else None,
                   progress=progress)
         info.update(stage2_cpu_minutes=round(r["cpu_seconds"] / 60, 2), stage2_tokens=r["history"][-1]["tokens"],
                     stage2_final_loss=r["history"][-1]["loss"], stage2_curve=r["history"],

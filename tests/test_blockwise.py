@@ -87,6 +87,8 @@ def test_two_stage_and_bad_input(setup, tmp_path):
     assert os.path.isfile(tmp_path / "stage1" / "stage1_result.pt")
     with pytest.raises(ValueError, match="stage='fast'"):
         train_two_stage(teacher, data, stage="fast")
+    with pytest.raises(ValueError, match="e2e_data must be a non-empty"):
+        train_two_stage(teacher, data, e2e_data=data[0])
     with pytest.raises(ValueError, match="loss='l1'"):
         BlockwiseConfig(loss="l1").validate()
     with pytest.raises(ValueError, match="epochs=0"):
@@ -95,6 +97,19 @@ def test_two_stage_and_bad_input(setup, tmp_path):
         blockwise_reconstruct(teacher, student, data[:0], BlockwiseConfig(), progress=False)
     with pytest.raises(ValueError, match="no learnable quantized layers"):
         blockwise_reconstruct(teacher, copy.deepcopy(teacher), data, BlockwiseConfig(), progress=False)
+
+
+def test_end_to_end_stage_trains_on_e2e_data(setup):
+    """Stage 2 on more samples than stage 1: e2e_data=more gives the student that training on ``more`` gives."""
+    teacher, data = setup
+    more = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(steps=2, seqlen=16, warmup=1)
+    a, _ = train_two_stage(teacher, data, stage="e2e", config=cfg, group_size=32, progress=False, e2e_data=more)
+    b, _ = train_two_stage(teacher, more, stage="e2e", config=cfg, group_size=32, progress=False)
+    c, _ = train_two_stage(teacher, data, stage="e2e", config=cfg, group_size=32, progress=False)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 def test_memory_flatness_runs_in_quick_mode():

@@ -1,0 +1,119 @@
+"""Training speed on this CPU: fp32 against bf16 autocast, 1 against 2 torch threads, and cached teacher logits,
+for the two training stages of the DB-LLM table (the tuned recipe on the embedded model).
+
+Each setting trains a fresh copy of the same FDB clip-init student from the same data and seed:
+  - stage 1: ``blockwise_reconstruct`` on the first ``--blocks`` decoder blocks (a truncated copy of the model);
+  - stage 2: ``train`` (end-to-end DAD, latent weights trained, ``train.AFTER_STAGE1``) for ``--steps`` steps.
+It reports wall and CPU seconds per step (the first ``--warmup`` steps of stage 2 left out) and how far each
+setting's losses move from the fp32 / 1-thread reference, so that a faster setting is only kept within a stated
+tolerance. Run it on an otherwise idle machine: the 2-thread rows need both cores.
+
+    python bench/train_speed.py                  # bench/results/train_speed.json
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import write_results  # noqa: E402
+from dbllm_lab.blockwise import BlockwiseConfig, blockwise_reconstruct  # noqa: E402
+from dbllm_lab.datafree import generate_samples  # noqa: E402
+from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
+from dbllm_lab.train import AFTER_STAGE1, TrainConfig, build_student, to_windows, train  # noqa: E402
+
+SETTINGS = [("fp32", 1, False), ("bf16", 1, False), ("fp32", 2, False), ("bf16", 2, False), ("fp32", 1, True)]
+
+
+def truncated(model, blocks):
+    """A copy of ``model`` with only its first ``blocks`` decoder blocks (stage 1 is per block: its cost per block
+    does not depend on how many follow)."""
+    m = copy.deepcopy(model)
+    m.model.layers = torch.nn.ModuleList(list(decoder_layers(m))[:blocks])
+    m.config.num_hidden_layers = blocks
+    return m
+
+
+def autocast(precision):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def stage1(teacher_k, student0, data, precision):
+    student = copy.deepcopy(student0)
+    with autocast(precision):
+        r = blockwise_reconstruct(teacher_k, student, data, BlockwiseConfig(epochs=1), progress=False)
+    steps = sum(b["steps"] for b in r["blocks"])
+    return {"stage1_wall_s_per_step": sum(b["seconds"] for b in r["blocks"]) / steps,
+            "stage1_cpu_s_per_step": sum(b["cpu_seconds"] for b in r["blocks"]) / steps,
+            "stage1_rel_err_after": [b["after"]["rel_err_ordinary"] for b in r["blocks"]]}
+
+
+def stage2(teacher, student0, data, precision, cfg, warmup, cached):
+    student = copy.deepcopy(student0)
+    logits, cache_s = None, 0.0
+    if cached:  # every window's teacher logits computed once, before training (timed separately)
+        t0 = time.time()
+        with torch.no_grad():
+            logits = torch.cat([teacher(w[None]).logits.float() for w in to_windows(data, cfg.seqlen)])
+        cache_s = time.time() - t0
+    with autocast(precision):
+        r = train(student, data, teacher=None if cached else teacher, config=cfg, teacher_logits=logits,
+                  progress=False)
+    h = r["history"]
+    n = len(h) - warmup
+    return {"stage2_wall_s_per_step": (h[-1]["seconds"] - h[warmup - 1]["seconds"]) / n,
+            "stage2_cpu_s_per_step": (h[-1]["cpu_seconds"] - h[warmup - 1]["cpu_seconds"]) / n,
+            "stage2_losses": [x["loss"] for x in h], "teacher_cache_s": round(cache_s, 1),
+            "teacher_cache_mib": round(logits.numel() * 4 / 2**20, 1) if cached else 0.0}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=8, help="teacher-written samples of 256 tokens")
+    ap.add_argument("--blocks", type=int, default=2, help="stage 1: decoder blocks reconstructed")
+    ap.add_argument("--steps", type=int, default=8, help="stage 2: optimiser steps")
+    ap.add_argument("--warmup", type=int, default=2, help="stage 2: first steps left out of the timing")
+    ap.add_argument("--out", default="bench/results/train_speed.json")
+    a = ap.parse_args(argv)
+    if a.steps <= a.warmup:
+        raise ValueError(f"--steps {a.steps} must exceed --warmup {a.warmup}")
+    teacher, tok = load_model(a.model)
+    data = generate_samples(teacher, tok, 128, 256, seed=0, batch_size=64)[:a.samples]
+    student0, _ = build_student(teacher, progress=False)
+    teacher_k = truncated(teacher, a.blocks)
+    student0_k = truncated(student0, a.blocks)
+    cfg = TrainConfig(**AFTER_STAGE1, loss="dad", steps=a.steps, batch_size=2, seqlen=128)
+    rows = []
+    for precision, threads, cached in SETTINGS:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        row = {"method": f"{precision}, {threads} thread{'s' * (threads > 1)}" + (", cached teacher" if cached else ""),
+               "precision": precision, "threads": threads, "cached_teacher_logits": cached}
+        row.update(stage1(teacher_k, student0_k, data, precision))
+        row.update(stage2(teacher, student0, data, precision, cfg, a.warmup, cached))
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, list)},
+              flush=True)
+    ref = rows[0]
+    for r in rows:
+        for s in ("stage1", "stage2"):
+            r[f"{s}_speedup_cpu"] = ref[f"{s}_cpu_s_per_step"] / r[f"{s}_cpu_s_per_step"]
+            r[f"{s}_speedup_wall"] = ref[f"{s}_wall_s_per_step"] / r[f"{s}_wall_s_per_step"]
+        r["stage1_max_rel_err_change"] = max(abs(x - y) / y for x, y in zip(r["stage1_rel_err_after"],
+                                                                          ref["stage1_rel_err_after"]))
+        r["stage2_max_loss_change"] = max(abs(x - y) / y for x, y in zip(r["stage2_losses"], ref["stage2_losses"]))
+    write_results(a.out, rows, {"model": a.model, "samples": a.samples, "sample_len": 256, "stage1_blocks": a.blocks,
+                                "stage1": "BlockwiseConfig defaults, 1 epoch", "stage2": vars(cfg),
+                                "stage2_timed_steps": a.steps - a.warmup,
+                                "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                                "note": "losses are compared with the fp32, 1-thread row step by step "
+                                        "(relative change); the 2-thread rows need an idle 2-core machine"})
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
