@@ -109,17 +109,21 @@ def cmd_train(args):
     from .model import load_model
     from .train import freeze_quantized, train_two_stage
     cfg, bw = train_configs(args)
-    if isinstance(args.n, bool) or args.n <= 0:
-        raise ValueError(f"--n {args.n!r} must be a positive number of training samples")
+    for key in ("n", "e2e_n"):
+        v = getattr(args, key)
+        if v is not None and (isinstance(v, bool) or v <= 0):
+            raise ValueError(f"--{key.replace('_', '-')} {v!r} must be a positive number of training samples")
+    n_all = max(args.n, args.e2e_n or 0)  # stage 1 takes the first --n samples, stage 2 the first --e2e-n
     teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.train_text:
-        data = corpus_samples(tok, args.n, args.gen_len, path=args.train_text, seed=args.seed)
+        data = corpus_samples(tok, n_all, args.gen_len, path=args.train_text, seed=args.seed)
     else:
-        data = generate_samples(teacher, tok, args.n, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
-    calib = data.reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
-    student, info = train_two_stage(teacher, data, stage=args.stage, quant=args.quant, blockwise=bw, config=cfg,
-                                    out_dir=args.out_dir, init=args.init, group_size=args.group_size,
-                                    calib_windows=calib, device=args.device)
+        data = generate_samples(teacher, tok, n_all, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
+    calib = data[:args.n].reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
+    student, info = train_two_stage(teacher, data[:args.n], stage=args.stage, quant=args.quant, blockwise=bw,
+                                    config=cfg, out_dir=args.out_dir, init=args.init, group_size=args.group_size,
+                                    calib_windows=calib, device=args.device,
+                                    e2e_data=data[:args.e2e_n] if args.e2e_n else None)
     summary = {k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}
     summary.update(stage=args.stage, quant=args.quant, out_dir=args.out_dir)
     if args.save:
@@ -255,6 +259,7 @@ def build_parser():
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-windows", type=int, default=16)
     p.add_argument("--n", type=int, default=64, help="training samples")
+    p.add_argument("--e2e-n", type=int, default=None, help="samples of the end-to-end stage (default: --n)")
     p.add_argument("--gen-len", type=int, default=256, help="tokens per training sample")
     p.add_argument("--train-text", default=None, help="train on this text file instead of generated text")
     p.add_argument("--cache-dir", default="data/generated")

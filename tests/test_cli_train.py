@@ -30,7 +30,8 @@ def test_train_end_to_end_defaults_follow_the_stage():
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
                                         (["--steps", "0"], "steps"), (["--loss", "mse"], "loss"),
-                                        (["--lr", "0"], "lr")])
+                                        (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"),
+                                        (["--e2e-n", "-4"], "--e2e-n -4")])
 def test_train_bad_values_are_clear_errors(capsys, argv, match):
     assert main(["train"] + argv) == 2
     err = capsys.readouterr().err
