@@ -86,7 +86,9 @@ ROWS = {
     "uniform tuned dad s0": ("uniform", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 64),
     # twice the training text: all 128 pool samples in both stages (stage 1 does twice the steps)
     "fdb long dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 128),
-    # the same stage 1 (128 samples), then 10x the end-to-end steps (600 x 2 x 128 tokens) on 512 samples: per token,
+    # the tuned recipe on 256 samples (with 64 and 128 above: PPL against the amount of teacher-written text)
+    "fdb tuned dad n256": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 256),
+    # the same stage 1 as "fdb long dad s0" (128 samples), then 10x the end-to-end steps (600 x 2 x 128 tokens) on 512 samples: per token,
     # an end-to-end step costs about 1.3x a block-wise one and trains all blocks against the teacher's outputs
     "fdb e2e600 dad s0": ("fdb", "both", TUNED_STAGE1,
                           {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
@@ -113,6 +115,8 @@ def parse_args(argv=None):
     ap.add_argument("--plot", action="store_true", help="only redraw the figures from the JSON")
     ap.add_argument("--full-split", default=None, metavar="ROW",
                     help="add the full WikiText-2 test split PPL (all windows) to a finished row (or fp)")
+    ap.add_argument("--time-generation", action="store_true",
+                    help="generate one pool set uncached, record its time in the JSON's settings, then exit")
     ap.add_argument("--save", nargs=2, default=None, metavar=("ROW", "DIR"),
                     help="write a finished FDB row as a packed checkpoint folder DIR, then exit")
     ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
@@ -215,6 +219,10 @@ def run_table(ctx, out):
                                                "steps of 2x128 tokens from the FDB init, 64 samples generated as one set) "
                                                "were measured by the previous version of this table with the same "
                                                "evaluation settings and are kept unchanged.")
+    if os.path.isfile(out):  # a timing recorded by --time-generation survives table runs
+        timed = json.load(open(out))["settings"].get("data_generation", {}).get("timed_set")
+        if timed:
+            settings["data_generation"] = {**settings["data_generation"], "timed_set": timed}
     if fp is None:
         fp = {"method": "fp", "bits_per_weight": 16.0, **ctx.measure(ctx.teacher)}
         rows.insert(0, fp)
@@ -268,6 +276,21 @@ def full_split(a, name):
     write_results(a.out, rows, settings)
 
 
+def time_generation(a):
+    """Time the generation of one pool set (POOL_SET samples, not read from or written to the cache) and record it
+    in the JSON's settings as data_generation.timed_set: the pool's sets are cached, so a table run reports 0."""
+    teacher, tok = load_model(a.model)
+    t0, c0 = time.time(), time.process_time()
+    generate_samples(teacher, tok, POOL_SET, a.gen_len, seed=0, batch_size=64, cache_dir=None)
+    timed = {"samples": POOL_SET, "tokens_per_sample": a.gen_len, "seconds": round(time.time() - t0, 1),
+             "cpu_seconds": round(time.process_time() - c0, 1), "threads": torch.get_num_threads(),
+             "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    doc = json.load(open(a.out))
+    doc["settings"]["data_generation"]["timed_set"] = timed
+    write_results(a.out, doc["rows"], doc["settings"])
+    print("data_generation.timed_set:", timed)
+
+
 def save_packed(a, name, path):
     """Write a finished FDB row as a packed checkpoint (e.g. for ``bench/zeroshot.py --checkpoint``)."""
     if name in ROWS and ROWS[name][0] != "fdb":
@@ -293,15 +316,16 @@ def plot(out, fig_dir="figures"):
     import pandas as pd
     rows = {r["method"]: r for r in load_results(out)}
     paths = {"FDB two-stage, first recipe (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
-             "FDB two-stage, tuned (DAD; last: 128 samples)":
-                 ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0", "fdb long dad s0"],
+             "FDB two-stage, tuned (DAD)": ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0"],
+             "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
+                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
     pts = [{"path": k, "method": m, "train_cpu_minutes": rows[m].get("train_cpu_minutes") or 0.0, "ppl": rows[m]["ppl"]}
            for k, ms in paths.items() for m in ms if m in rows]
     curves = {"FDB two-stage, first recipe (DAD)": ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0"),
-              "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0")}
+              "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0", "fdb tuned dad n256")}
     tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
             "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
            for k, ms in curves.items() for m in ms if m in rows]
@@ -394,6 +418,8 @@ def main(argv=None):
         return full_split(a, a.full_split)
     if a.save:
         return save_packed(a, *a.save)
+    if a.time_generation:
+        return time_generation(a)
     t0 = time.time()
     ctx = Context(a)
     rows = run_table(ctx, a.out)
