@@ -88,8 +88,8 @@ ROWS = {
     "fdb long dad s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 128),
     # the tuned recipe on 256 samples (with 64 and 128 above: PPL against the amount of teacher-written text)
     "fdb tuned dad n256": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA}, 256),
-    # the same stage 1 as "fdb long dad s0" (128 samples), then 10x the end-to-end steps (600 x 2 x 128 tokens) on 512 samples: per token,
-    # an end-to-end step costs about 1.3x a block-wise one and trains all blocks against the teacher's outputs
+    # the same stage 1 as "fdb long dad s0" (128 samples), then 10x the end-to-end steps (600 x 2 x 128 tokens) on
+    # 512 samples: per token, stage 2 costs about 1.5x stage 1 and trains all blocks against the teacher's outputs
     "fdb e2e600 dad s0": ("fdb", "both", TUNED_STAGE1,
                           {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
     "fdb e2e600 dad lr1e-3 s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA,
@@ -131,9 +131,10 @@ class Context:
     def __init__(self, args):
         self.args = args
         self.teacher, self.tok = load_model(args.model)
-        self.pool, sets = teacher_pool(self.teacher, self.tok, args.gen_pool, args.gen_len)
-        self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "set_size": POOL_SET, "sets": sets,
-                    "note": f"sets of {POOL_SET} samples, set k with seed k; seconds are 0 when read from the cache"}
+        self.pool = teacher_pool(self.teacher, self.tok, args.gen_pool, args.gen_len)
+        self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "set_size": POOL_SET,
+                    "note": f"sets of {POOL_SET} samples, set k with seed k; generation time: --time-generation "
+                            "(dbllm_generation.json)"}
         self.eval = eval_windows(self.teacher, self.tok, "wikitext2", "test", args.seqlen, args.windows or None,
                                  args.data_dir)
         self.bias_windows = self.eval[:args.bias_windows]
@@ -161,13 +162,10 @@ POOL_SET = 128
 
 def teacher_pool(teacher, tok, n, gen_len):
     """The first ``n`` samples of the training pool, generated (and cached) in sets of POOL_SET, set k with seed k,
-    so that a larger pool extends a smaller one. Returns (samples, per-set generation times)."""
-    sets, times = [], []
-    for k in range(math.ceil(n / POOL_SET)):
-        t0, c0 = time.time(), time.process_time()
-        sets.append(generate_samples(teacher, tok, POOL_SET, gen_len, seed=k, batch_size=64))
-        times.append({"seed": k, "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)})
-    return torch.cat(sets)[:n], times
+    so that a larger pool extends a smaller one (``time_generation`` times one set)."""
+    sets = [generate_samples(teacher, tok, POOL_SET, gen_len, seed=k, batch_size=64)
+            for k in range(math.ceil(n / POOL_SET))]
+    return torch.cat(sets)[:n]
 
 
 def row_samples(spec):
@@ -254,7 +252,7 @@ def rebuild(a, name, freeze=True):
     teacher, tok = load_model(a.model)
     if name == "fp":
         return teacher, tok, teacher
-    pool, _ = teacher_pool(teacher, tok, a.gen_pool, a.gen_len)
+    pool = teacher_pool(teacher, tok, a.gen_pool, a.gen_len)
     ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
     model, _ = train_row(ctx, name, ROWS[name], freeze=freeze)
     return teacher, tok, model
