@@ -23,7 +23,7 @@ from bench.common import write_results  # noqa: E402
 from dbllm_lab.blockwise import BlockwiseConfig, blockwise_reconstruct  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
-from dbllm_lab.train import AFTER_STAGE1, TrainConfig, build_student, to_windows, train  # noqa: E402
+from dbllm_lab.train import AFTER_STAGE1, TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
 
 SETTINGS = [("fp32", 1, False), ("bf16", 1, False), ("fp32", 2, False), ("bf16", 2, False), ("fp32", 1, True)]
 
@@ -35,10 +35,6 @@ def truncated(model, blocks):
     m.model.layers = torch.nn.ModuleList(list(decoder_layers(m))[:blocks])
     m.config.num_hidden_layers = blocks
     return m
-
-
-def autocast(precision):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def stage1(teacher_k, student0, data, precision):

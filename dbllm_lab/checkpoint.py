@@ -2,7 +2,8 @@
 
 The safetensors file holds, for every FDB layer, the buffers of a ``PackedDualBinaryLinear``:
 ``{layer}.p1`` / ``{layer}.p2`` (int32 bit-planes, ``dbllm_lab.packing`` layout) and ``{layer}.a1`` /
-``{layer}.a2`` (fp16 scales per group). The JSON header names the format version, method, bits, group
+``{layer}.a2`` (fp16 scales per group), and every RMSNorm weight as ``norm.{module}.weight`` (full precision; a
+student trained with ``train_norms`` changes them). The JSON header names the format version, method, bits, group
 size, layer list, base model and the SHA-256 of the safetensors file. Loading rebuilds the quantized
 layers on the base model; nothing is unpickled.
 """
@@ -29,9 +30,10 @@ def _sha256(path):
 def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
     """Save the FDB layers of ``model`` (DualBinaryLinear or PackedDualBinaryLinear) into folder ``path``,
     atomically (temp files + os.replace). Returns the header dict."""
-    from .model import quantizable_linears
+    from .model import norm_weights, quantizable_linears
     from .packed_linear import PackedDualBinaryLinear
     tensors, layers, group_size = {}, [], None
+    norms = {f"norm.{k}": p.detach().contiguous() for k, p in norm_weights(model).items()}
     for name, m in quantizable_linears(model).items():
         if not isinstance(m, PackedDualBinaryLinear):
             if not hasattr(m, "bitplanes"):
@@ -45,12 +47,14 @@ def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
         group_size = m.group_size
     if not layers:
         raise ValueError("the model has no quantized layers to save")
+    tensors.update(norms)
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, WEIGHTS + ".tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": "fdb", "bits": 2,
               "group_size": group_size, "scale_dtype": str(scale_dtype).replace("torch.", ""),
               "base_model": base_model or getattr(model, "name_or_path", None), "layers": layers,
+              "norms": [k[len("norm."):] for k in norms],
               "sha256": _sha256(tmp)}
     os.replace(tmp, os.path.join(path, WEIGHTS))
     with open(os.path.join(path, HEADER + ".tmp"), "w") as f:
@@ -79,7 +83,7 @@ def read_header(path):
 def load_quantized(path, base_model=None, dtype="float32", device="cpu", **layer_kwargs):
     """Rebuild a quantized model from folder ``path``: load the base model (``base_model`` module or
     name; default the header's) and install a ``PackedDualBinaryLinear`` for each stored layer."""
-    from .model import load_model, quantizable_linears, set_module
+    from .model import load_model, norm_weights, quantizable_linears, set_module
     from .packed_linear import PackedDualBinaryLinear
     header = read_header(path)
     wp = os.path.join(path, WEIGHTS)
@@ -110,5 +114,11 @@ def load_quantized(path, base_model=None, dtype="float32", device="cpu", **layer
         except RuntimeError as e:
             raise ValueError(f"checkpoint tensors for {name!r} do not fit: {str(e).splitlines()[0]}") from None
         set_module(model, name, layer)
+    norms = norm_weights(model)
+    for name in header.get("norms", []):  # absent in files written before norms were stored: the base's stay
+        if name not in norms:
+            raise ValueError(f"checkpoint norm {name!r} does not exist in the base model {header['base_model']!r}")
+        with torch.no_grad():
+            norms[name].copy_(tensors[f"norm.{name}"].to(norms[name].dtype))
     model.quant_header = header
     return model

@@ -94,6 +94,7 @@ def train_configs(args):
                       lr=e2e["lr"] if args.lr is None else args.lr,
                       lr_latent=e2e["lr_latent"] if args.lr_latent is None else args.lr_latent,
                       train_latent=args.train_latent or e2e["train_latent"], warmup=args.warmup, seed=args.seed,
+                      train_norms=args.train_norms, lr_norm=args.lr_norm, precision=args.precision,
                       ckpt_every=args.ckpt_every).validate()
     bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
@@ -253,6 +254,10 @@ def build_parser():
                         f"{AFTER_STAGE1['lr_latent']} with --stage both)")
     p.add_argument("--train-latent", action="store_true",
                    help="end-to-end: also train the latent weights (STE); always on with --stage both")
+    p.add_argument("--train-norms", action="store_true",
+                   help="end-to-end: also train the RMSNorm weights (full precision; stored in the packed checkpoint)")
+    p.add_argument("--lr-norm", type=float, default=tc.lr_norm, help="end-to-end: peak lr of the norm weights")
+    p.add_argument("--precision", default=tc.precision, help="end-to-end forward passes: fp32 or bf16 (autocast)")
     p.add_argument("--warmup", type=int, default=tc.warmup)
     p.add_argument("--seed", type=int, default=tc.seed)
     p.add_argument("--init", default="clip", help="FDB init: clip, gptq (on the training text) or minmax")

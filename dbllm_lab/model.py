@@ -117,6 +117,13 @@ def quantizable_linears(model_or_block, prefix=None):
     return out
 
 
+def norm_weights(model):
+    """{"<module>.weight": parameter} of every RMSNorm in ``model`` (per block: input and post-attention norms;
+    the final norm). They stay in full precision in every quantized model."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules()
+            if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None}
+
+
 def set_module(root, dotted, new):
     """Replace the submodule at ``dotted`` (e.g. 'model.layers.0.mlp.up_proj') with ``new``."""
     parent, _, child = dotted.rpartition(".")

@@ -1,8 +1,9 @@
 """Training an FDB student against its full-precision teacher (DB-LLM, method.md §1-§3).
 
 What trains: the FDB scales a1, a2 of every ``DualBinaryLinear`` (method.md §1, "what trains"); with
-``train_latent=True`` also the latent weights through the STE. Everything else (embeddings, norms,
-lm_head) stays frozen. Loss: "dad" (method.md §2, with ``gamma``), "kd" (plain KL) or "ce" (next-token
+``train_latent=True`` also the latent weights through the STE; with ``train_norms=True`` also the RMSNorm
+weights (kept in full precision as in every row, so bits per weight do not change). Everything else
+(embeddings, lm_head) stays frozen. Loss: "dad" (method.md §2, with ``gamma``), "kd" (plain KL) or "ce" (next-token
 cross-entropy on the generated tokens), see ``dbllm_lab.distill``.
 
 Optimiser: AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient accumulation,
@@ -15,6 +16,7 @@ configuration raises a ValueError that names the differing fields.
     cfg = TrainConfig(loss="dad", gamma=1.0, steps=200, seqlen=128, batch_size=4, lr=1e-3)
     result = train(student, windows, teacher=teacher, config=cfg, out_dir="checkpoints/dad")
 """
+import contextlib
 import copy
 import csv
 import json
@@ -34,6 +36,7 @@ from .layers import DualBinaryLinear, FakeQuantLinear, learnable_layers, trainab
 from .runtime import atomic_save, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
+PRECISIONS = ("fp32", "bf16")
 # Fields that do not change the loss curve; a resumed run may change them.
 NOT_IDENTITY = ("ckpt_every", "log_every")
 
@@ -49,10 +52,13 @@ class TrainConfig:
     lr: float = 1e-2             # peak learning rate of the quantizer parameters (FDB a1, a2)
     lr_latent: float = 1e-5      # peak learning rate of the latent weights (train_latent=True)
     train_latent: bool = False   # also train the latent weights through the STE
+    train_norms: bool = False    # also train the RMSNorm weights (full precision; a per-input-channel scale)
+    lr_norm: float = 1e-3        # peak learning rate of the norm weights (train_norms=True)
     warmup: int = 3              # linear warm-up steps
     min_lr_ratio: float = 0.1    # cosine decays to min_lr_ratio * lr
     weight_decay: float = 0.0    # AdamW decay (on latent weights only; scales never decay)
     max_grad_norm: float = 1.0   # gradient clipping (0 = off)
+    precision: str = "fp32"      # "bf16": forward passes under bf16 autocast (loss in fp32); "fp32": none
     seed: int = 0
     chunk: int = 256             # positions per chunk in the vocabulary-wide loss reductions
     ckpt_every: int = 10         # checkpoint every N steps (0 = only at the end when out_dir is set)
@@ -68,7 +74,7 @@ class TrainConfig:
                 raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
         if self.seqlen < 2:
             raise ValueError(f"seqlen={self.seqlen!r} must be >= 2")
-        for key in ("lr", "lr_latent"):
+        for key in ("lr", "lr_latent", "lr_norm"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
         for key in ("warmup", "ckpt_every", "log_every"):
@@ -76,10 +82,20 @@ class TrainConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; use one of {PRECISIONS}")
         return self
 
     def identity(self):
         return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+
+
+def autocast(precision, device_type="cpu"):
+    """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
+    (bench/train_speed.py wraps whole training calls) stays in force."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def lr_lambda(step, warmup, steps, min_lr_ratio):
@@ -111,17 +127,26 @@ def batch_indices(counter, batch_size, n, seed):
     return torch.tensor(out)
 
 
-def trainable_parameters(student, train_latent):
+def trainable_parameters(student, train_latent, train_norms=False):
     """Freeze everything, then enable the quantizer parameters (FDB a1, a2; uniform step, zero) of every learnable
-    layer, and the latent weights if ``train_latent``. Returns ({name: param} of the quantizer parameters,
-    {name: param} of the latent weights)."""
+    layer, the latent weights if ``train_latent`` and the norm weights if ``train_norms``. Returns
+    ({name: param} of the quantizer parameters, {name: param} of the latent weights, {name: param} of the norms)."""
     if not learnable_layers(student):
         raise ValueError("the student has no learnable quantized layers (DualBinaryLinear or UniformQuantLinear): "
                          "quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
     scales, latents = trainable_quant_parameters(student, train_latent)
     ids = {id(p) for p in scales}, {id(p) for p in latents}
     named = dict(student.named_parameters())
-    return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]})
+    norms = {}
+    if train_norms:
+        from .model import norm_weights
+        norms = norm_weights(student)
+        if not norms:
+            raise ValueError("train_norms=True but the student has no RMSNorm weights to train")
+        for p in norms.values():
+            p.requires_grad_(True)
+    return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]},
+            norms)
 
 
 @torch.no_grad()
@@ -188,14 +213,16 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     if teacher_logits is not None and teacher_logits.shape[:2] != windows.shape:
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match the windows "
                          f"{tuple(windows.shape)}")
-    scales, latents = trainable_parameters(student, cfg.train_latent)
+    scales, latents, norms = trainable_parameters(student, cfg.train_latent, cfg.train_norms)
     groups = [{"params": list(scales.values()), "lr": cfg.lr, "weight_decay": 0.0}]
     if latents:
         groups.append({"params": list(latents.values()), "lr": cfg.lr_latent, "weight_decay": cfg.weight_decay})
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": cfg.lr_norm, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    named = {**scales, **latents}
+    named = {**scales, **latents, **norms}
 
     step, history, seconds, cpu_seconds = 0, [], 0.0, 0.0
     torch.manual_seed(cfg.seed)
@@ -204,7 +231,9 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
-        diff = {k: (ck["config"].get(k), v) for k, v in cfg.identity().items() if ck["config"].get(k) != v}
+        # a setting added after the checkpoint was written had its default value then
+        old = {**TrainConfig().identity(), **ck["config"]}
+        diff = {k: (old.get(k), v) for k, v in cfg.identity().items() if old.get(k) != v}
         if ck["data"] != _fingerprint(windows):
             diff["data"] = ("other windows", f"{tuple(windows.shape)} windows")
         if sorted(ck["params"]) != sorted(named):
@@ -252,13 +281,14 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
             idx = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, n, cfg.seed)
             x = windows[idx]
             t_logits = None
-            if cfg.loss != "ce":
-                if teacher_logits is not None:
-                    t_logits = teacher_logits[idx]
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher(x).logits
-            s_logits = student(x).logits
+            with autocast(cfg.precision, x.device.type):
+                if cfg.loss != "ce":
+                    if teacher_logits is not None:
+                        t_logits = teacher_logits[idx]
+                    else:
+                        with torch.no_grad():
+                            t_logits = teacher(x).logits.float()
+                s_logits = student(x).logits.float()
             loss = distill_loss(cfg.loss, s_logits, x, t_logits, cfg.gamma, cfg.chunk) / cfg.grad_accum
             loss.backward()
             total += loss.item()

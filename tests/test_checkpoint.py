@@ -47,6 +47,27 @@ def test_tiny_roundtrip(tiny, tmp_path):
         assert torch.equal(model(x).logits, loaded(x).logits)
 
 
+def test_trained_norms_are_stored_and_restored(tiny, tmp_path):
+    from dbllm_lab.model import norm_weights, tiny_llama
+    quantize_model(tiny, "fdb", group_size=32, progress=False)
+    with torch.no_grad():  # as after train(..., TrainConfig(train_norms=True))
+        for i, p in enumerate(norm_weights(tiny).values()):
+            p.mul_(1.0 + 0.1 * (i + 1))
+    header = save_quantized(tiny, str(tmp_path))
+    assert sorted(header["norms"]) == sorted(norm_weights(tiny))
+    loaded = load_quantized(str(tmp_path), base_model=tiny_llama(), backend="torch")
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(tiny(x).logits, loaded(x).logits)
+    # a header without "norms" (written before they were stored) keeps the base model's norms
+    hp = tmp_path / HEADER
+    h = json.loads(hp.read_text())
+    del h["norms"]
+    hp.write_text(json.dumps(h))
+    old = load_quantized(str(tmp_path), base_model=tiny_llama(), backend="torch")
+    assert all(torch.equal(p, q) for p, q in zip(norm_weights(old).values(), norm_weights(tiny_llama()).values()))
+
+
 def test_corrupt_file_is_detected(tiny, tmp_path):
     from dbllm_lab.model import tiny_llama
     _saved(tiny, tmp_path)

@@ -26,12 +26,17 @@ def test_train_end_to_end_defaults_follow_the_stage():
     assert (e2e.lr, e2e.lr_latent, e2e.train_latent) == (tc.lr, tc.lr_latent, False)
     mine, _ = train_configs(build_parser().parse_args(["train", "--lr", "3e-3", "--lr-latent", "2e-5"]))
     assert (mine.lr, mine.lr_latent) == (3e-3, 2e-5)
+    extra, _ = train_configs(build_parser().parse_args(["train", "--train-norms", "--lr-norm", "5e-4",
+                                                        "--precision", "bf16"]))
+    assert (extra.train_norms, extra.lr_norm, extra.precision) == (True, 5e-4, "bf16")
+    assert (both.train_norms, both.precision) == (False, "fp32")
 
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
                                         (["--steps", "0"], "steps"), (["--loss", "mse"], "loss"),
                                         (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"),
-                                        (["--e2e-n", "-4"], "--e2e-n -4")])
+                                        (["--e2e-n", "-4"], "--e2e-n -4"), (["--precision", "fp8"], "precision"),
+                                        (["--lr-norm", "0"], "lr_norm")])
 def test_train_bad_values_are_clear_errors(capsys, argv, match):
     assert main(["train"] + argv) == 2
     err = capsys.readouterr().err

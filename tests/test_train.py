@@ -54,7 +54,7 @@ def test_corpus_option_refuses_the_test_split():
 def test_only_scales_get_gradients_when_latent_frozen(setup):
     teacher, data, student = setup
     st = copy.deepcopy(student)
-    scales, latents = trainable_parameters(st, train_latent=False)
+    scales, latents, _ = trainable_parameters(st, train_latent=False)
     assert latents == {}
     from dbllm_lab.distill import dad_loss
     x = data[:2, :16]
@@ -68,10 +68,54 @@ def test_only_scales_get_gradients_when_latent_frozen(setup):
             assert p.grad is None, name
     # with train_latent the latent weights get gradients too (STE)
     st2 = copy.deepcopy(student)
-    _, latents = trainable_parameters(st2, train_latent=True)
+    _, latents, _ = trainable_parameters(st2, train_latent=True)
     dad_loss(st2(x).logits, t, 1.0).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in latents.values())
     assert st2.model.embed_tokens.weight.grad is None
+
+
+def test_train_norms_trains_the_rmsnorm_weights_only_when_asked(setup):
+    teacher, data, student = setup
+    n_norms = 2 * len(student.model.layers) + 1  # input and post-attention norm per block, final norm
+    st = copy.deepcopy(student)
+    r = train(st, data, teacher=teacher, config=_cfg(steps=4, train_norms=True, lr_norm=1e-2), progress=False)
+    assert r["completed"]
+    norms = {n: p for n, p in st.named_parameters() if "norm" in n}
+    assert len(norms) == n_norms
+    before = dict(student.named_parameters())
+    assert all(not torch.equal(p, before[n]) for n, p in norms.items())
+    assert torch.equal(st.model.embed_tokens.weight, student.model.embed_tokens.weight)
+    st2 = copy.deepcopy(student)
+    train(st2, data, teacher=teacher, config=_cfg(steps=4), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in st2.named_parameters() if "norm" in n)
+
+
+def test_bf16_autocast_follows_the_fp32_curve(setup):
+    teacher, data, student = setup
+    curves = {p: [h["loss"] for h in train(copy.deepcopy(student), data, teacher=teacher,
+                                           config=_cfg(steps=4, precision=p), progress=False)["history"]]
+              for p in ("fp32", "bf16")}
+    assert curves["bf16"] != curves["fp32"]  # autocast is really on
+    assert all(abs(b - a) <= 0.05 * a for a, b in zip(curves["fp32"], curves["bf16"])), curves
+
+
+def test_checkpoint_without_a_newer_setting_resumes_with_its_default(setup, tmp_path):
+    teacher, data, student = setup
+    out = str(tmp_path / "run")
+    full = train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4), progress=False)
+    train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4), out_dir=out, progress=False,
+          stop_after=2)
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=False)
+    for key in ("train_norms", "lr_norm", "precision"):  # as written before these settings existed
+        del ck["config"][key]
+    torch.save(ck, path)
+    resumed = train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4), out_dir=out,
+                    progress=False)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    with pytest.raises(ValueError, match="different configuration.*train_norms"):
+        train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4, train_norms=True), out_dir=out,
+              progress=False)
 
 
 def test_training_lowers_the_loss(setup):
@@ -91,7 +135,8 @@ def test_training_lowers_the_loss(setup):
     assert not torch.equal(a1, next(iter(fdb_layers(student).values())).a1)
 
 
-@pytest.mark.parametrize("loss,kw", [("dad", {"gamma": 0.5}), ("ce", {}), ("kd", {"train_latent": True})])
+@pytest.mark.parametrize("loss,kw", [("dad", {"gamma": 0.5}), ("ce", {}), ("kd", {"train_latent": True}),
+                                     ("kd", {"train_latent": True, "train_norms": True})])
 def test_kill_and_resume_reproduces_the_curve(setup, tmp_path, loss, kw):
     teacher, data, student = setup
     cfg = _cfg(loss=loss, **kw)
@@ -129,7 +174,8 @@ def test_resume_with_another_configuration_fails(setup, tmp_path):
 @pytest.mark.parametrize("kw,match", [({"gamma": 1.2}, "gamma"), ({"gamma": -0.5}, "gamma"),
                                       ({"steps": 0}, "steps"), ({"steps": -3}, "steps"),
                                       ({"loss": "mse"}, "loss"), ({"batch_size": 0}, "batch_size"),
-                                      ({"lr": 0.0}, "lr")])
+                                      ({"lr": 0.0}, "lr"), ({"lr_norm": -1e-3}, "lr_norm"),
+                                      ({"precision": "fp16"}, "precision")])
 def test_bad_configuration(setup, kw, match):
     teacher, data, student = setup
     with pytest.raises(ValueError, match=match):

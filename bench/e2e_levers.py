@@ -1,0 +1,76 @@
+"""Which end-to-end setting moves perplexity: short stage-2 runs from one shared stage 1.
+
+Every lever starts from the same finished stage 1 (the 128-sample tuned block-wise stage of
+``bench/dbllm_table.py``, built there first), runs ``--steps`` end-to-end DAD steps on the 512-sample pool with
+the table's ``TUNED_E2E`` settings plus the lever's overrides, and is evaluated on the table's windows. One seed
+and few steps: a lever that wins here is a candidate for a full row, not a result.
+
+    python bench/e2e_levers.py                   # every lever not yet in the JSON (resumable)
+    python bench/e2e_levers.py --only norms
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import add_eval_args, load_results, write_results  # noqa: E402
+from bench.dbllm_table import (BASE_STAGE1, BEST_GAMMA, TUNED_E2E, TUNED_STAGE1, stage1_dir,  # noqa: E402
+                               teacher_pool)
+from dbllm_lab.blockwise import BlockwiseConfig  # noqa: E402
+from dbllm_lab.model import load_model  # noqa: E402
+from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
+from dbllm_lab.train import TrainConfig, freeze_quantized, train_two_stage  # noqa: E402
+
+LEVERS = {
+    "base": {},                                        # the table's tuned end-to-end settings
+    "seq256": {"seqlen": 256, "batch_size": 1},        # whole 256-token samples, same tokens per step
+    "lat2e-4": {"lr_latent": 2e-4},                    # twice the latent-weight lr
+    "norms": {"train_norms": True, "lr_norm": 1e-3},   # RMSNorm weights train too (full precision)
+}
+STAGE1_SAMPLES, STAGE2_SAMPLES = 128, 512
+
+
+def main(argv=None):
+    ap = add_eval_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "bench/results/e2e_levers.json")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--only", default=None, help=f"comma-separated levers of {list(LEVERS)}")
+    ap.add_argument("--ckpt-dir", default="checkpoints/dbllm_table", help="where the table keeps its stage 1")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    only = a.only.split(",") if a.only else list(LEVERS)
+    bad = sorted(set(only) - set(LEVERS))
+    if bad:
+        raise SystemExit(f"unknown levers {bad}; levers: {list(LEVERS)}")
+    torch.set_num_threads(a.threads)
+    teacher, tok = load_model(a.model)
+    pool = teacher_pool(teacher, tok, STAGE2_SAMPLES, 256)
+    windows = eval_windows(teacher, tok, "wikitext2", "test", a.seqlen, a.windows or None, a.data_dir)
+    bw = {**BASE_STAGE1, **TUNED_STAGE1}
+    s1 = stage1_dir(a.ckpt_dir, "fdb", TUNED_STAGE1, STAGE1_SAMPLES)
+    settings = {"steps": a.steps, "stage1": bw, "stage1_dir": s1, "stage1_samples": STAGE1_SAMPLES,
+                "stage2_samples": STAGE2_SAMPLES, "e2e_base": {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA},
+                "levers": LEVERS, "seqlen": a.seqlen, "windows": a.windows, "threads": a.threads,
+                "note": "one seed; CPU minutes depend on what else ran (two levers ran side by side)"}
+    for name in only:
+        if name in {r["method"] for r in load_results(a.out)}:
+            continue
+        cfg = {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]}
+        t0 = time.time()
+        student, info = train_two_stage(teacher, pool[:STAGE1_SAMPLES], stage="both", quant="fdb",
+                                        blockwise=BlockwiseConfig(**bw), config=TrainConfig(**cfg),
+                                        out_dir=os.path.join(a.ckpt_dir, "levers", name), stage1_dir=s1,
+                                        e2e_data=pool[:STAGE2_SAMPLES])
+        res = perplexity(freeze_quantized(student), tok, windows=windows, seqlen=a.seqlen)
+        row = {"method": name, "overrides": json.dumps(LEVERS[name]), "ppl": res.ppl,
+               "bits_per_weight": info["bits_per_weight"], "stage2_cpu_minutes": info["stage2_cpu_minutes"],
+               "stage2_final_loss": info["stage2_final_loss"], "wall_minutes": round((time.time() - t0) / 60, 1)}
+        rows = [r for r in load_results(a.out) if r["method"] != name] + [row]
+        write_results(a.out, sorted(rows, key=lambda r: list(LEVERS).index(r["method"])), settings)
+
+
+if __name__ == "__main__":
+    main()
