@@ -94,6 +94,10 @@ ROWS = {
                           {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
     "fdb e2e600 dad lr1e-3 s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA,
                                                                "steps": 600, "lr": 1e-3, "lr_latent": 3e-4}, (128, 512)),
+    # the same stage 1, then 700 steps (run with --threads 2 on the otherwise idle machine: 1.75x the wall speed
+    # for 12% more CPU time, train_speed.json): about what the 90 CPU-minute budget leaves for stage 2 in fp32
+    "fdb e2e700 dad s0": ("fdb", "both", TUNED_STAGE1,
+                          {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 700}, (128, 512)),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -211,7 +215,8 @@ def run_table(ctx, out):
                              blockwise_base=vars(BlockwiseConfig(**BASE_STAGE1)), e2e_defaults=vars(TrainConfig()),
                              rows={k: {"quant": v[0], "stage": v[1], "blockwise": v[2], "e2e": v[3], "samples": v[4]}
                                    for k, v in ROWS.items()},
-                             data_generation=ctx.gen, threads=torch.get_num_threads(),
+                             data_generation=ctx.gen,
+                             threads="torch threads of each trained row: its 'threads' field (1 where absent)",
                              load_average_at_start=[round(x, 2) for x in os.getloadavg()],
                              carried_rows_note="fp, rtn w2g64, fdb init and the fdb+ce/kd/dad rows (end-to-end only, 30 "
                                                "steps of 2x128 tokens from the FDB init, 64 samples generated as one set) "
@@ -235,7 +240,8 @@ def run_table(ctx, out):
         row = {"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
                "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
                "seed": spec[3].get("seed", 0), "train_samples": max(row_samples(spec)),
-               "stage_samples": list(row_samples(spec)), **info, **ctx.measure(student, fp)}
+               "stage_samples": list(row_samples(spec)), "threads": torch.get_num_threads(), **info,
+               **ctx.measure(student, fp)}
         # re-read before writing: another process may have added rows meanwhile (disjoint --only sets)
         rows = [r for r in load_results(out) if r["method"] != name] + [row]
         rows.sort(key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
@@ -312,8 +318,8 @@ def plot(out, fig_dir="figures"):
     rows = {r["method"]: r for r in load_results(out)}
     paths = {"FDB two-stage, first recipe (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
              "FDB two-stage, tuned (DAD)": ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0"],
-             "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
-                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0"],
+             "FDB tuned, 128-sample stage 1, then 60 / 600 / 700 end-to-end steps (DAD)":
+                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0", "fdb e2e700 dad s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
