@@ -94,10 +94,6 @@ ROWS = {
                           {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
     "fdb e2e600 dad lr1e-3 s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA,
                                                                "steps": 600, "lr": 1e-3, "lr_latent": 3e-4}, (128, 512)),
-    # the same stage 1, then 700 steps (run with --threads 2 on the otherwise idle machine: 1.75x the wall speed
-    # for 12% more CPU time, train_speed.json): about what the 90 CPU-minute budget leaves for stage 2 in fp32
-    "fdb e2e700 dad s0": ("fdb", "both", TUNED_STAGE1,
-                          {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 700}, (128, 512)),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -318,8 +314,8 @@ def plot(out, fig_dir="figures"):
     rows = {r["method"]: r for r in load_results(out)}
     paths = {"FDB two-stage, first recipe (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
              "FDB two-stage, tuned (DAD)": ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0"],
-             "FDB tuned, 128-sample stage 1, then 60 / 600 / 700 end-to-end steps (DAD)":
-                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0", "fdb e2e700 dad s0"],
+             "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
+                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
