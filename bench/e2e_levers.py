@@ -19,11 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_eval_args, load_results, write_results  # noqa: E402
 from bench.dbllm_table import (BASE_STAGE1, BEST_GAMMA, TUNED_E2E, TUNED_STAGE1, stage1_dir,  # noqa: E402
-                               teacher_pool)
-from dbllm_lab.blockwise import BlockwiseConfig  # noqa: E402
+                               teacher_pool, train_row)
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
-from dbllm_lab.train import TrainConfig, freeze_quantized, train_two_stage  # noqa: E402
 
 LEVERS = {
     "base": {},                                        # the table's tuned end-to-end settings
@@ -47,24 +45,23 @@ def main(argv=None):
         raise SystemExit(f"unknown levers {bad}; levers: {list(LEVERS)}")
     torch.set_num_threads(a.threads)
     teacher, tok = load_model(a.model)
-    pool = teacher_pool(teacher, tok, STAGE2_SAMPLES, 256)
+    ctx = argparse.Namespace(args=a, teacher=teacher, pool=teacher_pool(teacher, tok, STAGE2_SAMPLES, 256))
     windows = eval_windows(teacher, tok, "wikitext2", "test", a.seqlen, a.windows or None, a.data_dir)
-    bw = {**BASE_STAGE1, **TUNED_STAGE1}
-    s1 = stage1_dir(a.ckpt_dir, "fdb", TUNED_STAGE1, STAGE1_SAMPLES)
-    settings = {"steps": a.steps, "stage1": bw, "stage1_dir": s1, "stage1_samples": STAGE1_SAMPLES,
-                "stage2_samples": STAGE2_SAMPLES, "e2e_base": {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA},
+    settings = {"steps": a.steps, "stage1": {**BASE_STAGE1, **TUNED_STAGE1},
+                "stage1_dir": stage1_dir(a.ckpt_dir, "fdb", TUNED_STAGE1, STAGE1_SAMPLES),
+                "stage1_samples": STAGE1_SAMPLES, "stage2_samples": STAGE2_SAMPLES,
+                "e2e_base": {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA},
                 "levers": LEVERS, "seqlen": a.seqlen, "windows": a.windows, "threads": a.threads,
                 "note": "one seed; CPU minutes depend on what else ran (two levers ran side by side)"}
     for name in only:
         if name in {r["method"] for r in load_results(a.out)}:
             continue
-        cfg = {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]}
         t0 = time.time()
-        student, info = train_two_stage(teacher, pool[:STAGE1_SAMPLES], stage="both", quant="fdb",
-                                        blockwise=BlockwiseConfig(**bw), config=TrainConfig(**cfg),
-                                        out_dir=os.path.join(a.ckpt_dir, "levers", name), stage1_dir=s1,
-                                        e2e_data=pool[:STAGE2_SAMPLES])
-        res = perplexity(freeze_quantized(student), tok, windows=windows, seqlen=a.seqlen)
+        # the table's own row builder: same stage-1 folder, stage 2 under <ckpt-dir>/levers_<name>
+        spec = ("fdb", "both", TUNED_STAGE1, {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]},
+                (STAGE1_SAMPLES, STAGE2_SAMPLES))
+        student, info = train_row(ctx, f"levers {name}", spec)
+        res = perplexity(student, tok, windows=windows, seqlen=a.seqlen)
         row = {"method": name, "overrides": json.dumps(LEVERS[name]), "ppl": res.ppl,
                "bits_per_weight": info["bits_per_weight"], "stage2_cpu_minutes": info["stage2_cpu_minutes"],
                "stage2_final_loss": info["stage2_final_loss"], "wall_minutes": round((time.time() - t0) / 60, 1)}

@@ -33,7 +33,7 @@ def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
     from .model import norm_weights, quantizable_linears
     from .packed_linear import PackedDualBinaryLinear
     tensors, layers, group_size = {}, [], None
-    norms = {f"norm.{k}": p.detach().contiguous() for k, p in norm_weights(model).items()}
+    norms = norm_weights(model)
     for name, m in quantizable_linears(model).items():
         if not isinstance(m, PackedDualBinaryLinear):
             if not hasattr(m, "bitplanes"):
@@ -47,14 +47,14 @@ def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
         group_size = m.group_size
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    tensors.update(norms)
+    tensors.update({f"norm.{k}": p.detach().contiguous() for k, p in norms.items()})
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, WEIGHTS + ".tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": "fdb", "bits": 2,
               "group_size": group_size, "scale_dtype": str(scale_dtype).replace("torch.", ""),
               "base_model": base_model or getattr(model, "name_or_path", None), "layers": layers,
-              "norms": [k[len("norm."):] for k in norms],
+              "norms": list(norms),
               "sha256": _sha256(tmp)}
     os.replace(tmp, os.path.join(path, WEIGHTS))
     with open(os.path.join(path, HEADER + ".tmp"), "w") as f:
@@ -115,10 +115,10 @@ def load_quantized(path, base_model=None, dtype="float32", device="cpu", **layer
             raise ValueError(f"checkpoint tensors for {name!r} do not fit: {str(e).splitlines()[0]}") from None
         set_module(model, name, layer)
     norms = norm_weights(model)
-    for name in header.get("norms", []):  # absent in files written before norms were stored: the base's stay
-        if name not in norms:
-            raise ValueError(f"checkpoint norm {name!r} does not exist in the base model {header['base_model']!r}")
-        with torch.no_grad():
-            norms[name].copy_(tensors[f"norm.{name}"].to(norms[name].dtype))
+    with torch.no_grad():
+        for name in header.get("norms", []):  # absent in files written before norms were stored: the base's stay
+            if name not in norms:
+                raise ValueError(f"checkpoint norm {name!r} does not exist in the base model {header['base_model']!r}")
+            norms[name].copy_(tensors[f"norm.{name}"])
     model.quant_header = header
     return model
