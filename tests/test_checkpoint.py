@@ -13,7 +13,7 @@ def test_save_load_identical_logits_on_embedded_model(embedded, tmp_path):
     base = embedded[0]
     model = copy.deepcopy(base)
     quantize_model(model, "fdb", group_size=64, init="clip", progress=False)
-    x = torch.randint(0, 49152, (1, 48))
+    x = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))  # fixed: no flaky tolerance
     header = save_quantized(model, str(tmp_path))
     assert header["group_size"] == 64 and len(header["layers"]) == 210
     # the stored format is exact: the "torch" backend (dequantize, dense matmul) gives identical logits
