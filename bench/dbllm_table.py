@@ -94,6 +94,10 @@ ROWS = {
                           {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 600}, (128, 512)),
     "fdb e2e600 dad lr1e-3 s0": ("fdb", "both", TUNED_STAGE1, {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA,
                                                                "steps": 600, "lr": 1e-3, "lr_latent": 3e-4}, (128, 512)),
+    # stage 1 alone on 128 samples (the stage 1 of "fdb long" / "fdb e2e600"), and on 512 samples seen once: same
+    # optimiser steps per sample, four times the distinct text, twice the stage-1 compute
+    "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
+    "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
 }
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
@@ -315,7 +319,9 @@ def plot(out, fig_dir="figures"):
     paths = {"FDB two-stage, first recipe (DAD)": ["fdb init", "fdb blockwise", "fdb 2-stage dad s0"],
              "FDB two-stage, tuned (DAD)": ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0"],
              "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
-                 ["fdb init", "fdb long dad s0", "fdb e2e600 dad s0"],
+                 ["fdb init", "fdb tuned blockwise n128", "fdb long dad s0", "fdb e2e600 dad s0"],
+             "FDB, 512-sample stage 1 seen once, then end to end (DAD)":
+                 ["fdb init", "fdb blockwise n512 1ep", "fdb s1n512 e2e dad s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}

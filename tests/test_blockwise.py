@@ -85,6 +85,20 @@ def test_two_stage_and_bad_input(setup, tmp_path):
                                     out_dir=str(tmp_path), progress=False)
     assert info["stage1_tokens"] == data.numel() and info["stage2_tokens"] == 2 * TrainConfig().batch_size * 16
     assert os.path.isfile(tmp_path / "stage1" / "stage1_result.pt")
+    # stage-1 CPU time counts whole blocks (targets, statistics, stream passes), not only the optimiser steps
+    assert info["stage1_cpu_counts"] == "whole blocks"
+    assert all(b["block_cpu_seconds"] >= b["cpu_seconds"] > 0 for b in info["stage1_blocks"])
+    assert info["stage1_cpu_minutes"] >= info["stage1_optimiser_cpu_minutes"]
+    assert info["train_cpu_minutes"] == pytest.approx(info["stage1_cpu_minutes"] + info["stage2_cpu_minutes"],
+                                                      abs=0.011)
+    # a stage 1 checkpointed before whole blocks were timed reports its optimiser steps and says so
+    ck = torch.load(tmp_path / "stage1" / "stage1_result.pt", weights_only=False)
+    for b in ck["result"]["blocks"]:
+        del b["block_cpu_seconds"]
+    torch.save(ck, tmp_path / "stage1" / "stage1_result.pt")
+    _, old = train_two_stage(teacher, data, stage="blockwise", group_size=32, out_dir=str(tmp_path), progress=False)
+    assert old["stage1_cpu_counts"] == "optimiser steps only"
+    assert old["stage1_cpu_minutes"] == old["stage1_optimiser_cpu_minutes"]
     with pytest.raises(ValueError, match="stage='fast'"):
         train_two_stage(teacher, data, stage="fast")
     with pytest.raises(ValueError, match="e2e_data must be a non-empty"):
