@@ -320,15 +320,16 @@ def plot(out, fig_dir="figures"):
              "FDB two-stage, tuned (DAD)": ["fdb init", "fdb blockwise b1 lat2e-3", "fdb tuned dad s0"],
              "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
                  ["fdb init", "fdb tuned blockwise n128", "fdb long dad s0", "fdb e2e600 dad s0"],
-             "FDB, 512-sample stage 1 seen once, then end to end (DAD)":
-                 ["fdb init", "fdb blockwise n512 1ep", "fdb s1n512 e2e dad s0"],
+             "FDB stage 1 alone, 512 samples seen once": ["fdb init", "fdb blockwise n512 1ep"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
     pts = [{"path": k, "method": m, "train_cpu_minutes": rows[m].get("train_cpu_minutes") or 0.0, "ppl": rows[m]["ppl"]}
            for k, ms in paths.items() for m in ms if m in rows]
     curves = {"FDB two-stage, first recipe (DAD)": ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0"),
-              "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0", "fdb tuned dad n256")}
+              "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0", "fdb tuned dad n256"),
+              "FDB stage 1 alone, tuned (2 epochs; 512 samples: 1)":
+                  ("fdb blockwise b1 lat2e-3", "fdb tuned blockwise n128", "fdb blockwise n512 1ep")}
     tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
             "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
            for k, ms in curves.items() for m in ms if m in rows]

@@ -2,7 +2,8 @@
 
 Every lever starts from the same finished stage 1 (the 128-sample tuned block-wise stage of
 ``bench/dbllm_table.py``, built there first), runs ``--steps`` end-to-end DAD steps on the 512-sample pool with
-the table's ``TUNED_E2E`` settings plus the lever's overrides, and is evaluated on the table's windows. One seed
+the table's ``TUNED_E2E`` settings plus the lever's overrides, and is evaluated on the table's windows (levers in
+``STAGE1_LEVERS`` start from another stage 1 instead). One seed
 and few steps: a lever that wins here is a candidate for a full row, not a result.
 
     python bench/e2e_levers.py                   # every lever not yet in the JSON (resumable)
@@ -28,8 +29,12 @@ LEVERS = {
     "seq256": {"seqlen": 256, "batch_size": 1},        # whole 256-token samples, same tokens per step
     "lat2e-4": {"lr_latent": 2e-4},                    # twice the latent-weight lr
     "norms": {"train_norms": True, "lr_norm": 1e-3},   # RMSNorm weights train too (full precision)
+    "s1n512": {},                                      # the tuned settings after another stage 1 (STAGE1_LEVERS)
 }
 STAGE1_SAMPLES, STAGE2_SAMPLES = 128, 512
+# levers that start from another stage 1: (block-wise overrides, stage-1 samples); the rest share the tuned one
+# 512 samples seen once: the stage 1 of the table's "fdb blockwise n512 1ep" row
+STAGE1_LEVERS = {"s1n512": ({**TUNED_STAGE1, "epochs": 1}, 512)}
 
 
 def main(argv=None):
@@ -51,18 +56,19 @@ def main(argv=None):
                 "stage1_dir": stage1_dir(a.ckpt_dir, "fdb", TUNED_STAGE1, STAGE1_SAMPLES),
                 "stage1_samples": STAGE1_SAMPLES, "stage2_samples": STAGE2_SAMPLES,
                 "e2e_base": {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA},
-                "levers": LEVERS, "seqlen": a.seqlen, "windows": a.windows, "threads": a.threads,
+                "levers": LEVERS, "stage1_levers": STAGE1_LEVERS, "seqlen": a.seqlen, "windows": a.windows, "threads": a.threads,
                 "note": "one seed; CPU minutes depend on what else ran (two levers ran side by side)"}
     for name in only:
         if name in {r["method"] for r in load_results(a.out)}:
             continue
         t0 = time.time()
         # the table's own row builder: same stage-1 folder, stage 2 under <ckpt-dir>/levers_<name>
-        spec = ("fdb", "both", TUNED_STAGE1, {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]},
-                (STAGE1_SAMPLES, STAGE2_SAMPLES))
+        bw, n1 = STAGE1_LEVERS.get(name, (TUNED_STAGE1, STAGE1_SAMPLES))
+        spec = ("fdb", "both", bw, {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]}, (n1, STAGE2_SAMPLES))
         student, info = train_row(ctx, f"levers {name}", spec)
         res = perplexity(student, tok, windows=windows, seqlen=a.seqlen)
-        row = {"method": name, "overrides": json.dumps(LEVERS[name]), "ppl": res.ppl,
+        row = {"method": name, "overrides": json.dumps(LEVERS[name]), "stage1": os.path.basename(
+                   stage1_dir(a.ckpt_dir, "fdb", bw, n1)), "ppl": res.ppl,
                "bits_per_weight": info["bits_per_weight"], "stage2_cpu_minutes": info["stage2_cpu_minutes"],
                "stage2_final_loss": info["stage2_final_loss"], "wall_minutes": round((time.time() - t0) / 60, 1)}
         rows = [r for r in load_results(a.out) if r["method"] != name] + [row]
