@@ -99,6 +99,10 @@ ROWS = {
     "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
     "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
 }
+# how a row was run, where that is not in its settings
+ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
+                                       "(ruling out subnormal numbers as the cause of the slowdown: no change); "
+                                       "blocks 17-29 shared the 2 cores with a test run"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -215,7 +219,7 @@ def run_table(ctx, out):
                              blockwise_base=vars(BlockwiseConfig(**BASE_STAGE1)), e2e_defaults=vars(TrainConfig()),
                              rows={k: {"quant": v[0], "stage": v[1], "blockwise": v[2], "e2e": v[3], "samples": v[4]}
                                    for k, v in ROWS.items()},
-                             data_generation=ctx.gen,
+                             data_generation=ctx.gen, row_notes=ROW_NOTES,
                              threads="torch threads of each trained row: its 'threads' field (1 where absent)",
                              load_average_at_start=[round(x, 2) for x in os.getloadavg()],
                              carried_rows_note="fp, rtn w2g64, fdb init and the fdb+ce/kd/dad rows (end-to-end only, 30 "
