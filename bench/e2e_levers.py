@@ -57,7 +57,10 @@ def main(argv=None):
                 "stage1_samples": STAGE1_SAMPLES, "stage2_samples": STAGE2_SAMPLES,
                 "e2e_base": {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA},
                 "levers": LEVERS, "stage1_levers": STAGE1_LEVERS, "seqlen": a.seqlen, "windows": a.windows, "threads": a.threads,
-                "note": "one seed; CPU minutes depend on what else ran (two levers ran side by side)"}
+                "note": "one seed; CPU minutes depend on what else ran (two levers ran side by side; s1n512 shared the "
+                        "2 cores with a test run). base, seq256, lat2e-4 and norms were measured by this procedure run "
+                        "from a scratch copy before the script was committed (same calls, checkpoints outside the "
+                        "repo, wall time not recorded); rerunning the script after deleting a row remeasures it."}
     for name in only:
         if name in {r["method"] for r in load_results(a.out)}:
             continue
