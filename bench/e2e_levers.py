@@ -68,10 +68,10 @@ def main(argv=None):
         # the table's own row builder: same stage-1 folder, stage 2 under <ckpt-dir>/levers_<name>
         bw, n1 = STAGE1_LEVERS.get(name, (TUNED_STAGE1, STAGE1_SAMPLES))
         spec = ("fdb", "both", bw, {**settings["e2e_base"], "steps": a.steps, **LEVERS[name]}, (n1, STAGE2_SAMPLES))
+        s1 = os.path.basename(stage1_dir(a.ckpt_dir, "fdb", bw, n1))
         student, info = train_row(ctx, f"levers {name}", spec)
         res = perplexity(student, tok, windows=windows, seqlen=a.seqlen)
-        row = {"method": name, "overrides": json.dumps(LEVERS[name]), "stage1": os.path.basename(
-                   stage1_dir(a.ckpt_dir, "fdb", bw, n1)), "ppl": res.ppl,
+        row = {"method": name, "overrides": json.dumps(LEVERS[name]), "stage1": s1, "ppl": res.ppl,
                "bits_per_weight": info["bits_per_weight"], "stage2_cpu_minutes": info["stage2_cpu_minutes"],
                "stage2_final_loss": info["stage2_final_loss"], "wall_minutes": round((time.time() - t0) / 60, 1)}
         rows = [r for r in load_results(a.out) if r["method"] != name] + [row]

@@ -252,7 +252,8 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
         path = os.path.join(out_dir, f"block_{i:03d}.pt") if out_dir else None
         tb.to(device), sb.to(device)
         y = _flat(_run(tb, x_fp, kwargs, device))
-        if path and os.path.isfile(path):
+        trained = not (path and os.path.isfile(path))
+        if not trained:
             ck = torch.load(path, weights_only=False)
             with torch.no_grad():
                 for n, p in sb.named_parameters():
@@ -266,14 +267,15 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
             bt, bc = time.time(), time.process_time()
             losses = train_block(sb, x_in, y, kwargs, cfg, seed=cfg.seed * 1000 + i, device=device,
                                  progress=progress, desc=f"block {i}")
-            row = {"block": i, "before": before, "loss_first": losses[0], "loss_last": losses[-1],
-                   "steps": len(losses), "seconds": time.time() - bt, "cpu_seconds": time.process_time() - bc}
-            row["after"] = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
+            seconds, cpu_seconds = time.time() - bt, time.process_time() - bc
+            after = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
             _drop_caches(sb)
+            row = {"block": i, "before": before, "after": after, "loss_first": losses[0], "loss_last": losses[-1],
+                   "steps": len(losses), "seconds": seconds, "cpu_seconds": cpu_seconds}
         x_q = _flat(_run(sb, x_q, kwargs, device))
         _drop_caches(sb)
-        if len(stats) == i:  # trained now: cpu_seconds counts the optimiser steps, block_cpu_seconds the whole
-            # block (its targets, the before/after statistics and the stream passed on to the next block)
+        if trained:  # cpu_seconds: the optimiser steps; block_cpu_seconds: the whole block (its targets, the
+            # before/after statistics and the stream passed on to the next block)
             row["block_cpu_seconds"] = time.process_time() - b0
             stats.append(row)
             if path:
