@@ -98,6 +98,8 @@ ROWS = {
     # optimiser steps per sample, four times the distinct text, twice the stage-1 compute
     "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
     "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
+    # twice that text again (1,024 samples, seen once; --gen-pool 1024), run alone on the machine as a budget row
+    "fdb blockwise n1024 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 1024),
 }
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
@@ -325,6 +327,7 @@ def plot(out, fig_dir="figures"):
              "FDB tuned, 128-sample stage 1, then 60 / 600 end-to-end steps (DAD)":
                  ["fdb init", "fdb tuned blockwise n128", "fdb long dad s0", "fdb e2e600 dad s0"],
              "FDB stage 1 alone, 512 samples seen once": ["fdb init", "fdb blockwise n512 1ep"],
+             "FDB stage 1 alone, 1,024 samples seen once": ["fdb init", "fdb blockwise n1024 1ep"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
@@ -332,8 +335,9 @@ def plot(out, fig_dir="figures"):
            for k, ms in paths.items() for m in ms if m in rows]
     curves = {"FDB two-stage, first recipe (DAD)": ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0"),
               "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0", "fdb tuned dad n256"),
-              "FDB stage 1 alone, tuned (2 epochs; 512 samples: 1)":
-                  ("fdb blockwise b1 lat2e-3", "fdb tuned blockwise n128", "fdb blockwise n512 1ep")}
+              "FDB stage 1 alone, tuned (2 epochs; 512 and 1,024 samples: 1)":
+                  ("fdb blockwise b1 lat2e-3", "fdb tuned blockwise n128", "fdb blockwise n512 1ep",
+                   "fdb blockwise n1024 1ep")}
     tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
             "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
            for k, ms in curves.items() for m in ms if m in rows]

@@ -268,12 +268,15 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
             losses = train_block(sb, x_in, y, kwargs, cfg, seed=cfg.seed * 1000 + i, device=device,
                                  progress=progress, desc=f"block {i}")
             seconds, cpu_seconds = time.time() - bt, time.process_time() - bc
-            after = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
+            out = _flat(_run(sb, x_in, kwargs, device))
             _drop_caches(sb)
-            row = {"block": i, "before": before, "after": after, "loss_first": losses[0], "loss_last": losses[-1],
-                   "steps": len(losses), "seconds": seconds, "cpu_seconds": cpu_seconds}
-        x_q = _flat(_run(sb, x_q, kwargs, device))
-        _drop_caches(sb)
+            row = {"block": i, "before": before, "after": error_stats(out, y, cfg.sink_ratio),
+                   "loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses), "seconds": seconds,
+                   "cpu_seconds": cpu_seconds}
+        if not (trained and cfg.inputs == "quant"):  # else the trained block's output on x_q is ``out`` already
+            out = _flat(_run(sb, x_q, kwargs, device))
+            _drop_caches(sb)
+        x_q = out
         if trained:  # cpu_seconds: the optimiser steps; block_cpu_seconds: the whole block (its targets, the
             # before/after statistics and the stream passed on to the next block)
             row["block_cpu_seconds"] = time.process_time() - b0
