@@ -55,6 +55,7 @@ from .packing import check_inputs
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__)
@@ -184,7 +185,62 @@ static void generic_row(const Args& A, int64_t n) {
     }
 }
 
+// FDB rounding, quant.fdb_round_torch's rule bit for bit (see its docstring): per group, the levels
+// {0, a2, a1, a1 + a2} (code = index: b1 = code >> 1, b2 = code & 1) sorted stably; on a 2-bit grid
+// (|a1| = 2|a2| != 0) the rank is clamp(round_half_to_zero(w / s) - round(lowest / s), 0, 3), s = |a2|;
+// otherwise the number of thresholds t_k (the midpoints; the next float below for a negative one) w exceeds.
+static inline float round_half_to_zero(float x) {
+    float c = ceilf(fabsf(x) - 0.5f);
+    return x > 0 ? c : (x < 0 ? -c : 0.0f);
+}
+
+static void fdb_round_group(const float* w, float a1, float a2, int64_t g, uint8_t* b1, uint8_t* b2,
+                            float* w_hat) {
+    float lv[4] = {0.0f, a2, a1, a1 + a2};
+    int idx[4] = {0, 1, 2, 3};
+    for (int i = 1; i < 4; i++)  // stable insertion sort, ascending
+        for (int j = i; j > 0 && lv[idx[j - 1]] > lv[idx[j]]; j--) { int t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t; }
+    float srt[4];
+    uint8_t code[4];
+    for (int r = 0; r < 4; r++) { srt[r] = lv[idx[r]]; code[r] = (uint8_t)idx[r]; }
+    for (int r = 1; r < 4; r++) if (srt[r] == srt[r - 1]) code[r] = code[r - 1];  // equal levels: first code
+    if (fabsf(a1) == 2.0f * fabsf(a2) && a2 != 0.0f) {
+        const float s = fabsf(a2), lo = rintf(srt[0] / s);  // rintf: ties to even, as torch.round
+        for (int64_t k = 0; k < g; k++) {
+            float q = round_half_to_zero(w[k] / s) - lo;
+            q = q < 0.0f ? 0.0f : (q > 3.0f ? 3.0f : q);
+            const uint8_t c = code[(int)q];
+            b1[k] = c >> 1; b2[k] = c & 1;
+            if (w_hat) w_hat[k] = a1 * (float)(c >> 1) + a2 * (float)(c & 1);
+        }
+        return;
+    }
+    float t[3];
+    for (int r = 0; r < 3; r++) {
+        const float m = (srt[r + 1] + srt[r]) / 2.0f;
+        t[r] = m < 0.0f ? nextafterf(m, -INFINITY) : m;
+    }
+    for (int64_t k = 0; k < g; k++) {
+        const float x = w[k];
+        const uint8_t c = code[(x > t[0]) + (x > t[1]) + (x > t[2])];
+        b1[k] = c >> 1; b2[k] = c & 1;
+        if (w_hat) w_hat[k] = a1 * (float)(c >> 1) + a2 * (float)(c & 1);
+    }
+}
+
 extern "C" {
+// b1, b2 (R x G x g, uint8) = FDB rounding of w (R x G x g, fp32) with scales a1, a2 (R x G, fp32); when
+// w_hat is not null it also gets a1 * b1 + a2 * b2 (fp32; the products are exact, so this is torch's value)
+void dbl_fdb_round(const float* w, const float* a1, const float* a2, uint8_t* b1, uint8_t* b2, float* w_hat,
+                   int64_t R, int64_t G, int64_t g, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = 0; j < G; j++) {
+            const int64_t o = (r * G + j) * g;
+            fdb_round_group(w + o, a1[r * G + j], a2[r * G + j], g, b1 + o, b2 + o, w_hat ? w_hat + o : nullptr);
+        }
+}
+
 int dbl_isa(void) {
 #ifdef DBLLM_AVX512
     return 1;
@@ -282,6 +338,8 @@ def load(generic=False):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.dbl_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int]
         lib.dbl_matmul.restype = None
+        lib.dbl_fdb_round.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.dbl_fdb_round.restype = None
         lib.flags, lib.path = flags + extra, path
         return lib
     raise RuntimeError("could not compile the dbllm_lab CPU kernel:\n" + "\n".join(errors))
@@ -352,3 +410,22 @@ def _run(lib, x, M, N, K, p1, p2, a1, a2, group_size, out=None, threads=None):
     y = out if x.dtype == torch.float32 else out.to(x.dtype)
     return y.view(*x.shape[:-1], N)
 
+
+
+def fdb_round_cpu(w, a1, a2, dequantize=False, threads=None):
+    """``quant.fdb_round_torch``'s rule in C++, bit for bit (``tests/test_cpu_kernel.py``): w (R, G, g), a1, a2
+    (R, G), fp32 CPU tensors -> (b1, b2) uint8 (R, G, g), and with ``dequantize`` also w_hat = a1 b1 + a2 b2
+    (fp32, equal to torch's). One pass over the weights, no temporaries: training recomputes every FDB layer's
+    binaries on every forward, and the torch form took about a third of a block's training step."""
+    R, G, g = w.shape
+    if w.dtype != torch.float32 or a1.dtype != torch.float32 or a2.dtype != torch.float32:
+        raise TypeError(f"fdb_round_cpu takes float32 tensors, got {w.dtype}, {a1.dtype}, {a2.dtype}")
+    if tuple(a1.shape) != (R, G) or tuple(a2.shape) != (R, G):
+        raise ValueError(f"a1, a2 must have shape {(R, G)}, got {tuple(a1.shape)}, {tuple(a2.shape)}")
+    w, a1, a2 = w.contiguous(), a1.contiguous(), a2.contiguous()
+    b1, b2 = torch.empty(w.shape, dtype=torch.uint8), torch.empty(w.shape, dtype=torch.uint8)
+    w_hat = torch.empty(w.shape, dtype=torch.float32) if dequantize else None
+    if w.numel():
+        load().dbl_fdb_round(w.data_ptr(), a1.data_ptr(), a2.data_ptr(), b1.data_ptr(), b2.data_ptr(),
+                             w_hat.data_ptr() if dequantize else None, R, G, g, threads or torch.get_num_threads())
+    return (b1, b2, w_hat) if dequantize else (b1, b2)

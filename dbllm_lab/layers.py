@@ -42,10 +42,9 @@ class _DualBinaryWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, a1, a2, group_size):
         out, n = w.shape
-        b1, b2 = fdb_round(w.detach().reshape(out, n // group_size, group_size), a1.detach()[..., None],
-                           a2.detach()[..., None])
+        b1, b2, w_hat = fdb_round(w.detach().reshape(out, n // group_size, group_size), a1.detach()[..., None],
+                                  a2.detach()[..., None], dequantize=True)
         ctx.save_for_backward(b1, b2)
-        w_hat = a1[..., None] * b1.to(a1.dtype) + a2[..., None] * b2.to(a2.dtype)
         return w_hat.reshape(out, n).to(w.dtype)
 
     @staticmethod

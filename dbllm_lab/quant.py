@@ -191,10 +191,26 @@ def fdb_init(w, group_size, init="clip", orientation="per-group"):
     return best[0], best[1]
 
 
-def fdb_round(w, a1, a2):
+def fdb_round(w, a1, a2, dequantize=False):
     """The FDB rounding (method.md §1), the one function every path calls: (b1, b2), uint8 of w's shape, such
     that a1 * b1 + a2 * b2 is the level of {0, a2, a1, a1 + a2} nearest to w. ``w``: grouped weights (..., g);
-    ``a1``, ``a2``: the group's scales, broadcastable (..., 1). Computed in fp32.
+    ``a1``, ``a2``: the group's scales, broadcastable (..., 1). ``dequantize``: also return that level,
+    w_hat = a1 * b1 + a2 * b2, in the scales' dtype.
+
+    The rule is ``fdb_round_torch``. fp32 CPU weights (out, groups, g) with scales (out, groups, 1) go to its
+    C++ form ``cpu_kernel.fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available."""
+    if (w.device.type == "cpu" and w.dim() == 3 and w.dtype == a1.dtype == a2.dtype == torch.float32
+            and a1.shape == a2.shape == (*w.shape[:2], 1) and not (w.requires_grad or a1.requires_grad
+                                                                   or a2.requires_grad)):
+        from . import cpu_kernel
+        if cpu_kernel.available():
+            return cpu_kernel.fdb_round_cpu(w, a1[..., 0], a2[..., 0], dequantize)
+    b1, b2 = fdb_round_torch(w, a1, a2)
+    return (b1, b2, a1 * b1.to(a1.dtype) + a2 * b2.to(a2.dtype)) if dequantize else (b1, b2)
+
+
+def fdb_round_torch(w, a1, a2):
+    """``fdb_round`` in torch: the reference rule (any device, dtype and broadcastable shapes; computed in fp32).
 
     Rule, exactly. The levels are sorted per group (stably, so equal levels keep the code order) and w moves up
     past each midpoint m = (l_k + l_k+1) / 2 (fp32) it exceeds; a weight exactly on a midpoint goes to the level
@@ -207,7 +223,9 @@ def fdb_round(w, a1, a2):
     Speed (``python bench/fdb_round.py`` -> bench/results/fdb_round.json; forward + backward of a layer's w_hat,
     one thread, on a heavily shared 2-core CPU, so ratios are rough): 2.7-5.4x faster than the argmin form and
     0.8-1.7x the speed of the training-only form train.py used to swap in, which also disagreed with the grid rule
-    on 5-87 weights per layer at the clip init. Training therefore needs no second form.
+    on 5-87 weights per layer at the clip init. ``fdb_round`` runs this rule in C++ on fp32 CPU tensors: in a
+    block's training step (forward and backward of SmolLM2's block, 256 tokens, one thread) the torch form and
+    w_hat took about a third of the step.
     """
     w, a1, a2 = w.float(), a1.float(), a2.float()
     levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)  # (..., 1, 4)

@@ -176,3 +176,56 @@ def test_packed_embedded_checkpoint_matches_dual_binary_model(embedded, tmp_path
             assert _dense_tensors(m) == [], f"{name} holds a dense weight: {_dense_tensors(m)}"
             assert {n for n, _ in m.named_buffers()} == {"p1", "p2", "a1", "a2"}
             assert list(m.parameters()) == []
+
+
+def _hard_scales(R, G, gen):
+    """Scales of every kind fdb_round must handle: random signs and sizes, 2-bit grids of both orientations,
+    and degenerate levels (a2 = 0, a1 = 0, a1 = -a2, a1 = a2, both zero, -0.0)."""
+    a1, a2 = torch.randn(R, G, generator=gen), torch.randn(R, G, generator=gen) * 0.5
+    kind = torch.randint(0, 8, (R, G), generator=gen)
+    s = a2.abs() + 0.01
+    a1 = torch.where(kind == 1, 2 * s, a1)
+    a2 = torch.where(kind == 1, -s, a2)
+    a1 = torch.where(kind == 2, -2 * s, a1)
+    a2 = torch.where(kind == 2, s, a2)
+    a2 = torch.where(kind == 3, torch.zeros_like(a2), a2)
+    a1 = torch.where(kind == 4, torch.zeros_like(a1), a1)
+    a1 = torch.where(kind == 5, -a2, a1)
+    a1 = torch.where(kind == 6, a2, a1)
+    a1 = torch.where(kind == 7, torch.full_like(a1, -0.0), a1)
+    a2 = torch.where(kind == 7, torch.full_like(a2, -0.0), a2)
+    return a1, a2
+
+
+@pytest.mark.parametrize("R,G,g", [(1, 1, 1), (3, 5, 7), (64, 9, 64), (17, 2, 128)])
+def test_fdb_round_cpu_equals_the_torch_rule(R, G, g):
+    """The C++ FDB rounding gives the torch rule's codes bit for bit: random weights, weights exactly on every
+    midpoint and grid tie, and every kind of degenerate scale."""
+    from dbllm_lab.quant import fdb_round, fdb_round_torch
+    gen = torch.Generator().manual_seed(R * 1000 + g)
+    a1, a2 = _hard_scales(R, G, gen)
+    levels = torch.stack([torch.zeros_like(a1), a2, a1, a1 + a2], -1).sort(-1).values
+    mids = (levels[..., 1:] + levels[..., :-1]) / 2
+    s = a2.abs()[..., None]
+    ties = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                      (torch.arange(-4, 5) + 0.5) * s, levels], -1)  # (R, G, 20)
+    pick = torch.randint(0, ties.shape[-1], (R, G, g), generator=gen)
+    w = torch.where(torch.rand(R, G, g, generator=gen) < 0.5, ties.gather(-1, pick),
+                    torch.randn(R, G, g, generator=gen))
+    want = fdb_round_torch(w, a1[..., None], a2[..., None])
+    want_hat = a1[..., None] * want[0].float() + a2[..., None] * want[1].float()
+    for threads in (1, 2):
+        assert all(torch.equal(x, y) for x, y in zip(C.fdb_round_cpu(w, a1, a2, threads=threads), want))
+        b1, b2, w_hat = C.fdb_round_cpu(w, a1, a2, dequantize=True, threads=threads)
+        assert torch.equal(b1, want[0]) and torch.equal(b2, want[1])
+        assert torch.equal(w_hat.view(torch.int32), want_hat.view(torch.int32))  # bits, signed zeros included
+    got = fdb_round(w, a1[..., None], a2[..., None], dequantize=True)  # dispatches to the C++ form
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(got, (*want, want_hat)))
+
+
+def test_fdb_round_cpu_bad_input():
+    w = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="float32"):
+        C.fdb_round_cpu(w.double(), torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        C.fdb_round_cpu(w, torch.ones(3, 2), torch.ones(3, 2))
