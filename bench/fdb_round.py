@@ -1,9 +1,11 @@
-"""Speed of the FDB rounding: ``quant.fdb_round`` (sorted levels, three midpoint comparisons per weight) against the
-two forms it replaced: the literal reference (distances to all four levels, argmin over (distance, |level|),
-gather) and the training-only form train.py used to swap in (midpoint thresholds, float code sums, no 2-bit-grid
-rule, ties upward). On the embedded model's layer shapes, forward + backward of ``w_hat = a1 b1 + a2 b2`` as
-training runs it, one CPU thread. Scales: the clip init (every group on a 2-bit grid) and the same scales moved off
-the grid (as after training). Also counts the weights on which each old form disagrees with ``fdb_round``.
+"""Speed of the FDB rounding: ``quant.fdb_round`` (its C++ form ``cpu_kernel.fdb_round_cpu`` where a compiler is
+available: ``settings.fdb_round_path``) against its torch form ``fdb_round_torch`` (sorted levels, three midpoint
+comparisons per weight) and the two forms that one replaced: the literal reference (distances to all four levels,
+argmin over (distance, |level|), gather) and the training-only form train.py used to swap in (midpoint thresholds,
+float code sums, no 2-bit-grid rule, ties upward). On the embedded model's layer shapes, forward + backward of
+``w_hat = a1 b1 + a2 b2`` as training runs it, one CPU thread. Scales: the clip init (every group on a 2-bit grid)
+and the same scales moved off the grid (as after training). Also counts the weights on which each other form
+disagrees with ``fdb_round`` (0 for the torch form: same rule).
 Writes bench/results/fdb_round.json (+ .md).
 
     python bench/fdb_round.py [--repeats 9]
@@ -20,7 +22,8 @@ from common import write_results  # noqa: E402
 
 from dbllm_lab.layers import _DualBinaryWeight  # noqa: E402
 from dbllm_lab.model import load_model, quantizable_linears  # noqa: E402
-from dbllm_lab.quant import fdb_init, fdb_round, round_half_to_zero  # noqa: E402
+from dbllm_lab import cpu_kernel  # noqa: E402
+from dbllm_lab.quant import fdb_init, fdb_round, fdb_round_torch, round_half_to_zero  # noqa: E402
 
 
 def argmin_round(w, a1, a2):
@@ -99,14 +102,18 @@ def main():
             new = fdb_round(wg, s1[..., None], s2[..., None])
             row = {"shape": f"{out_f}x{in_f}", "layer": name, "scales": scales,
                    "fdb_round_ms": round(fwd_bwd_ms(_DualBinaryWeight.apply, w, s1, s2, g, args.repeats), 2)}
-            for key, fn in (("argmin_form", argmin_round), ("old_training_form", old_training_round)):
+            for key, fn in (("torch_form", fdb_round_torch), ("argmin_form", argmin_round),
+                            ("old_training_form", old_training_round)):
                 old = fn(wg, s1[..., None], s2[..., None])
                 row[f"{key}_ms"] = round(fwd_bwd_ms(autograd_with(fn), w, s1, s2, g, args.repeats), 2)
                 row[f"{key}_speedup"] = round(row[f"{key}_ms"] / row["fdb_round_ms"], 2)
                 row[f"{key}_weights_differing"] = int(((new[0] != old[0]) | (new[1] != old[1])).sum())
             rows.append({**row, "n_weights": w.numel()})
             print(rows[-1], flush=True)
-    write_results(args.out, rows, {"group_size": g, "repeats": args.repeats, "timer": "best of repeats, "
+    write_results(args.out, rows, {"group_size": g, "repeats": args.repeats,
+                                   "fdb_round_path": "C++ (cpu_kernel.fdb_round_cpu)" if cpu_kernel.available()
+                                   else f"torch (C++ unavailable: {cpu_kernel.why_unavailable()})",
+                                   "timer": "best of repeats, "
                                    "forward + backward of the FDB layer weight, torch threads 1",
                                    "weights": "embedded SmolLM2-135M, first layer of each shape",
                                    "load_average_1_5_15min": os.getloadavg()})

@@ -1,5 +1,6 @@
-"""Training speed on this CPU: fp32 against bf16 autocast, 1 against 2 torch threads, and cached teacher logits,
-for the two training stages of the DB-LLM table (the tuned recipe on the embedded model).
+"""Training speed on this CPU: fp32 against bf16 autocast, 1 against 2 torch threads, cached teacher logits, and
+the FDB rounding in C++ (``quant.fdb_round``'s default on the CPU) against its torch form, for the two training
+stages of the DB-LLM table (the tuned recipe on the embedded model).
 
 Each setting trains a fresh copy of the same FDB clip-init student from the same data and seed:
   - stage 1: ``blockwise_reconstruct`` on the first ``--blocks`` decoder blocks (a truncated copy of the model);
@@ -22,10 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import write_results  # noqa: E402
 from dbllm_lab.blockwise import BlockwiseConfig, blockwise_reconstruct  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
+from dbllm_lab import quant  # noqa: E402
 from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
 from dbllm_lab.train import AFTER_STAGE1, TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
 
-SETTINGS = [("fp32", 1, False), ("bf16", 1, False), ("fp32", 2, False), ("bf16", 2, False), ("fp32", 1, True)]
+# (precision, torch threads, cached teacher logits, FDB rounding in C++)
+SETTINGS = [("fp32", 1, False, True), ("bf16", 1, False, True), ("fp32", 2, False, True), ("bf16", 2, False, True),
+            ("fp32", 1, True, True), ("fp32", 1, False, False)]
 
 
 def truncated(model, blocks):
@@ -84,11 +88,13 @@ def main(argv=None):
     student0_k = truncated(student0, a.blocks)
     cfg = TrainConfig(**AFTER_STAGE1, loss="dad", steps=a.steps, batch_size=2, seqlen=128)
     rows = []
-    for precision, threads, cached in SETTINGS:
+    for precision, threads, cached, cpp in SETTINGS:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-        row = {"method": f"{precision}, {threads} thread{'s' * (threads > 1)}" + (", cached teacher" if cached else ""),
-               "precision": precision, "threads": threads, "cached_teacher_logits": cached}
+        quant.FDB_ROUND_CPP = cpp
+        row = {"method": f"{precision}, {threads} thread{'s' * (threads > 1)}" + (", cached teacher" if cached else "")
+                         + ("" if cpp else ", torch rounding"),
+               "precision": precision, "threads": threads, "cached_teacher_logits": cached, "fdb_round_cpp": cpp}
         row.update(stage1(teacher_k, student0_k, data, precision))
         row.update(stage2(teacher, student0, data, precision, cfg, a.warmup, cached))
         rows.append(row)

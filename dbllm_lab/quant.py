@@ -191,6 +191,9 @@ def fdb_init(w, group_size, init="clip", orientation="per-group"):
     return best[0], best[1]
 
 
+FDB_ROUND_CPP = True  # fdb_round: use the C++ form on fp32 CPU tensors when it can be built
+
+
 def fdb_round(w, a1, a2, dequantize=False):
     """The FDB rounding (method.md §1), the one function every path calls: (b1, b2), uint8 of w's shape, such
     that a1 * b1 + a2 * b2 is the level of {0, a2, a1, a1 + a2} nearest to w. ``w``: grouped weights (..., g);
@@ -198,8 +201,9 @@ def fdb_round(w, a1, a2, dequantize=False):
     w_hat = a1 * b1 + a2 * b2, in the scales' dtype.
 
     The rule is ``fdb_round_torch``. fp32 CPU weights (out, groups, g) with scales (out, groups, 1) go to its
-    C++ form ``cpu_kernel.fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available."""
-    if (w.device.type == "cpu" and w.dim() == 3 and w.dtype == a1.dtype == a2.dtype == torch.float32
+    C++ form ``cpu_kernel.fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available and
+    ``FDB_ROUND_CPP`` is True (set it False to time or rule out the C++ form)."""
+    if (FDB_ROUND_CPP and w.device.type == "cpu" and w.dim() == 3 and w.dtype == a1.dtype == a2.dtype == torch.float32
             and a1.shape == a2.shape == (*w.shape[:2], 1) and not (w.requires_grad or a1.requires_grad
                                                                    or a2.requires_grad)):
         from . import cpu_kernel

@@ -229,3 +229,23 @@ def test_fdb_round_cpu_bad_input():
         C.fdb_round_cpu(w.double(), torch.ones(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"\(2, 3\)"):
         C.fdb_round_cpu(w, torch.ones(3, 2), torch.ones(3, 2))
+
+
+def test_training_step_is_the_same_with_either_rounding(monkeypatch):
+    """A DualBinaryLinear's forward and backward (what training runs) are bit for bit the same whether the binaries
+    come from the C++ form or the torch form."""
+    from dbllm_lab import quant
+    from dbllm_lab.layers import DualBinaryLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 40, bias=False)
+    x = torch.randn(3, 192)
+    res = []
+    for cpp in (True, False):
+        monkeypatch.setattr(quant, "FDB_ROUND_CPP", cpp)
+        layer = DualBinaryLinear.from_linear(lin, group_size=64, train_latent=True)
+        with torch.no_grad():  # off the 2-bit grid, as after training
+            layer.a1.mul_(1.1)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        res.append([y, layer.a1.grad, layer.a2.grad, layer.weight.grad])
+    assert all(torch.equal(p, q) for p, q in zip(*res))
