@@ -60,6 +60,8 @@ class BlockwiseConfig:
     sink_weight: float = 1.0       # "split": weight of the sink term
     min_lr_ratio: float = 0.1      # cosine decay to min_lr_ratio * lr within each block
     seed: int = 0
+    stats_samples: int = 0         # before/after error statistics on the first N samples (0: all); the forward
+                                   # pass for the "before" statistics is the only one that training does not need
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -70,6 +72,9 @@ class BlockwiseConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
+        if isinstance(self.stats_samples, bool) or not isinstance(self.stats_samples, int) or self.stats_samples < 0:
+            raise ValueError(f"stats_samples={self.stats_samples!r} is not allowed: it must be an integer >= 0 "
+                             f"(0: all samples)")
         for key in ("lr", "lr_latent", "sink_ratio"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
@@ -208,6 +213,28 @@ def _identity(cfg, windows):
     return {**asdict(cfg), "windows": list(windows.shape), "windows_sum": int(windows.sum())}
 
 
+def check_folder(out_dir, cfg, windows):
+    """Start ``out_dir`` (its manifest, ``blockwise.json``) or check that it was written by the same configuration
+    and samples, so that a rerun resumes only its own run; fields added to BlockwiseConfig after a folder was
+    written take their defaults there. Raises ValueError naming the differences."""
+    identity = _identity(cfg, windows)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, "blockwise.json")
+    if not os.path.isfile(manifest):
+        with open(manifest + ".tmp", "w") as f:
+            json.dump({"identity": identity}, f)
+        os.replace(manifest + ".tmp", manifest)
+        return
+    with open(manifest) as f:
+        old = json.load(f)["identity"]
+    old = {**{k: v for k, v in asdict(BlockwiseConfig()).items() if k not in old}, **old}
+    if old != identity:
+        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
+                         + "; ".join(f"{k}: {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                         + "). Use another out_dir.")
+
+
 def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, device="cpu", progress=True,
                           stop_after_blocks=None):
     """Stage 1 of the two-stage recipe: reconstruct every decoder block of ``student`` (a quantized copy of
@@ -225,20 +252,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
         raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}")
     identity = _identity(cfg, windows)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        manifest = os.path.join(out_dir, "blockwise.json")
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                old = json.load(f)
-            if old["identity"] != identity:
-                diff = {k: (old["identity"].get(k), v) for k, v in identity.items() if old["identity"].get(k) != v}
-                raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
-                                 + "; ".join(f"{k}: {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                                 + "). Use another out_dir.")
-        else:
-            with open(manifest + ".tmp", "w") as f:
-                json.dump({"identity": identity}, f)
-            os.replace(manifest + ".tmp", manifest)
+        check_folder(out_dir, cfg, windows)
     t0, c0 = time.time(), time.process_time()
     x_fp, kwargs = capture_block0_inputs(teacher, windows.to(device))
     x_fp = _flat([x.split(1) for x in x_fp])
@@ -262,7 +276,8 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
             stats.append(ck["stats"])
         else:
             x_in = x_q if cfg.inputs == "quant" else x_fp
-            before = error_stats(_flat(_run(sb, x_in, kwargs, device)), y, cfg.sink_ratio)
+            m = cfg.stats_samples or len(y)
+            before = error_stats(_flat(_run(sb, x_in[:m], kwargs, device)), y[:m], cfg.sink_ratio)
             _drop_caches(sb)
             bt, bc = time.time(), time.process_time()
             losses = train_block(sb, x_in, y, kwargs, cfg, seed=cfg.seed * 1000 + i, device=device,
@@ -270,7 +285,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
             seconds, cpu_seconds = time.time() - bt, time.process_time() - bc
             out = _flat(_run(sb, x_in, kwargs, device))
             _drop_caches(sb)
-            row = {"block": i, "before": before, "after": error_stats(out, y, cfg.sink_ratio),
+            row = {"block": i, "before": before, "after": error_stats(out[:m], y[:m], cfg.sink_ratio),
                    "loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses), "seconds": seconds,
                    "cpu_seconds": cpu_seconds}
         if not (trained and cfg.inputs == "quant"):  # else the trained block's output on x_q is ``out`` already

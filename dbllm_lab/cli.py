@@ -98,7 +98,7 @@ def train_configs(args):
                       ckpt_every=args.ckpt_every).validate()
     bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
-                         inputs=args.bw_inputs, seed=args.seed).validate()
+                         inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, seed=args.seed).validate()
     return cfg, bw
 
 
@@ -238,6 +238,8 @@ def build_parser():
     p.add_argument("--bw-scales-only", action="store_true", help="block-wise: train only the scales")
     p.add_argument("--bw-loss", default=bw.loss, help="block-wise loss: split (default), relative or mse")
     p.add_argument("--bw-inputs", default=bw.inputs, help="block-wise inputs: quant (default) or fp")
+    p.add_argument("--bw-stats-samples", type=int, default=bw.stats_samples,
+                   help="block-wise: per-block error statistics on the first N samples (0: all)")
     p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
     tc = TrainConfig()
     p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")

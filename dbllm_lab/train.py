@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .blockwise import BlockwiseConfig, blockwise_reconstruct
+from .blockwise import BlockwiseConfig, blockwise_reconstruct, check_folder
 from .distill import LOSSES, check_gamma, distill_loss
 from .layers import DualBinaryLinear, FakeQuantLinear, learnable_layers, trainable_quant_parameters
 from .runtime import atomic_save, peak_rss_gib
@@ -384,6 +384,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
         stage1_dir = stage1_dir or (os.path.join(out_dir, "stage1") if out_dir else None)
         done = os.path.join(stage1_dir, "stage1_result.pt") if stage1_dir else None
         if done and os.path.isfile(done):
+            check_folder(stage1_dir, bw_cfg, data)  # a finished stage 1 of another configuration is not reused
             ck = torch.load(done, weights_only=False)
             student.load_state_dict(ck["state"], strict=False)
             r = ck["result"]

@@ -1,6 +1,7 @@
 """Stage 1 (block-wise reconstruction) on a tiny random LLaMA: it reduces every block's error, resumes exactly,
 rejects bad input; the learnable uniform grid starts on RTN's grid."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -96,9 +97,16 @@ def test_two_stage_and_bad_input(setup, tmp_path):
     for b in ck["result"]["blocks"]:
         del b["block_cpu_seconds"]
     torch.save(ck, tmp_path / "stage1" / "stage1_result.pt")
-    _, old = train_two_stage(teacher, data, stage="blockwise", group_size=32, out_dir=str(tmp_path), progress=False)
+    _, old = train_two_stage(teacher, data, stage="blockwise", blockwise=BlockwiseConfig(epochs=1), group_size=32,
+                             out_dir=str(tmp_path), progress=False)
     assert old["stage1_cpu_counts"] == "optimiser steps only"
     assert old["stage1_cpu_minutes"] == old["stage1_optimiser_cpu_minutes"]
+    # a finished stage 1 is reused only by its own configuration
+    with pytest.raises(ValueError, match="different configuration"):
+        train_two_stage(teacher, data, stage="blockwise", blockwise=BlockwiseConfig(epochs=2), group_size=32,
+                        out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="stats_samples=-1"):
+        BlockwiseConfig(stats_samples=-1).validate()
     with pytest.raises(ValueError, match="stage='fast'"):
         train_two_stage(teacher, data, stage="fast")
     with pytest.raises(ValueError, match="e2e_data must be a non-empty"):
@@ -131,3 +139,31 @@ def test_memory_flatness_runs_in_quick_mode():
                           "--quick"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"flat_within_15_percent"' in out.stdout
+
+
+def test_statistics_on_a_subset_and_folders_written_before_a_field_existed(setup, tmp_path):
+    """``stats_samples`` changes only the statistics (same trained weights); a folder whose manifest predates a
+    BlockwiseConfig field resumes when the field is at its default."""
+    teacher, data = setup
+    runs = {}
+    for m in (0, 3):
+        student, _ = build_student(teacher, group_size=32, progress=False)
+        r = blockwise_reconstruct(teacher, student, data, BlockwiseConfig(epochs=1, stats_samples=m),
+                                  out_dir=str(tmp_path / f"s{m}"), progress=False)
+        runs[m] = (student, r)
+    (full, r_all), (sub, r_sub) = runs[0], runs[3]
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), sub.parameters()))
+    first3 = block_errors(teacher, full, data[:3])  # the model as it runs: same numbers as the "after" stats
+    assert r_sub["blocks"][0]["after"]["rel_err_ordinary"] == pytest.approx(first3[0]["rel_err_ordinary"], rel=1e-5)
+    assert r_sub["blocks"][0]["after"] != r_all["blocks"][0]["after"]
+    manifest = tmp_path / "s0" / "blockwise.json"
+    old = json.loads(manifest.read_text())
+    del old["identity"]["stats_samples"]
+    manifest.write_text(json.dumps(old))
+    resumed, _ = build_student(teacher, group_size=32, progress=False)
+    blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1), out_dir=str(tmp_path / "s0"),
+                          progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+    with pytest.raises(ValueError, match="stats_samples: 0 vs now 3"):
+        blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1, stats_samples=3),
+                              out_dir=str(tmp_path / "s0"), progress=False)
