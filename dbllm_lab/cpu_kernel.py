@@ -1,4 +1,5 @@
-"""CPU dual-bit-plane matmul straight from the packed words: a small C++ kernel, compiled on first use.
+"""CPU dual-bit-plane matmul straight from the packed words: a small C++ kernel, compiled on first use. The same
+library holds the FDB rounding in C++ (``fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU).
 
 Computes the DB-LLM inference form (method.md §1) for activations x (M x K) and packed planes p1, p2 (N x K/32
 int32 words, ``dbllm_lab.packing`` layout), scales a1, a2 (N x K/g, fp16 or fp32):
