@@ -105,11 +105,11 @@ ROWS = {
 ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
                                        "(ruling out subnormal numbers as the cause of the slowdown: no change); "
                                        "blocks 17-29 shared the 2 cores with a test run",
-             "fdb blockwise n1024 1ep": "blocks 0-7 ran in a first process that kept each stream as one buffer per "
+             "fdb blockwise n1024 1ep": "blocks 0-9 ran in a first process that kept each stream as one buffer per "
                                         "batch of 8 samples; it slowed as glibc's heap fragmented (py-spy: 18% of "
                                         "its samples in libc against 3% in a fresh process). It was stopped in "
-                                        "block 8 and resumed from the per-block checkpoints with one buffer per "
-                                        "stream (identical results); the resumed process's replay of blocks 0-7 "
+                                        "block 10 and resumed from the per-block checkpoints with one buffer per "
+                                        "stream (identical results); the resumed process's replay of blocks 0-9 "
                                         "(forward passes only) is not in the row's CPU minutes"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
