@@ -98,7 +98,7 @@ ROWS = {
     # optimiser steps per sample, four times the distinct text, twice the stage-1 compute
     "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
     "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
-    # twice that text again (1,024 samples, seen once; --gen-pool 1024), run alone on the machine as a budget row
+    # twice that text again: 1,024 samples seen once (--gen-pool 1024)
     "fdb blockwise n1024 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 1024),
 }
 # how a row was run, where that is not in its settings
@@ -106,11 +106,13 @@ ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process un
                                        "(ruling out subnormal numbers as the cause of the slowdown: no change); "
                                        "blocks 17-29 shared the 2 cores with a test run",
              "fdb blockwise n1024 1ep": "blocks 0-9 ran in a first process that kept each stream as one buffer per "
-                                        "batch of 8 samples; it slowed as glibc's heap fragmented (py-spy: 18% of "
-                                        "its samples in libc against 3% in a fresh process). It was stopped in "
-                                        "block 10 and resumed from the per-block checkpoints with one buffer per "
-                                        "stream (identical results); the resumed process's replay of blocks 0-9 "
-                                        "(forward passes only) is not in the row's CPU minutes"}
+                                        "batch of 8 samples (glibc's heap fragmented: py-spy found several times "
+                                        "the libc share of a fresh process). Blocks 10-12 and 13-29 ran in two "
+                                        "resumed processes with one buffer per stream (identical results, bit for "
+                                        "bit); a resumed process's replay of the finished blocks (forward passes "
+                                        "only) is not in the row's CPU minutes. Blocks 1-3 and 6-12 shared the 2 "
+                                        "cores with short probes and tests, blocks from 13 on with the fresh-clone "
+                                        "test run for part of the time: the CPU minutes are not a budget figure"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
