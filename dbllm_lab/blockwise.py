@@ -150,8 +150,8 @@ def _run(block, xs, kwargs, device, batch=8):
 
 def _stream(chunks):
     """A stream: a list of (1, seq, d) views of ONE tensor. Thousands of batch-sized buffers instead, freed and
-    reallocated block after block among the training step's own, fragmented glibc's heap until a long stage-1
-    process spent 18% of its time in malloc (3% in a fresh one) and trained a third slower."""
+    reallocated block after block among the training step's own, fragmented glibc's heap: a long stage-1 process
+    spent several times the share of its time in libc that a fresh process did (py-spy)."""
     return list(torch.cat(chunks).split(1))
 
 

@@ -200,7 +200,9 @@ static void fdb_round_group(const float* w, float a1, float a2, int64_t g, uint8
     float lv[4] = {0.0f, a2, a1, a1 + a2};
     int idx[4] = {0, 1, 2, 3};
     for (int i = 1; i < 4; i++)  // stable insertion sort, ascending
-        for (int j = i; j > 0 && lv[idx[j - 1]] > lv[idx[j]]; j--) { int t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t; }
+        for (int j = i; j > 0 && lv[idx[j - 1]] > lv[idx[j]]; j--) {
+            const int t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t;
+        }
     float srt[4];
     uint8_t code[4];
     for (int r = 0; r < 4; r++) { srt[r] = lv[idx[r]]; code[r] = (uint8_t)idx[r]; }
@@ -412,12 +414,11 @@ def _run(lib, x, M, N, K, p1, p2, a1, a2, group_size, out=None, threads=None):
     return y.view(*x.shape[:-1], N)
 
 
-
 def fdb_round_cpu(w, a1, a2, dequantize=False, threads=None):
     """``quant.fdb_round_torch``'s rule in C++, bit for bit (``tests/test_cpu_kernel.py``): w (R, G, g), a1, a2
     (R, G), fp32 CPU tensors -> (b1, b2) uint8 (R, G, g), and with ``dequantize`` also w_hat = a1 b1 + a2 b2
     (fp32, equal to torch's). One pass over the weights, no temporaries: training recomputes every FDB layer's
-    binaries on every forward, and the torch form took about a third of a block's training step."""
+    binaries on every forward, and the torch form was a large share of a block's training step."""
     R, G, g = w.shape
     if w.dtype != torch.float32 or a1.dtype != torch.float32 or a2.dtype != torch.float32:
         raise TypeError(f"fdb_round_cpu takes float32 tensors, got {w.dtype}, {a1.dtype}, {a2.dtype}")

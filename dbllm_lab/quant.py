@@ -203,9 +203,9 @@ def fdb_round(w, a1, a2, dequantize=False):
     The rule is ``fdb_round_torch``. fp32 CPU weights (out, groups, g) with scales (out, groups, 1) go to its
     C++ form ``cpu_kernel.fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available and
     ``FDB_ROUND_CPP`` is True (set it False to time or rule out the C++ form)."""
-    if (FDB_ROUND_CPP and w.device.type == "cpu" and w.dim() == 3 and w.dtype == a1.dtype == a2.dtype == torch.float32
-            and a1.shape == a2.shape == (*w.shape[:2], 1) and not (w.requires_grad or a1.requires_grad
-                                                                   or a2.requires_grad)):
+    if (FDB_ROUND_CPP and w.device.type == "cpu" and w.dim() == 3
+            and w.dtype == a1.dtype == a2.dtype == torch.float32 and a1.shape == a2.shape == (*w.shape[:2], 1)
+            and not (w.requires_grad or a1.requires_grad or a2.requires_grad)):
         from . import cpu_kernel
         if cpu_kernel.available():
             return cpu_kernel.fdb_round_cpu(w, a1[..., 0], a2[..., 0], dequantize)
