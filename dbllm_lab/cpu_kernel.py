@@ -414,11 +414,14 @@ def _run(lib, x, M, N, K, p1, p2, a1, a2, group_size, out=None, threads=None):
     return y.view(*x.shape[:-1], N)
 
 
-def fdb_round_cpu(w, a1, a2, dequantize=False, threads=None):
+def fdb_round_cpu(w, a1, a2, dequantize=False, threads=1):
     """``quant.fdb_round_torch``'s rule in C++, bit for bit (``tests/test_cpu_kernel.py``): w (R, G, g), a1, a2
     (R, G), fp32 CPU tensors -> (b1, b2) uint8 (R, G, g), and with ``dequantize`` also w_hat = a1 b1 + a2 b2
     (fp32, equal to torch's). One pass over the weights, no temporaries: training recomputes every FDB layer's
-    binaries on every forward, and the torch form was a large share of a block's training step."""
+    binaries on every forward, and the torch form was a large share of a block's training step.
+
+    One thread by default: a call takes milliseconds, and on a machine whose other cores are busy an OpenMP team
+    spins at its closing barrier for a descheduled member: several times slower than one thread."""
     R, G, g = w.shape
     if w.dtype != torch.float32 or a1.dtype != torch.float32 or a2.dtype != torch.float32:
         raise TypeError(f"fdb_round_cpu takes float32 tensors, got {w.dtype}, {a1.dtype}, {a2.dtype}")
@@ -429,5 +432,5 @@ def fdb_round_cpu(w, a1, a2, dequantize=False, threads=None):
     w_hat = torch.empty(w.shape, dtype=torch.float32) if dequantize else None
     if w.numel():
         load().dbl_fdb_round(w.data_ptr(), a1.data_ptr(), a2.data_ptr(), b1.data_ptr(), b2.data_ptr(),
-                             w_hat.data_ptr() if dequantize else None, R, G, g, threads or torch.get_num_threads())
+                             w_hat.data_ptr() if dequantize else None, R, G, g, threads)
     return (b1, b2, w_hat) if dequantize else (b1, b2)
