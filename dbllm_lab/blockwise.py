@@ -225,7 +225,7 @@ def _identity(cfg, windows):
 def check_folder(out_dir, cfg, windows):
     """Start ``out_dir`` (its manifest, ``blockwise.json``) or check that it was written by the same configuration
     and samples, so that a rerun resumes only its own run; fields added to BlockwiseConfig after a folder was
-    written take their defaults there. Raises ValueError naming the differences."""
+    written take their defaults there. Raises ValueError naming the differences; returns the run's identity."""
     identity = _identity(cfg, windows)
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, "blockwise.json")
@@ -233,7 +233,7 @@ def check_folder(out_dir, cfg, windows):
         with open(manifest + ".tmp", "w") as f:
             json.dump({"identity": identity}, f)
         os.replace(manifest + ".tmp", manifest)
-        return
+        return identity
     with open(manifest) as f:
         old = json.load(f)["identity"]
     old = {**{k: v for k, v in asdict(BlockwiseConfig()).items() if k not in old}, **old}
@@ -242,6 +242,7 @@ def check_folder(out_dir, cfg, windows):
         raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
                          + "; ".join(f"{k}: {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                          + "). Use another out_dir.")
+    return identity
 
 
 def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, device="cpu", progress=True,
@@ -259,9 +260,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
     t_blocks, s_blocks = decoder_layers(teacher), decoder_layers(student)
     if len(t_blocks) != len(s_blocks):
         raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}")
-    identity = _identity(cfg, windows)
-    if out_dir:
-        check_folder(out_dir, cfg, windows)
+    identity = check_folder(out_dir, cfg, windows) if out_dir else None  # saved with each block's checkpoint
     t0, c0 = time.time(), time.process_time()
     x_fp, kwargs = capture_block0_inputs(teacher, windows.to(device))
     x_fp = _stream(x_fp)
