@@ -98,21 +98,19 @@ ROWS = {
     # optimiser steps per sample, four times the distinct text, twice the stage-1 compute
     "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
     "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
-    # twice that text again: 1,024 samples seen once (--gen-pool 1024)
-    "fdb blockwise n1024 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 1024),
+    # twice that text again: 1,024 samples seen once (--gen-pool 1024), before/after statistics on the first 64
+    # (training is the same whatever stats_samples is: it only skips forward passes that training does not need)
+    "fdb blockwise n1024 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64}, {}, 1024),
 }
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
                                        "(ruling out subnormal numbers as the cause of the slowdown: no change); "
                                        "blocks 17-29 shared the 2 cores with a test run",
-             "fdb blockwise n1024 1ep": "blocks 0-9 ran in a first process that kept each stream as one buffer per "
-                                        "batch of 8 samples (glibc's heap fragmented: py-spy found several times "
-                                        "the libc share of a fresh process). Blocks 10-12 and 13-29 ran in two "
-                                        "resumed processes with one buffer per stream (identical results, bit for "
-                                        "bit); a resumed process's replay of the finished blocks (forward passes "
-                                        "only) is not in the row's CPU minutes. Blocks 1-3 and 6-12 shared the 2 "
-                                        "cores with short probes and tests, blocks from 13 on with the fresh-clone "
-                                        "test run for part of the time: the CPU minutes are not a budget figure"}
+             "fdb blockwise n1024 1ep": "ran alone on the machine (apart from two py-spy samples of 20 and 15 s, at "
+                                        "blocks 11 and 28, and a 3-s probe at block 28). The first process was "
+                                        "stopped after block 15 and a fresh one resumed from the checkpoints "
+                                        "(blocks 16-29); its replay of blocks 0-15 (forward passes only, 9.7 "
+                                        "wall-minutes) is not in the row's CPU minutes"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
