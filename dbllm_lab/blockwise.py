@@ -39,9 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .calib import block_forward, capture_block0_inputs
+from .data import to_windows
 from .layers import learnable_layers, trainable_quant_parameters
-from .model import decoder_layers
-from .runtime import atomic_save, peak_rss_gib
+from .model import decoder_layers, norm_weights
+from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -62,6 +63,12 @@ class BlockwiseConfig:
     seed: int = 0
     stats_samples: int = 0         # before/after error statistics on the first N samples (0: all); the forward
                                    # pass for the "before" statistics is the only one that training does not need
+    train_norms: bool = False      # also train the block's RMSNorm weights (full precision, a scale per input
+                                   # channel of q/k/v and of gate/up: the idea of Norm-Tweaking)
+    lr_norm: float = 1e-3          # peak lr of the norm weights (train_norms)
+    fused_adamw: bool = True       # torch's fused AdamW update (runtime.adamw); False: the foreach form
+    seqlen: int = 0                # cut each sample into windows of this many tokens (0: whole samples): more,
+                                   # shorter optimiser steps for the same tokens
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -72,10 +79,12 @@ class BlockwiseConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
+        if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen == 1 or self.seqlen < 0:
+            raise ValueError(f"seqlen={self.seqlen!r} is not allowed: it must be an integer >= 2, or 0 (whole samples)")
         if isinstance(self.stats_samples, bool) or not isinstance(self.stats_samples, int) or self.stats_samples < 0:
             raise ValueError(f"stats_samples={self.stats_samples!r} is not allowed: it must be an integer >= 0 "
                              f"(0: all samples)")
-        for key in ("lr", "lr_latent", "sink_ratio"):
+        for key in ("lr", "lr_latent", "lr_norm", "sink_ratio"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
         if not self.sink_weight >= 0:
@@ -156,9 +165,11 @@ def _stream(chunks):
 
 
 def _block_state(block):
+    """What stage 1 may change in a block: its quantized layers' scales and latent weights, and its norm weights."""
+    norms = norm_weights(block)
     return {n: p.detach().clone() for n, p in block.named_parameters()
-            if n.endswith(("a1", "a2", "step", "zero", "weight")) and any(
-                n.startswith(ln + ".") for ln in learnable_layers(block))}
+            if n in norms or (n.endswith(("a1", "a2", "step", "zero", "weight")) and any(
+                n.startswith(ln + ".") for ln in learnable_layers(block)))}
 
 
 def _drop_caches(block):
@@ -170,10 +181,15 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
     """Train one block's quantizer parameters (and latent weights) to map x_in -> y (lists of (1, seq, d)).
     Returns the per-step losses."""
     scales, latents = trainable_quant_parameters(block, cfg.train_latent)
+    norms = list(norm_weights(block).values()) if cfg.train_norms else []
     groups = [{"params": scales, "lr": cfg.lr, "weight_decay": 0.0}]
     if latents:
         groups.append({"params": latents, "lr": cfg.lr_latent, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    if norms:
+        groups.append({"params": norms, "lr": cfg.lr_norm, "weight_decay": 0.0})
+        for p in norms:
+            p.requires_grad_(True)
+    opt = adamw(groups, cfg.fused_adamw)
     n = len(x_in)
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
@@ -195,7 +211,7 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
             sched.step()
             losses.append(loss.item())
     block.eval()
-    for p in scales + latents:  # free the gradients too: kept, they would grow memory with every block trained
+    for p in scales + latents + norms:  # free the gradients too: kept, they would grow memory with every block trained
         p.grad = None
         p.requires_grad_(False)
     return losses
@@ -222,10 +238,16 @@ def _identity(cfg, windows):
     return {**asdict(cfg), "windows": list(windows.shape), "windows_sum": int(windows.sum())}
 
 
+def stage1_windows(samples, cfg):
+    """The windows stage 1 trains on: the samples, or each cut into windows of ``cfg.seqlen`` tokens."""
+    return to_windows(samples, cfg.seqlen) if cfg.seqlen else samples
+
+
 def check_folder(out_dir, cfg, windows):
     """Start ``out_dir`` (its manifest, ``blockwise.json``) or check that it was written by the same configuration
     and samples, so that a rerun resumes only its own run; fields added to BlockwiseConfig after a folder was
-    written take their defaults there. Raises ValueError naming the differences; returns the run's identity."""
+    written take the value they had then (``runtime.ADDED_LATER``), else their defaults. Raises ValueError naming
+    the differences; returns the run's identity."""
     identity = _identity(cfg, windows)
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, "blockwise.json")
@@ -236,7 +258,7 @@ def check_folder(out_dir, cfg, windows):
         return identity
     with open(manifest) as f:
         old = json.load(f)["identity"]
-    old = {**{k: v for k, v in asdict(BlockwiseConfig()).items() if k not in old}, **old}
+    old = {**asdict(BlockwiseConfig()), **ADDED_LATER, **old}
     if old != identity:
         diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
         raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
@@ -257,6 +279,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
                          " quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
     if windows.dim() != 2 or len(windows) == 0:
         raise ValueError(f"windows must be a non-empty (n, seqlen) LongTensor, got shape {tuple(windows.shape)}")
+    windows = stage1_windows(windows, cfg)
     t_blocks, s_blocks = decoder_layers(teacher), decoder_layers(student)
     if len(t_blocks) != len(s_blocks):
         raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}")

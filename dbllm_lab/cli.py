@@ -98,7 +98,8 @@ def train_configs(args):
                       ckpt_every=args.ckpt_every).validate()
     bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
-                         inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, seed=args.seed).validate()
+                         inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, train_norms=args.bw_train_norms,
+                         lr_norm=args.bw_lr_norm, seqlen=args.bw_seqlen, seed=args.seed).validate()
     return cfg, bw
 
 
@@ -240,6 +241,10 @@ def build_parser():
     p.add_argument("--bw-inputs", default=bw.inputs, help="block-wise inputs: quant (default) or fp")
     p.add_argument("--bw-stats-samples", type=int, default=bw.stats_samples,
                    help="block-wise: per-block error statistics on the first N samples (0: all)")
+    p.add_argument("--bw-train-norms", action="store_true", help="block-wise: also train each block's RMSNorm weights")
+    p.add_argument("--bw-lr-norm", type=float, default=bw.lr_norm, help="block-wise: peak lr of the norm weights")
+    p.add_argument("--bw-seqlen", type=int, default=bw.seqlen,
+                   help="block-wise: cut samples into windows of this many tokens (0: whole samples)")
     p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
     tc = TrainConfig()
     p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")

@@ -147,3 +147,13 @@ def tokenize(tokenizer, text):
     import torch
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     return ids.to(torch.long)
+
+
+def to_windows(data, seqlen):
+    """Cut (n, L) samples into (n * (L // seqlen), seqlen) windows (tail of each sample dropped)."""
+    if data.dim() != 2:
+        raise ValueError(f"training data must be a (n, length) LongTensor, got shape {tuple(data.shape)}")
+    if data.shape[1] < seqlen:
+        raise ValueError(f"samples have {data.shape[1]} tokens, fewer than seqlen={seqlen}")
+    k = data.shape[1] // seqlen
+    return data[:, :k * seqlen].reshape(-1, seqlen).contiguous()

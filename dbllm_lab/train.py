@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .blockwise import BlockwiseConfig, blockwise_reconstruct, check_folder
+from .blockwise import BlockwiseConfig, blockwise_reconstruct, check_folder, stage1_windows
+from .data import to_windows
 from .distill import LOSSES, check_gamma, distill_loss
 from .layers import DualBinaryLinear, FakeQuantLinear, learnable_layers, trainable_quant_parameters
-from .runtime import atomic_save, peak_rss_gib
+from .model import norm_weights, set_module
+from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16")
@@ -59,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0    # AdamW decay (on latent weights only; scales never decay)
     max_grad_norm: float = 1.0   # gradient clipping (0 = off)
     precision: str = "fp32"      # "bf16": forward passes under bf16 autocast (loss in fp32); "fp32": none
+    fused_adamw: bool = True     # torch's fused AdamW update (runtime.adamw); False: the foreach form
     seed: int = 0
     chunk: int = 256             # positions per chunk in the vocabulary-wide loss reductions
     ckpt_every: int = 10         # checkpoint every N steps (0 = only at the end when out_dir is set)
@@ -106,16 +109,6 @@ def lr_lambda(step, warmup, steps, min_lr_ratio):
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def to_windows(data, seqlen):
-    """Cut (n, L) samples into (n * (L // seqlen), seqlen) windows (tail of each sample dropped)."""
-    if data.dim() != 2:
-        raise ValueError(f"training data must be a (n, length) LongTensor, got shape {tuple(data.shape)}")
-    if data.shape[1] < seqlen:
-        raise ValueError(f"samples have {data.shape[1]} tokens, fewer than seqlen={seqlen}")
-    k = data.shape[1] // seqlen
-    return data[:, :k * seqlen].reshape(-1, seqlen).contiguous()
-
-
 def batch_indices(counter, batch_size, n, seed):
     """Window indices of micro-batch ``counter``: a stream of per-epoch permutations (seed + epoch)."""
     out, perms = [], {}
@@ -139,7 +132,6 @@ def trainable_parameters(student, train_latent, train_norms=False):
     named = dict(student.named_parameters())
     norms = {}
     if train_norms:
-        from .model import norm_weights
         norms = norm_weights(student)
         if not norms:
             raise ValueError("train_norms=True but the student has no RMSNorm weights to train")
@@ -154,7 +146,6 @@ def freeze_quantized(model):
     """Replace every learnable quantized layer (DualBinaryLinear, UniformQuantLinear) by a FakeQuantLinear holding
     its current w_hat (computed once by the layer's reference ``dequantized_weight``): the trained student becomes
     a plain inference model without latent weights or trainable quantizer parameters. Same outputs."""
-    from .model import set_module
     for name, m in learnable_layers(model).items():
         kind = "fdb" if isinstance(m, DualBinaryLinear) else "uniform"
         set_module(model, name, FakeQuantLinear(m.dequantized_weight(), m.bias, m.bits_per_weight, kind))
@@ -219,7 +210,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
         groups.append({"params": list(latents.values()), "lr": cfg.lr_latent, "weight_decay": cfg.weight_decay})
     if norms:
         groups.append({"params": list(norms.values()), "lr": cfg.lr_norm, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    opt = adamw(groups, cfg.fused_adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     named = {**scales, **latents, **norms}
@@ -231,8 +222,9 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
-        # a setting added after the checkpoint was written had its default value then
-        old = {**TrainConfig().identity(), **ck["config"]}
+        # a setting added after the checkpoint was written had then the value runtime.ADDED_LATER gives, else
+        # its default
+        old = {**TrainConfig().identity(), **ADDED_LATER, **ck["config"]}
         diff = {k: (old.get(k), v) for k, v in cfg.identity().items() if old.get(k) != v}
         if ck["data"] != _fingerprint(windows):
             diff["data"] = ("other windows", f"{tuple(windows.shape)} windows")
@@ -351,8 +343,10 @@ def build_student(teacher, quant="fdb", init="clip", group_size=64, calib_window
 
 
 def _learnable_state(model):
-    return {f"{n}.{k}": p.detach().clone() for n, m in learnable_layers(model).items()
-            for k, p in m.named_parameters() if k != "bias"}
+    """What training may change: the learnable layers' parameters and the norm weights."""
+    return {**{f"{n}.{k}": p.detach().clone() for n, m in learnable_layers(model).items()
+               for k, p in m.named_parameters() if k != "bias"},
+            **{n: p.detach().clone() for n, p in norm_weights(model).items()}}
 
 
 def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
@@ -384,7 +378,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
         stage1_dir = stage1_dir or (os.path.join(out_dir, "stage1") if out_dir else None)
         done = os.path.join(stage1_dir, "stage1_result.pt") if stage1_dir else None
         if done and os.path.isfile(done):
-            check_folder(stage1_dir, bw_cfg, data)  # a finished stage 1 of another configuration is not reused
+            check_folder(stage1_dir, bw_cfg, stage1_windows(data, bw_cfg))  # another configuration's is not reused
             ck = torch.load(done, weights_only=False)
             student.load_state_dict(ck["state"], strict=False)
             r = ck["result"]
@@ -401,7 +395,8 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
                                                  for b in r["blocks"]) / 60, 2),
                     stage1_optimiser_cpu_minutes=round(r["cpu_seconds"] / 60, 2),
                     stage1_cpu_counts="whole blocks" if whole else "optimiser steps only", stage1_blocks=r["blocks"],
-                    stage1_tokens=bw_cfg.epochs * data.numel(), stage1_peak_rss_gib=round(r["peak_rss_gib"], 2))
+                    stage1_tokens=bw_cfg.epochs * stage1_windows(data, bw_cfg).numel(),
+                    stage1_peak_rss_gib=round(r["peak_rss_gib"], 2))
     if stage in ("e2e", "both"):
         r = train(student, data if e2e_data is None else e2e_data, teacher=teacher, config=cfg, out_dir=os.path.join(out_dir, "e2e") if out_dir else None,
                   progress=progress)

@@ -143,7 +143,7 @@ def test_memory_flatness_runs_in_quick_mode():
 
 def test_statistics_on_a_subset_and_folders_written_before_a_field_existed(setup, tmp_path):
     """``stats_samples`` changes only the statistics (same trained weights); a folder whose manifest predates a
-    BlockwiseConfig field resumes when the field is at its default."""
+    BlockwiseConfig field resumes when the field is at the value it had then (its default, or ADDED_LATER's)."""
     teacher, data = setup
     runs = {}
     for m in (0, 3):
@@ -167,3 +167,54 @@ def test_statistics_on_a_subset_and_folders_written_before_a_field_existed(setup
     with pytest.raises(ValueError, match="stats_samples: 0 vs now 3"):
         blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1, stats_samples=3),
                               out_dir=str(tmp_path / "s0"), progress=False)
+    del old["identity"]["fused_adamw"]  # written before the fused AdamW: it was the foreach one then
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="fused_adamw: False vs now True"):
+        blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1), out_dir=str(tmp_path / "s0"),
+                              progress=False)
+    blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1, fused_adamw=False),
+                          out_dir=str(tmp_path / "s0"), progress=False)
+
+
+def test_trained_norms_are_checkpointed_and_restored(setup, tmp_path):
+    """With ``train_norms`` each block's RMSNorm weights train too; the per-block checkpoints and the finished
+    stage-1 file restore them (a resumed run equals the uninterrupted one, norms included)."""
+    from dbllm_lab.model import norm_weights
+    teacher, data = setup
+    cfg = BlockwiseConfig(epochs=1, train_norms=True, lr_norm=1e-2)
+    ref, _ = build_student(teacher, group_size=32, progress=False)
+    blockwise_reconstruct(teacher, ref, data, cfg, progress=False)
+    trained, base = norm_weights(ref), norm_weights(teacher)
+    block_norms = [n for n in trained if ".layers." in n]
+    assert block_norms and all(not torch.equal(trained[n], base[n]) for n in block_norms)
+    killed, _ = build_student(teacher, group_size=32, progress=False)
+    blockwise_reconstruct(teacher, killed, data, cfg, out_dir=str(tmp_path / "run"), progress=False,
+                          stop_after_blocks=2)
+    resumed, _ = build_student(teacher, group_size=32, progress=False)
+    blockwise_reconstruct(teacher, resumed, data, cfg, out_dir=str(tmp_path / "run"), progress=False)
+    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    two, _ = train_two_stage(teacher, data, stage="blockwise", blockwise=cfg, stage1_dir=str(tmp_path / "s1"),
+                             group_size=32, progress=False)
+    again, _ = train_two_stage(teacher, data, stage="blockwise", blockwise=cfg, stage1_dir=str(tmp_path / "s1"),
+                               group_size=32, progress=False)  # loads stage1_result.pt
+    for (n, a), (_, b) in zip(two.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_windows_cut_from_the_samples(setup, tmp_path):
+    """``seqlen`` trains on each sample cut into windows (more, shorter steps); a finished stage 1 reloads."""
+    teacher, data = setup
+    cfg = BlockwiseConfig(epochs=1, seqlen=16)
+    student, info = train_two_stage(teacher, data, stage="blockwise", blockwise=cfg, group_size=32,
+                                    stage1_dir=str(tmp_path / "s1"), progress=False)
+    assert [b["steps"] for b in info["stage1_blocks"]] == [2 * len(data)] * 3
+    assert info["stage1_tokens"] == data.numel()
+    again, _ = train_two_stage(teacher, data, stage="blockwise", blockwise=cfg, group_size=32,
+                               stage1_dir=str(tmp_path / "s1"), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), again.parameters()))
+    for bad in (1, -2, 2.0):
+        with pytest.raises(ValueError, match=f"seqlen={bad!r}"):
+            BlockwiseConfig(seqlen=bad).validate()
+    with pytest.raises(ValueError, match="fewer than seqlen=64"):
+        blockwise_reconstruct(teacher, copy.deepcopy(student), data, BlockwiseConfig(seqlen=64), progress=False)
