@@ -3,7 +3,8 @@ and of a learnable uniform 2-bit grid, against FP, RTN and the untrained initial
 
 Every trained row is built by ``dbllm_lab.train.train_two_stage``, the function ``dbllm-lab train --stage``
 calls, with ``BlockwiseConfig(**BASE_STAGE1)`` (the first recipe: batch 4, latent lr 5e-4) and ``TrainConfig``'s
-defaults unless a row names an override. All rows see
+defaults unless a row names an override (both with the foreach AdamW the rows were trained with before
+``fused_adamw`` existed; a row names ``fused_adamw`` True to use the fused one). All rows see
 teacher-written text (prefixes of one cached pool, never the evaluated split). Each row records WikiText-2
 test PPL (first ``--windows`` windows of ``--seqlen``), the head-class bias statistic on the first
 ``--bias-windows`` windows, and the CPU minutes of each stage; data generation is reported once in the
@@ -41,7 +42,8 @@ BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 /
 
 # Block-wise settings of every row = BASE_STAGE1 (the first recipe) updated by the row's overrides; the stage-1
 # folders are named by those overrides. TUNED_STAGE1 is what BlockwiseConfig's defaults are now.
-BASE_STAGE1 = {"batch_size": 4, "lr_latent": 5e-4}
+BASE_STAGE1 = {"batch_size": 4, "lr_latent": 5e-4, "fused_adamw": False}
+BASE_E2E = {"fused_adamw": False}  # rows before fused_adamw existed used the foreach AdamW; new rows set it True
 LAT2E3_STAGE1 = {"lr_latent": 2e-3}
 LAT_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}  # as "+latent": scales at TrainConfig's lr 1e-2
 TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
@@ -98,12 +100,26 @@ ROWS = {
     # optimiser steps per sample, four times the distinct text, twice the stage-1 compute
     "fdb tuned blockwise n128": ("fdb", "blockwise", TUNED_STAGE1, {}, 128),
     "fdb blockwise n512 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1}, {}, 512),
+    # the same optimiser steps per block as n512 1ep (512), on half the distinct text: 256 samples seen twice (the
+    # stage 1 of "fdb tuned dad n256", evaluated alone)
+    "fdb tuned blockwise n256": ("fdb", "blockwise", TUNED_STAGE1, {}, 256),
     # twice that text again: 1,024 samples seen once (--gen-pool 1024), before/after statistics on the first 64
     # (training is the same whatever stats_samples is: it only skips forward passes that training does not need)
     "fdb blockwise n1024 1ep": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64}, {}, 1024),
+    # "fdb tuned blockwise n128" with each block's RMSNorm weights trained too (Norm-Tweaking's idea, lr 1e-3)
+    "fdb blockwise n128 norms": ("fdb", "blockwise", {**TUNED_STAGE1, "train_norms": True}, {}, 128),
+    # "fdb blockwise b1 lat2e-3" (64 samples, 2 epochs) with each sample cut into two 128-token windows: the same
+    # tokens in twice the optimiser steps
+    "fdb blockwise n64 w128": ("fdb", "blockwise", {**TUNED_STAGE1, "seqlen": 128}, {}, 64),
 }
 # how a row was run, where that is not in its settings
-ROW_NOTES = {"fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
+ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
+                                         "CPU minutes are not a budget figure",
+             "fdb blockwise n64 w128": "quality probe: shared the 2 cores with 'fdb blockwise n128 norms', so its CPU "
+                                       "minutes are not a budget figure",
+             "fdb tuned blockwise n256": "its stage 1 was trained for the row 'fdb tuned dad n256' (shared folder) "
+                                         "and only evaluated for this row; its CPU minutes are those recorded then",
+             "fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
                                        "(ruling out subnormal numbers as the cause of the slowdown: no change); "
                                        "blocks 17-29 shared the 2 cores with a test run",
              "fdb blockwise n1024 1ep": "ran alone on the machine (apart from two py-spy samples of 20 and 15 s, at "
@@ -204,7 +220,8 @@ def train_row(ctx, name, spec, freeze=True):
     if max(n1, n2) > len(ctx.pool):
         raise ValueError(f"row {name!r} needs {max(n1, n2)} samples; --gen-pool is {len(ctx.pool)}")
     student, info = train_two_stage(ctx.teacher, ctx.pool[:n1], stage=stage, quant=quant,
-                                    blockwise=BlockwiseConfig(**{**BASE_STAGE1, **bw}), config=TrainConfig(**e2e),
+                                    blockwise=BlockwiseConfig(**{**BASE_STAGE1, **bw}),
+                                    config=TrainConfig(**{**BASE_E2E, **e2e}),
                                     out_dir=os.path.join(a.ckpt_dir, name.replace(" ", "_")),
                                     stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n1), e2e_data=ctx.pool[:n2])
     if freeze:  # fixed quantized weights: fast evaluation (the learnable layers are what a packed checkpoint stores)
@@ -224,7 +241,8 @@ def run_table(ctx, out):
     settings = eval_settings(ctx.teacher, a, bias={"windows": a.bias_windows, "head_k": a.head_k,
                                                   "buckets": a.buckets, "edges_nats": ctx.edges,
                                                   "head_reference": "token frequencies of the evaluated windows"},
-                             blockwise_base=vars(BlockwiseConfig(**BASE_STAGE1)), e2e_defaults=vars(TrainConfig()),
+                             blockwise_base=vars(BlockwiseConfig(**BASE_STAGE1)),
+                             e2e_defaults=vars(TrainConfig(**BASE_E2E)),
                              rows={k: {"quant": v[0], "stage": v[1], "blockwise": v[2], "e2e": v[3], "samples": v[4]}
                                    for k, v in ROWS.items()},
                              data_generation=ctx.gen, row_notes=ROW_NOTES,
