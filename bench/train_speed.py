@@ -1,6 +1,7 @@
 """Training speed on this CPU: fp32 against bf16 autocast, 1 against 2 torch threads, cached teacher logits, the
 FDB rounding in C++ (``quant.fdb_round``'s default on the CPU) against its torch form, and the fused AdamW update
-(``runtime.adamw``'s default) against the foreach one, for the two training stages of the DB-LLM table (the tuned recipe on the embedded model).
+(``runtime.adamw``'s default) against the unfused one, for the two training stages of the DB-LLM table (the tuned
+recipe on the embedded model).
 
 Each setting trains a fresh copy of the same FDB clip-init student from the same data and seed:
   - stage 1: ``blockwise_reconstruct`` on the first ``--blocks`` decoder blocks (a truncated copy of the model);
@@ -99,7 +100,7 @@ def main(argv=None):
         torch.manual_seed(0)
         quant.FDB_ROUND_CPP = cpp
         row = {"method": f"{precision}, {threads} thread{'s' * (threads > 1)}" + (", cached teacher" if cached else "")
-                         + ("" if cpp else ", torch rounding") + ("" if fused else ", foreach AdamW")
+                         + ("" if cpp else ", torch rounding") + ("" if fused else ", unfused AdamW")
                          + (f", stage-1 windows of {seqlen}" if seqlen else ""),
                "precision": precision, "threads": threads, "cached_teacher_logits": cached, "fdb_round_cpp": cpp,
                "fused_adamw": fused, "stage1_seqlen": seqlen or data.shape[1]}

@@ -66,7 +66,7 @@ class BlockwiseConfig:
     train_norms: bool = False      # also train the block's RMSNorm weights (full precision, a scale per input
                                    # channel of q/k/v and of gate/up: the idea of Norm-Tweaking)
     lr_norm: float = 1e-3          # peak lr of the norm weights (train_norms)
-    fused_adamw: bool = True       # torch's fused AdamW update (runtime.adamw); False: the foreach form
+    fused_adamw: bool = True       # torch's fused AdamW update (runtime.adamw); False: torch's unfused one
     seqlen: int = 0                # cut each sample into windows of this many tokens (0: whole samples): more,
                                    # shorter optimiser steps for the same tokens
 

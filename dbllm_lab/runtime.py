@@ -24,7 +24,7 @@ ADDED_LATER = {"fused_adamw": False}
 
 def adamw(groups, fused=True):
     """AdamW with betas (0.9, 0.95) over the parameter ``groups`` (each with its lr and weight_decay).
-    ``fused``: torch's fused update, one pass over each tensor per step instead of the foreach form's pass per
-    operation (on this CPU a stage-1 step is cheaper; ``bench/train_speed.py`` measures it); False: the foreach
-    form, which checkpoints written before ``fused_adamw`` existed used. The two differ by rounding only."""
+    ``fused``: torch's fused update, one pass over each tensor per step instead of a pass per operation
+    (``bench/train_speed.py`` times both); False: torch's unfused default (a per-tensor loop on the CPU, the foreach
+    form on CUDA), which checkpoints written before ``fused_adamw`` existed used. The two differ by rounding only."""
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused or None)

@@ -61,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0    # AdamW decay (on latent weights only; scales never decay)
     max_grad_norm: float = 1.0   # gradient clipping (0 = off)
     precision: str = "fp32"      # "bf16": forward passes under bf16 autocast (loss in fp32); "fp32": none
-    fused_adamw: bool = True     # torch's fused AdamW update (runtime.adamw); False: the foreach form
+    fused_adamw: bool = True     # torch's fused AdamW update (runtime.adamw); False: torch's unfused one
     seed: int = 0
     chunk: int = 256             # positions per chunk in the vocabulary-wide loss reductions
     ckpt_every: int = 10         # checkpoint every N steps (0 = only at the end when out_dir is set)

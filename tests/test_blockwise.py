@@ -167,7 +167,7 @@ def test_statistics_on_a_subset_and_folders_written_before_a_field_existed(setup
     with pytest.raises(ValueError, match="stats_samples: 0 vs now 3"):
         blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1, stats_samples=3),
                               out_dir=str(tmp_path / "s0"), progress=False)
-    del old["identity"]["fused_adamw"]  # written before the fused AdamW: it was the foreach one then
+    del old["identity"]["fused_adamw"]  # written before the fused AdamW: it was the unfused one then
     manifest.write_text(json.dumps(old))
     with pytest.raises(ValueError, match="fused_adamw: False vs now True"):
         blockwise_reconstruct(teacher, resumed, data, BlockwiseConfig(epochs=1), out_dir=str(tmp_path / "s0"),

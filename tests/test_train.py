@@ -116,13 +116,13 @@ def test_checkpoint_without_a_newer_setting_resumes_with_its_default(setup, tmp_
     with pytest.raises(ValueError, match="different configuration.*train_norms"):
         train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4, train_norms=True), out_dir=out,
               progress=False)
-    del ck["config"]["fused_adamw"]  # written before the fused AdamW: it was the foreach one then
+    del ck["config"]["fused_adamw"]  # written before the fused AdamW: it was the unfused one then
     torch.save(ck, path)
     with pytest.raises(ValueError, match="different configuration.*fused_adamw"):
         train(copy.deepcopy(student), data, teacher=teacher, config=_cfg(steps=4), out_dir=out, progress=False)
 
 
-def test_fused_and_foreach_adamw_differ_by_rounding_only(setup):
+def test_fused_and_unfused_adamw_differ_by_rounding_only(setup):
     teacher, data, student = setup
     curves = {f: [h["loss"] for h in train(copy.deepcopy(student), data, teacher=teacher,
                                            config=_cfg(steps=6, fused_adamw=f), progress=False)["history"]]
