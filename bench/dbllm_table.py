@@ -3,7 +3,7 @@ and of a learnable uniform 2-bit grid, against FP, RTN and the untrained initial
 
 Every trained row is built by ``dbllm_lab.train.train_two_stage``, the function ``dbllm-lab train --stage``
 calls, with ``BlockwiseConfig(**BASE_STAGE1)`` (the first recipe: batch 4, latent lr 5e-4) and ``TrainConfig``'s
-defaults unless a row names an override (both with the foreach AdamW the rows were trained with before
+defaults unless a row names an override (both with the unfused AdamW the rows were trained with before
 ``fused_adamw`` existed; a row names ``fused_adamw`` True to use the fused one). All rows see
 teacher-written text (prefixes of one cached pool, never the evaluated split). Each row records WikiText-2
 test PPL (first ``--windows`` windows of ``--seqlen``), the head-class bias statistic on the first
@@ -43,7 +43,7 @@ BEST_GAMMA = 0.0  # best gamma of the end-to-end-only sweep (fdb+dad g=0 / 0.5 /
 # Block-wise settings of every row = BASE_STAGE1 (the first recipe) updated by the row's overrides; the stage-1
 # folders are named by those overrides. TUNED_STAGE1 is what BlockwiseConfig's defaults are now.
 BASE_STAGE1 = {"batch_size": 4, "lr_latent": 5e-4, "fused_adamw": False}
-BASE_E2E = {"fused_adamw": False}  # rows before fused_adamw existed used the foreach AdamW; new rows set it True
+BASE_E2E = {"fused_adamw": False}  # rows before fused_adamw existed used the unfused AdamW; new rows set it True
 LAT2E3_STAGE1 = {"lr_latent": 2e-3}
 LAT_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}  # as "+latent": scales at TrainConfig's lr 1e-2
 TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
@@ -111,12 +111,25 @@ ROWS = {
     # "fdb blockwise b1 lat2e-3" (64 samples, 2 epochs) with each sample cut into two 128-token windows: the same
     # tokens in twice the optimiser steps
     "fdb blockwise n64 w128": ("fdb", "blockwise", {**TUNED_STAGE1, "seqlen": 128}, {}, 64),
+    # each sample seen once (no overfitting): does a higher latent lr pay? (fused AdamW, run side by side)
+    "fdb blockwise n128 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "fused_adamw": True}, {}, 128),
+    "fdb blockwise n128 1ep lat4e-3 fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "lr_latent": 4e-3,
+                                                                  "fused_adamw": True}, {}, 128),
 }
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
                                          "CPU minutes are not a budget figure",
              "fdb blockwise n64 w128": "quality probe: shared the 2 cores with 'fdb blockwise n128 norms', so its CPU "
                                        "minutes are not a budget figure",
+             "fdb blockwise n128 1ep fused": "quality probe: ran side by side with 'fdb blockwise n128 1ep lat4e-3 "
+                                             "fused', a test run and the notebook suite, so its CPU minutes are not a "
+                                             "budget figure. The disk filled up while its row was written; a fresh "
+                                             "process loaded its finished stage 1 and evaluated it again",
+             "fdb blockwise n128 1ep lat4e-3 fused": "quality probe: ran side by side with 'fdb blockwise n128 1ep "
+                                                     "fused', a test run and the notebook suite, so its CPU minutes are "
+                                                     "not a budget figure. The disk filled up while its stage-1 result "
+                                                     "was written (after all 30 block checkpoints); a fresh process "
+                                                     "resumed from them and evaluated",
              "fdb tuned blockwise n256": "its stage 1 was trained for the row 'fdb tuned dad n256' (shared folder) "
                                          "and only evaluated for this row; its CPU minutes are those recorded then",
              "fdb blockwise n512 1ep": "blocks 14-29 ran in a resumed process under torch.set_flush_denormal(True) "
