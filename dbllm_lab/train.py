@@ -377,8 +377,9 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
     if stage in ("blockwise", "both"):
         stage1_dir = stage1_dir or (os.path.join(out_dir, "stage1") if out_dir else None)
         done = os.path.join(stage1_dir, "stage1_result.pt") if stage1_dir else None
+        windows = stage1_windows(data, bw_cfg)  # what stage 1 trains on (cut when bw_cfg.seqlen)
         if done and os.path.isfile(done):
-            check_folder(stage1_dir, bw_cfg, stage1_windows(data, bw_cfg))  # another configuration's is not reused
+            check_folder(stage1_dir, bw_cfg, windows)  # another configuration's is not reused
             ck = torch.load(done, weights_only=False)
             student.load_state_dict(ck["state"], strict=False)
             r = ck["result"]
@@ -395,7 +396,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
                                                  for b in r["blocks"]) / 60, 2),
                     stage1_optimiser_cpu_minutes=round(r["cpu_seconds"] / 60, 2),
                     stage1_cpu_counts="whole blocks" if whole else "optimiser steps only", stage1_blocks=r["blocks"],
-                    stage1_tokens=bw_cfg.epochs * stage1_windows(data, bw_cfg).numel(),
+                    stage1_tokens=bw_cfg.epochs * windows.numel(),
                     stage1_peak_rss_gib=round(r["peak_rss_gib"], 2))
     if stage in ("e2e", "both"):
         r = train(student, data if e2e_data is None else e2e_data, teacher=teacher, config=cfg, out_dir=os.path.join(out_dir, "e2e") if out_dir else None,
