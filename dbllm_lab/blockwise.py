@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from .calib import block_forward, capture_block0_inputs
 from .data import to_windows
-from .layers import learnable_layers, trainable_quant_parameters
-from .model import decoder_layers, norm_weights
+from .layers import learnable_layers, learnable_state, param_groups, trainable_parameters
+from .model import decoder_layers
 from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
 
 LOSSES = ("split", "relative", "mse")
@@ -164,14 +164,6 @@ def _stream(chunks):
     return list(torch.cat(chunks).split(1))
 
 
-def _block_state(block):
-    """What stage 1 may change in a block: its quantized layers' scales and latent weights, and its norm weights."""
-    norms = norm_weights(block)
-    return {n: p.detach().clone() for n, p in block.named_parameters()
-            if n in norms or (n.endswith(("a1", "a2", "step", "zero", "weight")) and any(
-                n.startswith(ln + ".") for ln in learnable_layers(block)))}
-
-
 def _drop_caches(block):
     for m in learnable_layers(block).values():
         m.__dict__.pop("_w_cache", None)
@@ -180,16 +172,8 @@ def _drop_caches(block):
 def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, desc="block"):
     """Train one block's quantizer parameters (and latent weights) to map x_in -> y (lists of (1, seq, d)).
     Returns the per-step losses."""
-    scales, latents = trainable_quant_parameters(block, cfg.train_latent)
-    norms = list(norm_weights(block).values()) if cfg.train_norms else []
-    groups = [{"params": scales, "lr": cfg.lr, "weight_decay": 0.0}]
-    if latents:
-        groups.append({"params": latents, "lr": cfg.lr_latent, "weight_decay": 0.0})
-    if norms:
-        groups.append({"params": norms, "lr": cfg.lr_norm, "weight_decay": 0.0})
-        for p in norms:
-            p.requires_grad_(True)
-    opt = adamw(groups, cfg.fused_adamw)
+    scales, latents, norms = trainable_parameters(block, cfg.train_latent, cfg.train_norms)
+    opt = adamw(param_groups(scales, latents, norms, cfg.lr, cfg.lr_latent, cfg.lr_norm), cfg.fused_adamw)
     n = len(x_in)
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
@@ -211,7 +195,7 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
             sched.step()
             losses.append(loss.item())
     block.eval()
-    for p in scales + latents + norms:  # free the gradients too: kept, they would grow memory with every block trained
+    for p in [*scales.values(), *latents.values(), *norms.values()]:  # free the gradients too: kept, they would grow memory with every block trained
         p.grad = None
         p.requires_grad_(False)
     return losses
@@ -328,7 +312,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
             row["block_cpu_seconds"] = time.process_time() - b0
             stats.append(row)
             if path:
-                atomic_save({"state": _block_state(sb), "stats": row, "identity": identity}, path)
+                atomic_save({"state": learnable_state(sb), "stats": row, "identity": identity}, path)
             done += 1
         x_fp = y
         if device != "cpu":

@@ -11,7 +11,7 @@ Which layer each quantization method installs is declared in ``quantize.py``.
 import torch
 from torch import nn
 
-from .model import quantizable_linears
+from .model import norm_weights, quantizable_linears
 from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, fdb_round,
                     quantize_rtn, round_half_to_zero, rtn_bits_per_weight)
 
@@ -190,17 +190,48 @@ def learnable_layers(model):
     return {n: m for n, m in quantizable_linears(model).items() if isinstance(m, LearnableQuantLinear)}
 
 
-def trainable_quant_parameters(model, train_latent=False):
-    """Freeze everything in ``model``, then enable the quantizer parameters of every learnable layer (and its
-    latent weight if ``train_latent``). Returns (quantizer parameters, latent weights) as lists."""
+def trainable_parameters(model, train_latent=False, train_norms=False):
+    """Freeze everything in ``model`` (a model or one decoder block), then enable the quantizer parameters (FDB
+    a1, a2; uniform step, zero) of every learnable layer, its latent weight if ``train_latent`` and the RMSNorm
+    weights if ``train_norms``. Returns ({name: param} of the quantizer parameters, of the latent weights, of
+    the norms)."""
+    layers = learnable_layers(model)
+    if not layers:
+        raise ValueError("the student has no learnable quantized layers (DualBinaryLinear or UniformQuantLinear): "
+                         "quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
     for p in model.parameters():
         p.requires_grad_(False)
-    scales, latents = [], []
-    for m in learnable_layers(model).values():
-        for p in m.quant_parameters():
-            p.requires_grad_(True)
-            scales.append(p)
+    scales, latents, norms = {}, {}, {}
+    for n, m in layers.items():
+        quant = {id(p) for p in m.quant_parameters()}
+        for k, p in m.named_parameters():
+            if id(p) in quant:
+                scales[f"{n}.{k}"] = p
         if train_latent:
-            m.weight.requires_grad_(True)
-            latents.append(m.weight)
-    return scales, latents
+            latents[f"{n}.weight"] = m.weight
+    if train_norms:
+        norms = norm_weights(model)
+        if not norms:
+            raise ValueError("train_norms=True but the model has no RMSNorm weights to train")
+    for p in [*scales.values(), *latents.values(), *norms.values()]:
+        p.requires_grad_(True)
+    return scales, latents, norms
+
+
+def param_groups(scales, latents, norms, lr, lr_latent, lr_norm, weight_decay=0.0):
+    """AdamW parameter groups of ``trainable_parameters``' three dicts: the quantizer parameters at ``lr``, the
+    latent weights at ``lr_latent`` (with ``weight_decay``), the norms at ``lr_norm``; empty groups left out."""
+    groups = [{"params": list(scales.values()), "lr": lr, "weight_decay": 0.0}]
+    if latents:
+        groups.append({"params": list(latents.values()), "lr": lr_latent, "weight_decay": weight_decay})
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": lr_norm, "weight_decay": 0.0})
+    return groups
+
+
+def learnable_state(model):
+    """What training may change in ``model`` (a model or one decoder block): the learnable layers' parameters
+    and the norm weights, as {name: copy}."""
+    return {**{f"{n}.{k}": p.detach().clone() for n, m in learnable_layers(model).items()
+               for k, p in m.named_parameters() if k != "bias"},
+            **{n: p.detach().clone() for n, p in norm_weights(model).items()}}

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from .blockwise import BlockwiseConfig, blockwise_reconstruct, check_folder, stage1_windows
 from .data import to_windows
 from .distill import LOSSES, check_gamma, distill_loss
-from .layers import DualBinaryLinear, FakeQuantLinear, learnable_layers, trainable_quant_parameters
-from .model import norm_weights, set_module
+from .layers import (DualBinaryLinear, FakeQuantLinear, learnable_layers, learnable_state, param_groups,
+                     trainable_parameters)
+from .model import set_module
 from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,27 +121,6 @@ def batch_indices(counter, batch_size, n, seed):
     return torch.tensor(out)
 
 
-def trainable_parameters(student, train_latent, train_norms=False):
-    """Freeze everything, then enable the quantizer parameters (FDB a1, a2; uniform step, zero) of every learnable
-    layer, the latent weights if ``train_latent`` and the norm weights if ``train_norms``. Returns
-    ({name: param} of the quantizer parameters, {name: param} of the latent weights, {name: param} of the norms)."""
-    if not learnable_layers(student):
-        raise ValueError("the student has no learnable quantized layers (DualBinaryLinear or UniformQuantLinear): "
-                         "quantize it with quantize_model(model, 'fdb' or 'uniform', ...) first")
-    scales, latents = trainable_quant_parameters(student, train_latent)
-    ids = {id(p) for p in scales}, {id(p) for p in latents}
-    named = dict(student.named_parameters())
-    norms = {}
-    if train_norms:
-        norms = norm_weights(student)
-        if not norms:
-            raise ValueError("train_norms=True but the student has no RMSNorm weights to train")
-        for p in norms.values():
-            p.requires_grad_(True)
-    return ({n: p for n, p in named.items() if id(p) in ids[0]}, {n: p for n, p in named.items() if id(p) in ids[1]},
-            norms)
-
-
 @torch.no_grad()
 def freeze_quantized(model):
     """Replace every learnable quantized layer (DualBinaryLinear, UniformQuantLinear) by a FakeQuantLinear holding
@@ -205,12 +185,8 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match the windows "
                          f"{tuple(windows.shape)}")
     scales, latents, norms = trainable_parameters(student, cfg.train_latent, cfg.train_norms)
-    groups = [{"params": list(scales.values()), "lr": cfg.lr, "weight_decay": 0.0}]
-    if latents:
-        groups.append({"params": list(latents.values()), "lr": cfg.lr_latent, "weight_decay": cfg.weight_decay})
-    if norms:
-        groups.append({"params": list(norms.values()), "lr": cfg.lr_norm, "weight_decay": 0.0})
-    opt = adamw(groups, cfg.fused_adamw)
+    opt = adamw(param_groups(scales, latents, norms, cfg.lr, cfg.lr_latent, cfg.lr_norm, cfg.weight_decay),
+                cfg.fused_adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     named = {**scales, **latents, **norms}
@@ -342,13 +318,6 @@ def build_student(teacher, quant="fdb", init="clip", group_size=64, calib_window
     return student, report
 
 
-def _learnable_state(model):
-    """What training may change: the learnable layers' parameters and the norm weights."""
-    return {**{f"{n}.{k}": p.detach().clone() for n, m in learnable_layers(model).items()
-               for k, p in m.named_parameters() if k != "bias"},
-            **{n: p.detach().clone() for n, p in norm_weights(model).items()}}
-
-
 def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
                     stage1_dir=None, init="clip", group_size=64, calib_windows=None, device="cpu", progress=True,
                     e2e_data=None):
@@ -388,7 +357,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
                                       progress=progress)
             r["cpu_seconds"] = sum(b["cpu_seconds"] for b in r["blocks"])  # also right after a resume
             if done:
-                atomic_save({"state": _learnable_state(student), "result": r}, done)
+                atomic_save({"state": learnable_state(student), "result": r}, done)
         # stage1_cpu_minutes: whole blocks (targets, statistics, stream passes); stages checkpointed before blocks
         # recorded that count only their optimiser steps (stage1_cpu_counts says which)
         whole = all("block_cpu_seconds" in b for b in r["blocks"])

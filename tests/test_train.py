@@ -7,10 +7,9 @@ import torch
 
 from dbllm_lab.datafree import corpus_samples, generate_samples
 from dbllm_lab.model import tiny_llama
-from dbllm_lab.layers import fdb_layers
+from dbllm_lab.layers import fdb_layers, trainable_parameters
 from dbllm_lab.quantize import quantize_model
-from dbllm_lab.train import (TrainConfig, build_student, config_from_dict, lr_lambda, to_windows, train,
-                             trainable_parameters)
+from dbllm_lab.train import TrainConfig, build_student, config_from_dict, lr_lambda, to_windows, train
 
 
 @pytest.fixture(scope="module")
