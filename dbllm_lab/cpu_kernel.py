@@ -244,6 +244,25 @@ void dbl_fdb_round(const float* w, const float* a1, const float* a2, uint8_t* b1
         }
 }
 
+// ga1 (R x G, fp32) = sum over each group of grad * b1, ga2 likewise with b2: the scales' gradients of
+// w_hat = a1 * b1 + a2 * b2, in one pass over the gradient and the codes (torch: two casts, two products, two sums)
+void dbl_fdb_scale_grads(const float* grad, const uint8_t* b1, const uint8_t* b2, float* ga1, float* ga2,
+                         int64_t R, int64_t G, int64_t g, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = 0; j < G; j++) {
+            const int64_t o = (r * G + j) * g;
+            float s1 = 0.0f, s2 = 0.0f;
+#pragma omp simd reduction(+ : s1, s2)
+            for (int64_t k = 0; k < g; k++) {
+                s1 += b1[o + k] ? grad[o + k] : 0.0f;
+                s2 += b2[o + k] ? grad[o + k] : 0.0f;
+            }
+            ga1[r * G + j] = s1;
+            ga2[r * G + j] = s2;
+        }
+}
+
 int dbl_isa(void) {
 #ifdef DBLLM_AVX512
     return 1;
@@ -343,6 +362,8 @@ def load(generic=False):
         lib.dbl_matmul.restype = None
         lib.dbl_fdb_round.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.dbl_fdb_round.restype = None
+        lib.dbl_fdb_scale_grads.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.dbl_fdb_scale_grads.restype = None
         lib.flags, lib.path = flags + extra, path
         return lib
     raise RuntimeError("could not compile the dbllm_lab CPU kernel:\n" + "\n".join(errors))
@@ -434,3 +455,22 @@ def fdb_round_cpu(w, a1, a2, dequantize=False, threads=1):
         load().dbl_fdb_round(w.data_ptr(), a1.data_ptr(), a2.data_ptr(), b1.data_ptr(), b2.data_ptr(),
                              w_hat.data_ptr() if dequantize else None, R, G, g, threads)
     return (b1, b2, w_hat) if dequantize else (b1, b2)
+
+
+def fdb_scale_grads_cpu(grad, b1, b2, threads=1):
+    """``quant.fdb_scale_grads`` in C++: grad (R, G, g) fp32 and the codes b1, b2 (R, G, g) uint8 -> the sums
+    over each group of grad * b1 and grad * b2, (R, G) fp32 each. Same sums as torch's, another summation
+    order (equal to rounding, ``tests/test_cpu_kernel.py``). One thread by default, as ``fdb_round_cpu``."""
+    R, G, g = grad.shape
+    if grad.dtype != torch.float32 or b1.dtype != torch.uint8 or b2.dtype != torch.uint8:
+        raise TypeError(f"fdb_scale_grads_cpu takes a float32 gradient and uint8 codes, got {grad.dtype}, "
+                        f"{b1.dtype}, {b2.dtype}")
+    if b1.shape != grad.shape or b2.shape != grad.shape:
+        raise ValueError(f"b1, b2 must have the gradient's shape {tuple(grad.shape)}, got {tuple(b1.shape)}, "
+                         f"{tuple(b2.shape)}")
+    grad, b1, b2 = grad.contiguous(), b1.contiguous(), b2.contiguous()
+    ga1, ga2 = torch.empty(R, G, dtype=torch.float32), torch.empty(R, G, dtype=torch.float32)
+    if grad.numel():
+        load().dbl_fdb_scale_grads(grad.data_ptr(), b1.data_ptr(), b2.data_ptr(), ga1.data_ptr(), ga2.data_ptr(),
+                                   R, G, g, threads)
+    return ga1, ga2

@@ -13,7 +13,7 @@ from torch import nn
 
 from .model import norm_weights, quantizable_linears
 from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, fdb_round,
-                    quantize_rtn, round_half_to_zero, rtn_bits_per_weight)
+                    fdb_scale_grads, quantize_rtn, round_half_to_zero, rtn_bits_per_weight)
 
 
 class FakeQuantLinear(nn.Module):
@@ -50,9 +50,9 @@ class _DualBinaryWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         b1, b2 = ctx.saved_tensors
-        gg = grad.reshape(b1.shape)
-        ga1 = (gg * b1.to(grad.dtype)).sum(-1) if ctx.needs_input_grad[1] else None
-        ga2 = (gg * b2.to(grad.dtype)).sum(-1) if ctx.needs_input_grad[2] else None
+        ga1 = ga2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ga1, ga2 = fdb_scale_grads(grad.reshape(b1.shape), b1, b2)
         return (grad if ctx.needs_input_grad[0] else None), ga1, ga2, None
 
 

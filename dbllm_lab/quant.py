@@ -191,7 +191,7 @@ def fdb_init(w, group_size, init="clip", orientation="per-group"):
     return best[0], best[1]
 
 
-FDB_ROUND_CPP = True  # fdb_round: use the C++ form on fp32 CPU tensors when it can be built
+FDB_ROUND_CPP = True  # fdb_round, fdb_scale_grads: use the C++ form on fp32 CPU tensors when it can be built
 
 
 def fdb_round(w, a1, a2, dequantize=False):
@@ -211,6 +211,20 @@ def fdb_round(w, a1, a2, dequantize=False):
             return cpu_kernel.fdb_round_cpu(w, a1[..., 0], a2[..., 0], dequantize)
     b1, b2 = fdb_round_torch(w, a1, a2)
     return (b1, b2, a1 * b1.to(a1.dtype) + a2 * b2.to(a2.dtype)) if dequantize else (b1, b2)
+
+
+def fdb_scale_grads(grad, b1, b2):
+    """Gradients of the scales through w_hat = a1 * b1 + a2 * b2 (method.md §1; the binaries are constants):
+    dL/da1 = sum over the group of dL/dw_hat * b1, dL/da2 likewise with b2. ``grad``: (..., g) grouped as the
+    codes b1, b2 of ``fdb_round``; returns two (...) tensors in grad's dtype. fp32 CPU (out, groups, g) goes to
+    ``cpu_kernel.fdb_scale_grads_cpu`` (one pass, the same sums in another order) under the same switch as
+    ``fdb_round``'s C++ form, ``FDB_ROUND_CPP``."""
+    if (FDB_ROUND_CPP and grad.device.type == "cpu" and grad.dim() == 3 and grad.dtype == torch.float32
+            and b1.dtype == b2.dtype == torch.uint8):
+        from . import cpu_kernel
+        if cpu_kernel.available():
+            return cpu_kernel.fdb_scale_grads_cpu(grad, b1, b2)
+    return (grad * b1.to(grad.dtype)).sum(-1), (grad * b2.to(grad.dtype)).sum(-1)
 
 
 def fdb_round_torch(w, a1, a2):

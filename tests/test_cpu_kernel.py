@@ -231,9 +231,40 @@ def test_fdb_round_cpu_bad_input():
         C.fdb_round_cpu(w, torch.ones(3, 2), torch.ones(3, 2))
 
 
+@pytest.mark.parametrize("R,G,g", [(1, 1, 1), (3, 5, 7), (64, 9, 64), (17, 2, 128)])
+def test_fdb_scale_grads_cpu_equals_torch_sums(R, G, g):
+    """The C++ scale gradients are torch's sums over each group of grad * b1 and grad * b2, to fp32 rounding (another
+    summation order); a group whose codes are all 0 gets exactly 0."""
+    from dbllm_lab.quant import fdb_scale_grads
+    gen = torch.Generator().manual_seed(R * 100 + g)
+    grad = torch.randn(R, G, g, generator=gen)
+    b1 = (torch.rand(R, G, g, generator=gen) < 0.5).to(torch.uint8)
+    b2 = (torch.rand(R, G, g, generator=gen) < 0.5).to(torch.uint8)
+    b1[0, 0] = 0
+    want = ((grad * b1.float()).sum(-1), (grad * b2.float()).sum(-1))
+    for threads in (1, 2):
+        got = C.fdb_scale_grads_cpu(grad, b1, b2, threads=threads)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * g ** 0.5)
+        assert got[0][0, 0].item() == 0.0
+    for x, y in zip(fdb_scale_grads(grad, b1, b2), want):  # dispatches to the C++ form
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * g ** 0.5)
+
+
+def test_fdb_scale_grads_cpu_bad_input():
+    g, b = torch.randn(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="float32"):
+        C.fdb_scale_grads_cpu(g.double(), b, b)
+    with pytest.raises(TypeError, match="uint8"):
+        C.fdb_scale_grads_cpu(g, b.bool(), b)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
+        C.fdb_scale_grads_cpu(g, b[:, :, :2], b)
+
+
 def test_training_step_is_the_same_with_either_rounding(monkeypatch):
-    """A DualBinaryLinear's forward and backward (what training runs) are bit for bit the same whether the binaries
-    come from the C++ form or the torch form."""
+    """A DualBinaryLinear's forward and the latent weight's gradient (what training runs) are bit for bit the same
+    whether the binaries and the scale gradients come from the C++ forms or the torch forms; the scale gradients
+    agree to fp32 rounding (the C++ sums run in another order)."""
     from dbllm_lab import quant
     from dbllm_lab.layers import DualBinaryLinear
     torch.manual_seed(0)
@@ -247,5 +278,7 @@ def test_training_step_is_the_same_with_either_rounding(monkeypatch):
             layer.a1.mul_(1.1)
         y = layer(x)
         y.pow(2).sum().backward()
-        res.append([y, layer.a1.grad, layer.a2.grad, layer.weight.grad])
-    assert all(torch.equal(p, q) for p, q in zip(*res))
+        res.append([y, layer.weight.grad, layer.a1.grad, layer.a2.grad])
+    assert all(torch.equal(p, q) for p, q in zip(res[0][:2], res[1][:2]))
+    for p, q in zip(res[0][2:], res[1][2:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
