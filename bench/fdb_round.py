@@ -3,7 +3,9 @@ available: ``settings.fdb_round_path``) against its torch form ``fdb_round_torch
 comparisons per weight) and the two forms that one replaced: the literal reference (distances to all four levels,
 argmin over (distance, |level|), gather) and the training-only form train.py used to swap in (midpoint thresholds,
 float code sums, no 2-bit-grid rule, ties upward). On the embedded model's layer shapes, forward + backward of
-``w_hat = a1 b1 + a2 b2`` as training runs it, one CPU thread. Scales: the clip init (every group on a 2-bit grid)
+``w_hat = a1 b1 + a2 b2`` as training runs it, one CPU thread: ``fdb_round`` with the layer's backward as training
+runs it (the scale gradients in C++ too, ``quant.fdb_scale_grads``), every other form with torch's backward
+(``quant.FDB_ROUND_CPP`` False, as a machine without a compiler). Scales: the clip init (every group on a 2-bit grid)
 and the same scales moved off the grid (as after training). Also counts the weights on which each other form
 disagrees with ``fdb_round`` (0 for the torch form: same rule).
 Writes bench/results/fdb_round.json (+ .md).
@@ -22,7 +24,7 @@ from common import write_results  # noqa: E402
 
 from dbllm_lab.layers import _DualBinaryWeight  # noqa: E402
 from dbllm_lab.model import load_model, quantizable_linears  # noqa: E402
-from dbllm_lab import cpu_kernel  # noqa: E402
+from dbllm_lab import cpu_kernel, quant  # noqa: E402
 from dbllm_lab.quant import fdb_init, fdb_round, fdb_round_torch, round_half_to_zero  # noqa: E402
 
 
@@ -105,7 +107,11 @@ def main():
             for key, fn in (("torch_form", fdb_round_torch), ("argmin_form", argmin_round),
                             ("old_training_form", old_training_round)):
                 old = fn(wg, s1[..., None], s2[..., None])
-                row[f"{key}_ms"] = round(fwd_bwd_ms(autograd_with(fn), w, s1, s2, g, args.repeats), 2)
+                quant.FDB_ROUND_CPP = False  # torch's backward for the other forms
+                try:
+                    row[f"{key}_ms"] = round(fwd_bwd_ms(autograd_with(fn), w, s1, s2, g, args.repeats), 2)
+                finally:
+                    quant.FDB_ROUND_CPP = True
                 row[f"{key}_speedup"] = round(row[f"{key}_ms"] / row["fdb_round_ms"], 2)
                 row[f"{key}_weights_differing"] = int(((new[0] != old[0]) | (new[1] != old[1])).sum())
             rows.append({**row, "n_weights": w.numel()})
@@ -115,6 +121,8 @@ def main():
                                    else f"torch (C++ unavailable: {cpu_kernel.why_unavailable()})",
                                    "timer": "best of repeats, "
                                    "forward + backward of the FDB layer weight, torch threads 1",
+                                   "backward": "fdb_round: the layer's (scale gradients in C++ where fdb_round_path "
+                                               "is C++); the other forms: torch's (FDB_ROUND_CPP False)",
                                    "weights": "embedded SmolLM2-135M, first layer of each shape",
                                    "load_average_1_5_15min": os.getloadavg()})
 

@@ -1,7 +1,7 @@
 """Training speed on this CPU: fp32 against bf16 autocast, 1 against 2 torch threads, cached teacher logits, the
-FDB rounding in C++ (``quant.fdb_round``'s default on the CPU) against its torch form, and the fused AdamW update
-(``runtime.adamw``'s default) against the unfused one, for the two training stages of the DB-LLM table (the tuned
-recipe on the embedded model).
+FDB rounding and its scale gradients in C++ (``quant.fdb_round`` and ``quant.fdb_scale_grads``, the default on the
+CPU) against their torch forms, and the fused AdamW update (``runtime.adamw``'s default) against the unfused one,
+for the two training stages of the DB-LLM table (the tuned recipe on the embedded model).
 
 Each setting trains a fresh copy of the same FDB clip-init student from the same data and seed:
   - stage 1: ``blockwise_reconstruct`` on the first ``--blocks`` decoder blocks (a truncated copy of the model);
@@ -29,8 +29,8 @@ from dbllm_lab import quant  # noqa: E402
 from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
 from dbllm_lab.train import AFTER_STAGE1, TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
 
-# (precision, torch threads, cached teacher logits, FDB rounding in C++, fused AdamW, stage-1 window: 0 = whole
-# 256-token samples)
+# (precision, torch threads, cached teacher logits, FDB rounding and scale gradients in C++, fused AdamW, stage-1
+# window: 0 = whole 256-token samples)
 SETTINGS = [("fp32", 1, False, True, True, 0), ("bf16", 1, False, True, True, 0), ("fp32", 2, False, True, True, 0),
             ("bf16", 2, False, True, True, 0), ("fp32", 1, True, True, True, 0), ("fp32", 1, False, False, True, 0),
             ("fp32", 1, False, True, False, 0), ("fp32", 1, False, True, True, 128)]
@@ -100,7 +100,7 @@ def main(argv=None):
         torch.manual_seed(0)
         quant.FDB_ROUND_CPP = cpp
         row = {"method": f"{precision}, {threads} thread{'s' * (threads > 1)}" + (", cached teacher" if cached else "")
-                         + ("" if cpp else ", torch rounding") + ("" if fused else ", unfused AdamW")
+                         + ("" if cpp else ", torch rounding and scale grads") + ("" if fused else ", unfused AdamW")
                          + (f", stage-1 windows of {seqlen}" if seqlen else ""),
                "precision": precision, "threads": threads, "cached_teacher_logits": cached, "fdb_round_cpp": cpp,
                "fused_adamw": fused, "stage1_seqlen": seqlen or data.shape[1]}

@@ -241,9 +241,9 @@ def fdb_round_torch(w, a1, a2):
     Speed (``python bench/fdb_round.py`` -> bench/results/fdb_round.json; forward + backward of a layer's w_hat,
     one thread, the embedded model's layer shapes): this torch form is 2.7-6.6x faster than the argmin form and
     1.2-1.6x faster than the training-only form train.py used to swap in, which also disagreed with the grid rule on
-    5-87 weights per layer at the clip init. ``fdb_round`` runs this rule in C++ on fp32 CPU tensors: 1.1-1.6x
-    faster than this form on 2-bit grids (the clip init) and 2.6-2.8x off them (the backward, torch's in both,
-    is then most of the time).
+    5-87 weights per layer at the clip init. ``fdb_round`` runs this rule in C++ on fp32 CPU tensors and the
+    layer's backward its scale gradients (``fdb_scale_grads``): forward + backward 1.3-1.4x faster than this form
+    with torch's backward on 2-bit grids (the clip init) and 3.0-3.7x off them.
     """
     w, a1, a2 = w.float(), a1.float(), a2.float()
     levels = torch.stack(torch.broadcast_tensors(torch.zeros_like(a1), a2, a1, a1 + a2), -1)  # (..., 1, 4)
