@@ -158,7 +158,7 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
                                            "to change the end-to-end settings (before its stage 2 began); a fresh "
                                            "one resumed from the checkpoints of blocks 0-1 (their replay, forward "
                                            "passes only, is not in the row's CPU minutes). The teacher-written pool "
-                                           "was generated anew in this session (the cache is not in the "
+                                           "was generated anew for this row (the cache is git-ignored, not in the "
                                            "repository), and its text is not identical to the earlier rows': block "
                                            "0's error before training on the first 64 samples is 0.2118 against "
                                            "0.2123 for 'fdb blockwise n1024 1ep'"}

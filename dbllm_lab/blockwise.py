@@ -195,7 +195,8 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
             sched.step()
             losses.append(loss.item())
     block.eval()
-    for p in [*scales.values(), *latents.values(), *norms.values()]:  # free the gradients too: kept, they would grow memory with every block trained
+    # free the gradients too: kept, they would grow memory with every block trained
+    for p in [*scales.values(), *latents.values(), *norms.values()]:
         p.grad = None
         p.requires_grad_(False)
     return losses
