@@ -107,11 +107,11 @@ def main():
             for key, fn in (("torch_form", fdb_round_torch), ("argmin_form", argmin_round),
                             ("old_training_form", old_training_round)):
                 old = fn(wg, s1[..., None], s2[..., None])
-                quant.FDB_ROUND_CPP = False  # torch's backward for the other forms
+                cpp, quant.FDB_ROUND_CPP = quant.FDB_ROUND_CPP, False  # torch's backward for the other forms
                 try:
                     row[f"{key}_ms"] = round(fwd_bwd_ms(autograd_with(fn), w, s1, s2, g, args.repeats), 2)
                 finally:
-                    quant.FDB_ROUND_CPP = True
+                    quant.FDB_ROUND_CPP = cpp
                 row[f"{key}_speedup"] = round(row[f"{key}_ms"] / row["fdb_round_ms"], 2)
                 row[f"{key}_weights_differing"] = int(((new[0] != old[0]) | (new[1] != old[1])).sum())
             rows.append({**row, "n_weights": w.numel()})
