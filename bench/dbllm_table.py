@@ -126,6 +126,10 @@ ROWS = {
     # that row's stage 1 evaluated alone (shared folder)
     "fdb blockwise n1024 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                            "fused_adamw": True}, {}, 1024),
+    # a longer stage 1 alone: 1,408 samples seen once (--gen-pool 1408), 1.375x the optimiser steps of n1024 (stage 1
+    # is limited by its steps: 180.0, 132.9, 105.6, 93.4 for 128, 256, 512, 1,024 steps per block)
+    "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
+                                                           "fused_adamw": True}, {}, 1408),
 }
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
@@ -161,7 +165,11 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
                                            "was generated anew for this row (the cache is git-ignored, not in the "
                                            "repository), and its text is not identical to the earlier rows': block "
                                            "0's error before training on the first 64 samples is 0.2118 against "
-                                           "0.2123 for 'fdb blockwise n1024 1ep'"}
+                                           "0.2123 for 'fdb blockwise n1024 1ep'",
+             "fdb blockwise n1408 1ep fused": "ran alone on the machine, in one process. The pool's sets 8-10 "
+                                              "(samples 1,025-1,408) were generated just before it (not in the "
+                                              "row's CPU minutes); samples 1-1,024 are those of the n1024 fused "
+                                              "rows"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -389,6 +397,7 @@ def plot(out, fig_dir="figures"):
              "FDB stage 1 alone, 1,024 samples seen once": ["fdb init", "fdb blockwise n1024 1ep"],
              "FDB 1,024-sample stage 1 (fused AdamW, regenerated pool), then 300 gentle end-to-end steps (DAD)":
                  ["fdb init", "fdb blockwise n1024 1ep fused", "fdb n1024 e2e300 gentle s0"],
+             "FDB stage 1 alone, 1,408 samples seen once (fused AdamW)": ["fdb init", "fdb blockwise n1408 1ep fused"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
@@ -398,7 +407,9 @@ def plot(out, fig_dir="figures"):
               "FDB two-stage, tuned (DAD)": ("fdb tuned dad s0", "fdb long dad s0", "fdb tuned dad n256"),
               "FDB stage 1 alone, tuned (2 epochs; 512 and 1,024 samples: 1)":
                   ("fdb blockwise b1 lat2e-3", "fdb tuned blockwise n128", "fdb blockwise n512 1ep",
-                   "fdb blockwise n1024 1ep")}
+                   "fdb blockwise n1024 1ep"),
+              "FDB stage 1 alone, fused AdamW (1 epoch; 128 samples: a probe beside other jobs)":
+                  ("fdb blockwise n128 1ep fused", "fdb blockwise n1024 1ep fused", "fdb blockwise n1408 1ep fused")}
     tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
             "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
            for k, ms in curves.items() for m in ms if m in rows]
