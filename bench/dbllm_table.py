@@ -14,6 +14,7 @@ command resumes.
     python bench/dbllm_table.py                       # the table (rows in ROWS order; --only NAME,NAME)
     python bench/dbllm_table.py --save "fdb 2-stage dad s0" ckpt/dad   # a finished row as a packed checkpoint
     python bench/dbllm_table.py --memory-flatness     # stage-1 peak memory on random LLaMA configs, 8/16/32 blocks
+    python bench/dbllm_table.py --stream-errors ROW ROW   # per-block errors of finished rows on unseen text
 """
 import argparse
 import copy
@@ -194,6 +195,9 @@ def parse_args(argv=None):
                     help="time one pool set's generation (uncached) into dbllm_generation.json, then exit")
     ap.add_argument("--save", nargs=2, default=None, metavar=("ROW", "DIR"),
                     help="write a finished FDB row as a packed checkpoint folder DIR, then exit")
+    ap.add_argument("--stream-errors", nargs="+", default=None, metavar="ROW",
+                    help="per-block errors of finished rows on held-out teacher text and on WikiText-2 windows "
+                         "(dbllm_stream_errors.json), then exit")
     ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
     ap.add_argument("--quick", action="store_true", help="--memory-flatness: smaller models and data (for tests)")
     ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
@@ -374,6 +378,59 @@ def save_packed(a, name, path):
     print(f"saved {name!r} to {path} ({len(header['layers'])} packed layers, group size {header['group_size']})")
 
 
+HELDOUT_SEED = 10 ** 6  # a generation seed no pool set uses (set k has seed k): text no row trained on
+HELDOUT_SAMPLES, STREAM_WINDOWS = 64, 8
+
+
+STREAM_OUT = "bench/results/dbllm_stream_errors.json"
+
+
+def stream_errors(a, names, out=STREAM_OUT, fig_dir="figures"):
+    """Per block, ``blockwise.block_errors`` (the model as it runs, earlier blocks' errors included) of finished
+    rows on two texts no row trained on: HELDOUT_SAMPLES teacher-written samples (seed HELDOUT_SEED) and the first
+    STREAM_WINDOWS WikiText-2 test windows. Stage 1's own statistics are on its training samples; this says whether
+    that fit carries to unseen text, and where two rows' perplexities part."""
+    from dbllm_lab.blockwise import block_errors
+    rows = []
+    for name in names:
+        teacher, tok, model = rebuild(a, name)
+        texts = {"teacher-written, held out": generate_samples(teacher, tok, HELDOUT_SAMPLES, a.gen_len,
+                                                               seed=HELDOUT_SEED, batch_size=64),
+                 "wikitext-2 test": eval_windows(teacher, tok, seqlen=a.seqlen, max_windows=STREAM_WINDOWS,
+                                                 data_dir=a.data_dir)}
+        for text, windows in texts.items():
+            for r in block_errors(teacher, model, windows):
+                rows.append({"method": name, "text": text, "windows": list(windows.shape), **r})
+        del teacher, model
+    write_results(out, rows, {"heldout_seed": HELDOUT_SEED, "heldout_samples": HELDOUT_SAMPLES,
+                              "gen_len": a.gen_len, "wikitext_windows": STREAM_WINDOWS, "seqlen": a.seqlen,
+                              "error": "blockwise.block_errors: relative error of ordinary tokens, on the model's "
+                                       "own stream"})
+    plot_stream_errors(out, fig_dir)
+
+
+def plot_stream_errors(out, fig_dir="figures"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.DataFrame(load_results(out))
+    texts = list(dict.fromkeys(df.text))
+    fig, ax = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), sharey=True, squeeze=False)
+    for a_, text in zip(ax[0], texts):
+        for name, g in df[df.text == text].groupby("method", sort=False):
+            a_.semilogy(g.block, g.rel_err_ordinary, "o-", ms=3, label=name)
+        a_.set(title=text, xlabel="decoder block")
+        a_.legend(fontsize=8)
+    ax[0][0].set_ylabel("relative output error, ordinary tokens\n(model as it runs)")
+    fig.tight_layout()
+    os.makedirs(fig_dir, exist_ok=True)
+    fig.savefig(os.path.join(fig_dir, "dbllm_stream_errors.png"), dpi=110)
+    df.to_csv(os.path.join(fig_dir, "dbllm_stream_errors.csv"), index=False)
+    plt.close(fig)
+    print("wrote", os.path.join(fig_dir, "dbllm_stream_errors.png"))
+
+
 # ---- figures ----------------------------------------------------------------------------------------------------
 
 def settings_gen_len(out):
@@ -497,11 +554,15 @@ def main(argv=None):
     if a.memory_flatness:
         return run_memory_flatness(a)
     if a.plot:
+        if os.path.isfile(STREAM_OUT):
+            plot_stream_errors(STREAM_OUT)
         return plot(a.out)
     if a.full_split:
         return full_split(a, a.full_split)
     if a.save:
         return save_packed(a, *a.save)
+    if a.stream_errors:
+        return stream_errors(a, a.stream_errors)
     if a.time_generation:
         return time_generation(a)
     t0 = time.time()
