@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import add_eval_args, eval_settings, load_results, write_results  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
-from dbllm_lab.blockwise import BlockwiseConfig  # noqa: E402
+from dbllm_lab.blockwise import BlockwiseConfig, block_errors  # noqa: E402
 from dbllm_lab.checkpoint import save_quantized  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
@@ -127,8 +127,9 @@ ROWS = {
     # that row's stage 1 evaluated alone (shared folder)
     "fdb blockwise n1024 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                            "fused_adamw": True}, {}, 1024),
-    # a longer stage 1 alone: 1,408 samples seen once (--gen-pool 1408), 1.375x the optimiser steps of n1024 (stage 1
-    # is limited by its steps: 180.0, 132.9, 105.6, 93.4 for 128, 256, 512, 1,024 steps per block)
+    # a longer stage 1 alone: 1,408 samples seen once (--gen-pool 1408), 1.375x the optimiser steps of n1024. It tested
+    # "stage 1 is limited by its steps" (180.0, 132.9, 105.6, 93.4 for 128, 256, 512, 1,024 steps per block) and did
+    # worse (README; --stream-errors shows why)
     "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                            "fused_adamw": True}, {}, 1408),
 }
@@ -380,8 +381,6 @@ def save_packed(a, name, path):
 
 HELDOUT_SEED = 10 ** 6  # a generation seed no pool set uses (set k has seed k): text no row trained on
 HELDOUT_SAMPLES, STREAM_WINDOWS = 64, 8
-
-
 STREAM_OUT = "bench/results/dbllm_stream_errors.json"
 
 
@@ -390,7 +389,6 @@ def stream_errors(a, names, out=STREAM_OUT, fig_dir="figures"):
     rows on two texts no row trained on: HELDOUT_SAMPLES teacher-written samples (seed HELDOUT_SEED) and the first
     STREAM_WINDOWS WikiText-2 test windows. Stage 1's own statistics are on its training samples; this says whether
     that fit carries to unseen text, and where two rows' perplexities part."""
-    from dbllm_lab.blockwise import block_errors
     rows = []
     for name in names:
         teacher, tok, model = rebuild(a, name)
