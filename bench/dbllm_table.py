@@ -132,6 +132,11 @@ ROWS = {
     # worse (README; --stream-errors shows why)
     "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                            "fused_adamw": True}, {}, 1408),
+    # n1024 fused with each sample cut into two 128-token windows: half the windows start mid-text, as evaluation
+    # windows do. Both rows above misfire block 11's sink at positions 1-2 of windows that start mid-text
+    # (--stream-errors), a case stage 1 on whole samples never sees
+    "fdb blockwise n1024 1ep fused w128": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
+                                                                "fused_adamw": True, "seqlen": 128}, {}, 1024),
 }
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
@@ -171,7 +176,11 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
              "fdb blockwise n1408 1ep fused": "ran alone on the machine, in one process. The pool's sets 8-10 "
                                               "(samples 1,025-1,408) were generated just before it (not in the "
                                               "row's CPU minutes); samples 1-1,024 are those of the n1024 fused "
-                                              "rows"}
+                                              "rows",
+             "fdb blockwise n1024 1ep fused w128": "ran alone on the machine, in one process, on the pool of the n1024 "
+                                                   "fused rows. Its before/after statistics are on its first 64 "
+                                                   "windows of 128 tokens, not on 64 whole samples as the other "
+                                                   "long stage-1 rows'"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -386,14 +395,16 @@ STREAM_OUT = "bench/results/dbllm_stream_errors.json"
 
 def stream_errors(a, names, out=STREAM_OUT, fig_dir="figures"):
     """Per block, ``blockwise.block_errors`` (the model as it runs, earlier blocks' errors included) of finished
-    rows on two texts no row trained on: HELDOUT_SAMPLES teacher-written samples (seed HELDOUT_SEED) and the first
-    STREAM_WINDOWS WikiText-2 test windows. Stage 1's own statistics are on its training samples; this says whether
-    that fit carries to unseen text, and where two rows' perplexities part."""
+    rows on three texts no row trained on: HELDOUT_SAMPLES teacher-written samples (seed HELDOUT_SEED), whole and
+    from their middle token on (windows that start mid-text, as evaluation windows do; the samples themselves start
+    at a random token), and the first STREAM_WINDOWS WikiText-2 test windows. Stage 1's own statistics are on its
+    training samples; this says whether that fit carries to unseen text, and where two rows' perplexities part."""
     rows = []
     for name in names:
         teacher, tok, model = rebuild(a, name)
-        texts = {"teacher-written, held out": generate_samples(teacher, tok, HELDOUT_SAMPLES, a.gen_len,
-                                                               seed=HELDOUT_SEED, batch_size=64),
+        held = generate_samples(teacher, tok, HELDOUT_SAMPLES, a.gen_len, seed=HELDOUT_SEED, batch_size=64)
+        texts = {"teacher-written, held out": held,
+                 "teacher-written, held out, from mid-text": held[:, a.gen_len // 2:],
                  "wikitext-2 test": eval_windows(teacher, tok, seqlen=a.seqlen, max_windows=STREAM_WINDOWS,
                                                  data_dir=a.data_dir)}
         for text, windows in texts.items():
@@ -414,10 +425,11 @@ def plot_stream_errors(out, fig_dir="figures"):
     import pandas as pd
     df = pd.DataFrame(load_results(out))
     texts = list(dict.fromkeys(df.text))
-    fig, ax = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), sharey=True, squeeze=False)
+    fig, ax = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.5), sharey=True, squeeze=False)
     for a_, text in zip(ax[0], texts):
         for name, g in df[df.text == text].groupby("method", sort=False):
-            a_.semilogy(g.block, g.rel_err_ordinary, "o-", ms=3, label=name)
+            a_.semilogy(g.block, g.rel_err_ordinary, "o-", ms=3,
+                        label=f"{name} (misfires, most in a block: {g.sink_misfires.max()})")
         a_.set(title=text, xlabel="decoder block")
         a_.legend(fontsize=8)
     ax[0][0].set_ylabel("relative output error, ordinary tokens\n(model as it runs)")
@@ -453,6 +465,8 @@ def plot(out, fig_dir="figures"):
              "FDB 1,024-sample stage 1 (fused AdamW, regenerated pool), then 300 gentle end-to-end steps (DAD)":
                  ["fdb init", "fdb blockwise n1024 1ep fused", "fdb n1024 e2e300 gentle s0"],
              "FDB stage 1 alone, 1,408 samples seen once (fused AdamW)": ["fdb init", "fdb blockwise n1408 1ep fused"],
+             "FDB stage 1 alone, 1,024 samples cut into 128-token windows (fused AdamW)":
+                 ["fdb init", "fdb blockwise n1024 1ep fused w128"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
