@@ -15,6 +15,7 @@ command resumes.
     python bench/dbllm_table.py --save "fdb 2-stage dad s0" ckpt/dad   # a finished row as a packed checkpoint
     python bench/dbllm_table.py --memory-flatness     # stage-1 peak memory on random LLaMA configs, 8/16/32 blocks
     python bench/dbllm_table.py --stream-errors ROW ROW   # per-block errors of finished rows on unseen text
+    python bench/dbllm_table.py --position-ppl ROW ROW    # their PPL by position in the evaluation window
 """
 import argparse
 import copy
@@ -34,7 +35,7 @@ from dbllm_lab.blockwise import BlockwiseConfig, block_errors  # noqa: E402
 from dbllm_lab.checkpoint import save_quantized  # noqa: E402
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
-from dbllm_lab.ppl import eval_windows, perplexity  # noqa: E402
+from dbllm_lab.ppl import eval_windows, perplexity, window_nll  # noqa: E402
 from dbllm_lab.quantize import quantize_model  # noqa: E402
 from dbllm_lab.train import AFTER_STAGE1, TrainConfig, freeze_quantized, peak_rss_gib, train_two_stage  # noqa: E402
 
@@ -205,6 +206,9 @@ def parse_args(argv=None):
                     help="time one pool set's generation (uncached) into dbllm_generation.json, then exit")
     ap.add_argument("--save", nargs=2, default=None, metavar=("ROW", "DIR"),
                     help="write a finished FDB row as a packed checkpoint folder DIR, then exit")
+    ap.add_argument("--position-ppl", nargs="+", default=None, metavar="ROW",
+                    help="PPL of finished rows (and FP) on the table's windows by position range "
+                         "(dbllm_position_ppl.json), then exit")
     ap.add_argument("--stream-errors", nargs="+", default=None, metavar="ROW",
                     help="per-block errors of finished rows on held-out teacher text and on WikiText-2 windows "
                          "(dbllm_stream_errors.json), then exit")
@@ -418,6 +422,56 @@ def stream_errors(a, names, out=STREAM_OUT, fig_dir="figures"):
     plot_stream_errors(out, fig_dir)
 
 
+POSITION_OUT = "bench/results/dbllm_position_ppl.json"
+POSITION_RANGES = ((1, 128), (128, 256), (256, 512))  # predicted tokens' positions [lo, hi)
+
+
+def position_ppl(a, names, out=POSITION_OUT, fig_dir="figures"):
+    """PPL of FP and finished rows on the table's evaluation windows, split by the position of the predicted token
+    (POSITION_RANGES): stage 1 trains on windows of at most 256 tokens (128 with ``seqlen=128``), evaluation
+    windows have 512."""
+    rows = []
+    for name in ["fp"] + [n for n in names if n != "fp"]:
+        teacher, tok, model = rebuild(a, name)
+        windows = eval_windows(teacher, tok, seqlen=a.seqlen, max_windows=a.windows or None, data_dir=a.data_dir)
+        total, n = window_nll(model, windows, per_position=True, desc=name)
+        for lo, hi in POSITION_RANGES:
+            nll = float(total[lo - 1:hi - 1].sum()) / (n * (hi - lo))
+            rows.append({"method": name, "positions": f"{lo}-{hi - 1}", "ppl": math.exp(nll)})
+        rows.append({"method": name, "positions": "all", "ppl": math.exp(float(total.sum()) / (n * total.numel()))})
+        del teacher, model
+    write_results(out, rows, {"windows": len(windows), "seqlen": a.seqlen,
+                              "ranges": "positions of the predicted tokens, 0-based, [lo, hi]"})
+    plot_position_ppl(out, fig_dir)
+
+
+def save_figure(fig, df, fig_dir, stem):
+    """``fig`` as fig_dir/stem.png and the table behind it, ``df``, as fig_dir/stem.csv."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(fig_dir, exist_ok=True)
+    fig.savefig(os.path.join(fig_dir, stem + ".png"), dpi=110)
+    df.to_csv(os.path.join(fig_dir, stem + ".csv"), index=False)
+    plt.close(fig)
+    print("wrote", os.path.join(fig_dir, stem + ".png"))
+
+
+def plot_position_ppl(out, fig_dir="figures"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.DataFrame(load_results(out))
+    df = df[df.positions != "all"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, g in df.groupby("method", sort=False):
+        ax.semilogy(g.positions, g.ppl, "o-", label=name)
+    ax.set(xlabel="position of the predicted token in the 512-token window",
+           ylabel="WikiText-2 PPL (the table's windows)", title="Perplexity by position")
+    ax.legend(fontsize=8)
+    save_figure(fig, df, fig_dir, "dbllm_position_ppl")
+
+
 def plot_stream_errors(out, fig_dir="figures"):
     import matplotlib
     matplotlib.use("Agg")
@@ -433,12 +487,7 @@ def plot_stream_errors(out, fig_dir="figures"):
         a_.set(title=text, xlabel="decoder block")
         a_.legend(fontsize=8)
     ax[0][0].set_ylabel("relative output error, ordinary tokens\n(model as it runs)")
-    fig.tight_layout()
-    os.makedirs(fig_dir, exist_ok=True)
-    fig.savefig(os.path.join(fig_dir, "dbllm_stream_errors.png"), dpi=110)
-    df.to_csv(os.path.join(fig_dir, "dbllm_stream_errors.csv"), index=False)
-    plt.close(fig)
-    print("wrote", os.path.join(fig_dir, "dbllm_stream_errors.png"))
+    save_figure(fig, df, fig_dir, "dbllm_stream_errors")
 
 
 # ---- figures ----------------------------------------------------------------------------------------------------
@@ -568,6 +617,8 @@ def main(argv=None):
     if a.plot:
         if os.path.isfile(STREAM_OUT):
             plot_stream_errors(STREAM_OUT)
+        if os.path.isfile(POSITION_OUT):
+            plot_position_ppl(POSITION_OUT)
         return plot(a.out)
     if a.full_split:
         return full_split(a, a.full_split)
@@ -575,6 +626,8 @@ def main(argv=None):
         return save_packed(a, *a.save)
     if a.stream_errors:
         return stream_errors(a, a.stream_errors)
+    if a.position_ppl:
+        return position_ppl(a, a.position_ppl)
     if a.time_generation:
         return time_generation(a)
     t0 = time.time()

@@ -76,17 +76,20 @@ def eval_windows(model, tokenizer=None, dataset="wikitext2", split="test", seqle
 
 
 @torch.no_grad()
-def window_nll(model, windows, batch_size=1, device=None, progress=True, desc="ppl"):
-    """Sum of next-token NLL over the windows and the number of predicted tokens."""
+def window_nll(model, windows, batch_size=1, device=None, progress=True, desc="ppl", per_position=False):
+    """Sum of next-token NLL over the windows and the number of predicted tokens. ``per_position``: the sum as a
+    float64 tensor (seqlen - 1,), entry t for the token at position t + 1, and the number of windows."""
     device = device or next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count = torch.zeros(windows.shape[1] - 1, dtype=torch.float64), 0
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i:i + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += nll.item()
-        count += batch[:, 1:].numel()
-    return total, count
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        total += nll.view(len(batch), -1).sum(0).double().cpu()
+        count += len(batch)
+    if per_position:
+        return total, count
+    return total.sum().item(), count * total.numel()
 
 
 def perplexity(model, tokenizer, dataset="wikitext2", split="test", seqlen=512, max_windows=None, batch_size=1,

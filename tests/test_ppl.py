@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbllm_lab.ppl import perplexity, windows_from_tokens
+from dbllm_lab.ppl import perplexity, window_nll, windows_from_tokens
 
 
 def test_ppl_equals_direct_computation_on_tiny_model(tiny):
@@ -22,6 +22,18 @@ def test_ppl_equals_direct_computation_on_tiny_model(tiny):
     assert res.ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert "15 windows x 64 tokens" in str(res)
     assert '"seqlen": 64' in res.to_json()
+
+
+def test_per_position_nll_equals_direct_computation_and_sums_to_the_total(tiny):
+    windows = windows_from_tokens(torch.randint(0, 256, (5 * 32,), generator=torch.Generator().manual_seed(2)), 32)
+    per_pos, n = window_nll(tiny, windows, batch_size=2, progress=False, per_position=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny(windows).logits[:, :-1].double(), -1)
+    direct = -logp.gather(-1, windows[:, 1:, None])[..., 0].sum(0)  # position t + 1, summed over windows
+    assert n == 5 and per_pos.shape == (31,) and per_pos.dtype == torch.float64
+    assert torch.allclose(per_pos, direct, rtol=1e-5)
+    total, count = window_nll(tiny, windows, batch_size=2, progress=False)
+    assert count == 5 * 31 and total == pytest.approx(float(per_pos.sum()), rel=1e-12)
 
 
 def test_windows_drop_the_tail_and_respect_max():
