@@ -130,12 +130,14 @@ ROWS = {
                                                            "fused_adamw": True}, {}, 1024),
     # a longer stage 1 alone: 1,408 samples seen once (--gen-pool 1408), 1.375x the optimiser steps of n1024. It tested
     # "stage 1 is limited by its steps" (180.0, 132.9, 105.6, 93.4 for 128, 256, 512, 1,024 steps per block) and did
-    # worse (README; --stream-errors shows why)
+    # worse (README: its block 11 misfires the sink at positions 1-2 of windows that start mid-text, --stream-errors,
+    # and it loses most on positions 1-127, --position-ppl)
     "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                            "fused_adamw": True}, {}, 1408),
     # n1024 fused with each sample cut into two 128-token windows: half the windows start mid-text, as evaluation
     # windows do. Both rows above misfire block 11's sink at positions 1-2 of windows that start mid-text
-    # (--stream-errors), a case stage 1 on whole samples never sees
+    # (--stream-errors), a case stage 1 on whole samples never sees. It misfires nowhere and is the best of the three
+    # on positions 1-127, but worse past 127, where it never trained (--position-ppl): 103.5 in all
     "fdb blockwise n1024 1ep fused w128": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                                 "fused_adamw": True, "seqlen": 128}, {}, 1024),
 }
