@@ -212,8 +212,8 @@ def parse_args(argv=None):
                     help="PPL of finished rows (and FP) on the table's windows by position range "
                          "(dbllm_position_ppl.json), then exit")
     ap.add_argument("--stream-errors", nargs="+", default=None, metavar="ROW",
-                    help="per-block errors of finished rows on held-out teacher text and on WikiText-2 windows "
-                         "(dbllm_stream_errors.json), then exit")
+                    help="per-block errors of finished rows on held-out teacher text (whole, and cut mid-text) and "
+                         "on WikiText-2 windows (dbllm_stream_errors.json), then exit")
     ap.add_argument("--memory-flatness", action="store_true", help="measure stage-1 peak memory vs depth, then exit")
     ap.add_argument("--quick", action="store_true", help="--memory-flatness: smaller models and data (for tests)")
     ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
