@@ -140,7 +140,17 @@ ROWS = {
     # on positions 1-127, but worse past 127, where it never trained (--position-ppl): 103.5 in all
     "fdb blockwise n1024 1ep fused w128": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                                 "fused_adamw": True, "seqlen": 128}, {}, 1024),
+    # stage-1 windows as long as the evaluation's: 512 teacher-written samples of 512 tokens (ROW_GEN_LEN; the same
+    # tokens as 1,024 of 256), joined into one stream and cut from token 64 on, so that every window starts
+    # mid-text, as evaluation windows do, and has up to 448 tokens of one text. 511 steps per block of 512 tokens,
+    # against the n1024 rows' 1,024 of 256 (--position-ppl: those rows lose most against FP past position 255,
+    # where their stage 1 never trained)
+    "fdb blockwise n512 len512 1ep fused off64": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
+                                                                       "fused_adamw": True, "window_offset": 64},
+                                                  {}, 512),
 }
+# rows trained on teacher-written samples of another length than --gen-len's (row_pool)
+ROW_GEN_LEN = {"fdb blockwise n512 len512 1ep fused off64": 512}
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
                                          "CPU minutes are not a budget figure",
@@ -228,6 +238,7 @@ class Context:
         self.teacher, self.tok = load_model(args.model)
         self.pool = teacher_pool(self.teacher, self.tok, args.gen_pool, args.gen_len)
         self.gen = {"samples": args.gen_pool, "tokens_per_sample": args.gen_len, "set_size": POOL_SET,
+                    "rows_with_other_sample_lengths": ROW_GEN_LEN,
                     "note": f"sets of {POOL_SET} samples, set k with seed k; generation time: --time-generation "
                             "(dbllm_generation.json)"}
         self.eval = eval_windows(self.teacher, self.tok, "wikitext2", "test", args.seqlen, args.windows or None,
@@ -263,30 +274,41 @@ def teacher_pool(teacher, tok, n, gen_len):
     return torch.cat(sets)[:n]
 
 
+def row_pool(ctx, name, n):
+    """The first ``n`` samples of the pool a row trains on: ``ctx.pool`` (samples of --gen-len tokens), or for the
+    rows of ROW_GEN_LEN a pool of that length, generated (and cached) in the same seeded sets."""
+    gen_len = ROW_GEN_LEN.get(name, ctx.args.gen_len)
+    if gen_len != ctx.args.gen_len:
+        return teacher_pool(ctx.teacher, ctx.tok, n, gen_len)
+    if n > len(ctx.pool):
+        raise ValueError(f"row {name!r} needs {n} samples; --gen-pool is {len(ctx.pool)}")
+    return ctx.pool[:n]
+
+
 def row_samples(spec):
     """(stage-1 samples, stage-2 samples) of a row."""
     n = spec[4]
     return (n, n) if isinstance(n, int) else tuple(n)
 
 
-def stage1_dir(ckpt_dir, quant, bw, n):
-    """One stage-1 folder per (quantizer, block-wise overrides, samples): rows that differ only in their
-    end-to-end stage share it, e.g. stage1_fdb_{loss=mse}_n64."""
+def stage1_dir(ckpt_dir, quant, bw, n, gen_len=None):
+    """One stage-1 folder per (quantizer, block-wise overrides, samples[, their length where it is not
+    --gen-len's]): rows that differ only in their end-to-end stage share it, e.g. stage1_fdb_{loss=mse}_n64."""
     overrides = ",".join(f"{k}={v}" for k, v in sorted(bw.items()))
-    return os.path.join(ckpt_dir, f"stage1_{quant}_{{{overrides}}}_n{n}")
+    return os.path.join(ckpt_dir, f"stage1_{quant}_{{{overrides}}}_n{n}" + (f"_len{gen_len}" if gen_len else ""))
 
 
 def train_row(ctx, name, spec, freeze=True):
     quant, stage, bw, e2e, _ = spec
     n1, n2 = row_samples(spec)
     a = ctx.args
-    if max(n1, n2) > len(ctx.pool):
-        raise ValueError(f"row {name!r} needs {max(n1, n2)} samples; --gen-pool is {len(ctx.pool)}")
-    student, info = train_two_stage(ctx.teacher, ctx.pool[:n1], stage=stage, quant=quant,
+    pool = row_pool(ctx, name, max(n1, n2))
+    student, info = train_two_stage(ctx.teacher, pool[:n1], stage=stage, quant=quant,
                                     blockwise=BlockwiseConfig(**{**BASE_STAGE1, **bw}),
                                     config=TrainConfig(**{**BASE_E2E, **e2e}),
                                     out_dir=os.path.join(a.ckpt_dir, name.replace(" ", "_")),
-                                    stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n1), e2e_data=ctx.pool[:n2])
+                                    stage1_dir=stage1_dir(a.ckpt_dir, quant, bw, n1, ROW_GEN_LEN.get(name)),
+                                    e2e_data=pool[:n2])
     if freeze:  # fixed quantized weights: fast evaluation (the learnable layers are what a packed checkpoint stores)
         freeze_quantized(student)
     return student, info
@@ -333,7 +355,8 @@ def run_table(ctx, out):
         row = {"method": name, "quant": spec[0], "stage": spec[1], "loss": spec[3].get("loss"),
                "gamma": spec[3].get("gamma") if spec[3].get("loss") == "dad" else None,
                "seed": spec[3].get("seed", 0), "train_samples": max(row_samples(spec)),
-               "stage_samples": list(row_samples(spec)), "threads": torch.get_num_threads(), **info,
+               "stage_samples": list(row_samples(spec)),
+               "tokens_per_sample": ROW_GEN_LEN.get(name, a.gen_len), "threads": torch.get_num_threads(), **info,
                **ctx.measure(student, fp)}
         # re-read before writing: another process may have added rows meanwhile (disjoint --only sets)
         rows = [r for r in load_results(out) if r["method"] != name] + [row]
@@ -352,7 +375,7 @@ def rebuild(a, name, freeze=True):
     if name == "fp":
         return teacher, tok, teacher
     pool = teacher_pool(teacher, tok, a.gen_pool, a.gen_len)
-    ctx = argparse.Namespace(args=a, teacher=teacher, pool=pool)
+    ctx = argparse.Namespace(args=a, teacher=teacher, tok=tok, pool=pool)
     model, _ = train_row(ctx, name, ROWS[name], freeze=freeze)
     return teacher, tok, model
 
@@ -530,7 +553,8 @@ def plot(out, fig_dir="figures"):
                    "fdb blockwise n1024 1ep"),
               "FDB stage 1 alone, fused AdamW (1 epoch; 128 samples: a probe beside other jobs)":
                   ("fdb blockwise n128 1ep fused", "fdb blockwise n1024 1ep fused", "fdb blockwise n1408 1ep fused")}
-    tok = [{"path": k, "method": m, "train_tokens": rows[m]["train_samples"] * settings_gen_len(out),
+    tok = [{"path": k, "method": m,
+            "train_tokens": rows[m]["train_samples"] * rows[m].get("tokens_per_sample", settings_gen_len(out)),
             "ppl": rows[m]["ppl"], "train_cpu_minutes": rows[m]["train_cpu_minutes"]}
            for k, ms in curves.items() for m in ms if m in rows]
     os.makedirs(fig_dir, exist_ok=True)

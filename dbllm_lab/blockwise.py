@@ -69,6 +69,8 @@ class BlockwiseConfig:
     fused_adamw: bool = True       # torch's fused AdamW update (runtime.adamw); False: torch's unfused one
     seqlen: int = 0                # cut each sample into windows of this many tokens (0: whole samples): more,
                                    # shorter optimiser steps for the same tokens
+    window_offset: int = 0         # > 0: join the samples into one stream and cut the windows from this token on,
+                                   # so that every window starts mid-sample, as evaluation windows start mid-text
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -81,6 +83,9 @@ class BlockwiseConfig:
                 raise ValueError(f"{key}={v!r} is not allowed: it must be a positive integer")
         if isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen == 1 or self.seqlen < 0:
             raise ValueError(f"seqlen={self.seqlen!r} is not allowed: it must be an integer >= 2, or 0 (whole samples)")
+        if isinstance(self.window_offset, bool) or not isinstance(self.window_offset, int) or self.window_offset < 0:
+            raise ValueError(f"window_offset={self.window_offset!r} is not allowed: it must be an integer >= 0 "
+                             f"(0: windows start where the samples start)")
         if isinstance(self.stats_samples, bool) or not isinstance(self.stats_samples, int) or self.stats_samples < 0:
             raise ValueError(f"stats_samples={self.stats_samples!r} is not allowed: it must be an integer >= 0 "
                              f"(0: all samples)")
@@ -224,8 +229,16 @@ def _identity(cfg, windows):
 
 
 def stage1_windows(samples, cfg):
-    """The windows stage 1 trains on: the samples, or each cut into windows of ``cfg.seqlen`` tokens."""
-    return to_windows(samples, cfg.seqlen) if cfg.seqlen else samples
+    """The windows stage 1 trains on: the samples, or each cut into windows of ``cfg.seqlen`` tokens; with
+    ``cfg.window_offset`` the samples are joined into one stream, its first ``window_offset`` tokens dropped, and
+    the rest cut into windows of ``cfg.seqlen`` (or the sample length) tokens, the tail dropped."""
+    seqlen = cfg.seqlen or samples.shape[1]
+    if cfg.window_offset:
+        if cfg.window_offset >= samples.shape[1]:
+            raise ValueError(f"window_offset={cfg.window_offset} must be smaller than the sample length "
+                             f"({samples.shape[1]} tokens)")
+        samples = samples.reshape(1, -1)[:, cfg.window_offset:]
+    return to_windows(samples, seqlen) if seqlen != samples.shape[1] else samples
 
 
 def check_folder(out_dir, cfg, windows):

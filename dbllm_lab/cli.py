@@ -99,7 +99,8 @@ def train_configs(args):
     bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
                          inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, train_norms=args.bw_train_norms,
-                         lr_norm=args.bw_lr_norm, seqlen=args.bw_seqlen, seed=args.seed).validate()
+                         lr_norm=args.bw_lr_norm, seqlen=args.bw_seqlen,
+                         window_offset=args.bw_window_offset, seed=args.seed).validate()
     return cfg, bw
 
 
@@ -245,6 +246,9 @@ def build_parser():
     p.add_argument("--bw-lr-norm", type=float, default=bw.lr_norm, help="block-wise: peak lr of the norm weights")
     p.add_argument("--bw-seqlen", type=int, default=bw.seqlen,
                    help="block-wise: cut samples into windows of this many tokens (0: whole samples)")
+    p.add_argument("--bw-window-offset", type=int, default=bw.window_offset,
+                   help="block-wise: join the samples into one stream and cut windows from this token on, so that "
+                        "they start mid-sample (0: windows start where samples start)")
     p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
     tc = TrainConfig()
     p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")

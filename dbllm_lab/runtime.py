@@ -19,7 +19,7 @@ def peak_rss_gib():
 
 # settings added to BlockwiseConfig / TrainConfig after checkpoints were written, with the value they had then:
 # a resume compares an old checkpoint's settings with these filled in, not with today's defaults
-ADDED_LATER = {"fused_adamw": False}
+ADDED_LATER = {"fused_adamw": False, "window_offset": 0}
 
 
 def adamw(groups, fused=True):

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from dbllm_lab.blockwise import BlockwiseConfig, block_errors, blockwise_reconstruct, reconstruction_loss
+from dbllm_lab.blockwise import (BlockwiseConfig, block_errors, blockwise_reconstruct, reconstruction_loss,
+                                  stage1_windows)
 from dbllm_lab.layers import UniformQuantLinear
 from dbllm_lab.model import tiny_llama
 from dbllm_lab.quant import fake_quantize
@@ -218,3 +219,27 @@ def test_windows_cut_from_the_samples(setup, tmp_path):
             BlockwiseConfig(seqlen=bad).validate()
     with pytest.raises(ValueError, match="fewer than seqlen=64"):
         blockwise_reconstruct(teacher, copy.deepcopy(student), data, BlockwiseConfig(seqlen=64), progress=False)
+
+
+def test_window_offset_cuts_a_stream_that_starts_mid_sample(setup, tmp_path):
+    """``window_offset`` joins the samples into one stream and cuts windows from that token on: every window
+    starts mid-sample and spans the boundary to the next one; stage 1 trains on exactly those windows."""
+    teacher, data = setup
+    n, length = data.shape
+    cfg = BlockwiseConfig(epochs=1, window_offset=5)
+    windows = stage1_windows(data, cfg)
+    assert windows.shape == (n - 1, length)
+    for k in range(n - 1):
+        assert torch.equal(windows[k], torch.cat([data[k, 5:], data[k + 1, :5]]))
+    cut = stage1_windows(data, BlockwiseConfig(seqlen=16, window_offset=3))
+    assert torch.equal(cut, data.flatten()[3:3 + len(cut) * 16].reshape(-1, 16))
+    assert len(cut) == (data.numel() - 3) // 16
+    _, info = train_two_stage(teacher, data, stage="blockwise", blockwise=cfg, group_size=32,
+                              stage1_dir=str(tmp_path / "s1"), progress=False)
+    assert [b["steps"] for b in info["stage1_blocks"]] == [n - 1] * 3
+    assert info["stage1_tokens"] == windows.numel()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"window_offset={bad!r}"):
+            BlockwiseConfig(window_offset=bad).validate()
+    with pytest.raises(ValueError, match=f"window_offset={length} must be smaller than the sample length"):
+        stage1_windows(data, BlockwiseConfig(window_offset=length))

@@ -30,13 +30,16 @@ def test_train_end_to_end_defaults_follow_the_stage():
                                                         "--precision", "bf16"]))
     assert (extra.train_norms, extra.lr_norm, extra.precision) == (True, 5e-4, "bf16")
     assert (both.train_norms, both.precision) == (False, "fp32")
+    _, windows = train_configs(build_parser().parse_args(["train", "--bw-seqlen", "128", "--bw-window-offset", "64"]))
+    assert (windows.seqlen, windows.window_offset, bw.window_offset) == (128, 64, 0)
 
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
                                         (["--steps", "0"], "steps"), (["--loss", "mse"], "loss"),
                                         (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"),
                                         (["--e2e-n", "-4"], "--e2e-n -4"), (["--precision", "fp8"], "precision"),
-                                        (["--lr-norm", "0"], "lr_norm")])
+                                        (["--lr-norm", "0"], "lr_norm"),
+                                        (["--bw-window-offset", "-3"], "window_offset=-3")])
 def test_train_bad_values_are_clear_errors(capsys, argv, match):
     assert main(["train"] + argv) == 2
     err = capsys.readouterr().err
