@@ -144,13 +144,21 @@ ROWS = {
     # tokens as 1,024 of 256), joined into one stream and cut from token 64 on, so that every window starts
     # mid-text, as evaluation windows do, and has up to 448 tokens of one text. 511 steps per block of 512 tokens,
     # against the n1024 rows' 1,024 of 256 (--position-ppl: those rows lose most against FP past position 255,
-    # where their stage 1 never trained)
+    # where their stage 1 never trained): 87.5, the best row, 0.4 above 3x FP
     "fdb blockwise n512 len512 1ep fused off64": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
                                                                        "fused_adamw": True, "window_offset": 64},
                                                   {}, 512),
+    # that stage 1 (shared folder), then a gentle end-to-end stage on whole 512-token windows (the earlier end-to-end
+    # stages trained on 128-token windows): 150 DAD steps of 1 x 512 tokens, "fdb n1024 e2e300 gentle s0"'s lrs,
+    # 15 warm-up steps (10%)
+    "fdb len512 off64 e2e150 w512 s0": ("fdb", "both", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
+                                                        "fused_adamw": True, "window_offset": 64},
+                                        {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 150, "lr": 1e-4,
+                                         "lr_latent": 5e-5, "warmup": 15, "fused_adamw": True, "seqlen": 512,
+                                         "batch_size": 1}, 512),
 }
 # rows trained on teacher-written samples of another length than --gen-len's (row_pool)
-ROW_GEN_LEN = {"fdb blockwise n512 len512 1ep fused off64": 512}
+ROW_GEN_LEN = {"fdb blockwise n512 len512 1ep fused off64": 512, "fdb len512 off64 e2e150 w512 s0": 512}
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
                                          "CPU minutes are not a budget figure",
@@ -193,7 +201,13 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
              "fdb blockwise n1024 1ep fused w128": "ran alone on the machine, in one process, on the pool of the n1024 "
                                                    "fused rows. Its before/after statistics are on its first 64 "
                                                    "windows of 128 tokens, not on 64 whole samples as the other "
-                                                   "long stage-1 rows'"}
+                                                   "long stage-1 rows'",
+             "fdb blockwise n512 len512 1ep fused off64": "ran alone on the machine, in one process. Its pool (4 sets "
+                                                          "of 128 samples of 512 tokens, seeds 0-3) was generated just "
+                                                          "before it, two sets at a time side by side; that is not in "
+                                                          "the row's CPU minutes. Its before/after statistics are on "
+                                                          "its first 64 windows (512 tokens from token 64 of a sample "
+                                                          "on)"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -453,8 +467,8 @@ POSITION_RANGES = ((1, 128), (128, 256), (256, 512))  # predicted tokens' positi
 
 def position_ppl(a, names, out=POSITION_OUT, fig_dir="figures"):
     """PPL of FP and finished rows on the table's evaluation windows, split by the position of the predicted token
-    (POSITION_RANGES): stage 1 trains on windows of at most 256 tokens (128 with ``seqlen=128``), evaluation
-    windows have 512."""
+    (POSITION_RANGES): stage 1 trains on windows of 256 tokens (128 with ``seqlen=128``; 512 in the len512 rows),
+    evaluation windows have 512."""
     rows = []
     for name in ["fp"] + [n for n in names if n != "fp"]:
         teacher, tok, model = rebuild(a, name)
@@ -541,6 +555,8 @@ def plot(out, fig_dir="figures"):
              "FDB stage 1 alone, 1,408 samples seen once (fused AdamW)": ["fdb init", "fdb blockwise n1408 1ep fused"],
              "FDB stage 1 alone, 1,024 samples cut into 128-token windows (fused AdamW)":
                  ["fdb init", "fdb blockwise n1024 1ep fused w128"],
+             "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64 (fused AdamW)":
+                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
