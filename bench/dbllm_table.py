@@ -207,7 +207,10 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
                                                           "before it, two sets at a time side by side; that is not in "
                                                           "the row's CPU minutes. Its before/after statistics are on "
                                                           "its first 64 windows (512 tokens from token 64 of a sample "
-                                                          "on)"}
+                                                          "on)",
+             "fdb len512 off64 e2e150 w512 s0": "its stage 1 is that of 'fdb blockwise n512 len512 1ep fused off64' "
+                                                "(shared folder; see its note), loaded, with the CPU minutes recorded "
+                                                "then; its end-to-end stage ran alone on the machine, in one process"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -555,8 +558,9 @@ def plot(out, fig_dir="figures"):
              "FDB stage 1 alone, 1,408 samples seen once (fused AdamW)": ["fdb init", "fdb blockwise n1408 1ep fused"],
              "FDB stage 1 alone, 1,024 samples cut into 128-token windows (fused AdamW)":
                  ["fdb init", "fdb blockwise n1024 1ep fused w128"],
-             "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64 (fused AdamW)":
-                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64"],
+             "FDB stage 1 on 512 samples of 512 tokens, windows from token 64 (fused AdamW), then 150 gentle "
+             "end-to-end steps on 512-token windows (DAD)":
+                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64", "fdb len512 off64 e2e150 w512 s0"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
