@@ -49,6 +49,9 @@ BASE_E2E = {"fused_adamw": False}  # rows before fused_adamw existed used the un
 LAT2E3_STAGE1 = {"lr_latent": 2e-3}
 LAT_E2E = {"train_latent": True, "lr_latent": 1e-4, "seed": 0}  # as "+latent": scales at TrainConfig's lr 1e-2
 TUNED_STAGE1 = {"batch_size": 1, "lr_latent": 2e-3}
+# the long stage-1 rows: one epoch, statistics on 64 samples, fused AdamW; MIDTEXT: windows from token 64 of the stream
+LONG_STAGE1 = {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64, "fused_adamw": True}
+MIDTEXT_STAGE1 = {**LONG_STAGE1, "window_offset": 64}
 TUNED_E2E = {**AFTER_STAGE1, "seed": 0}  # lr 2e-4 on the scales, 1e-4 on the latent weights
 
 # name: (quantizer, stage, block-wise overrides, end-to-end overrides, training samples: n for both stages, or
@@ -121,38 +124,31 @@ ROWS = {
     # end-to-end stages after a good stage 1 made it worse or barely moved it: 132.9 -> 141.6 in 60 steps, 105.6 ->
     # 104.9 in 100). Here: half TUNED_E2E's lrs, 30 warm-up steps (10%), 300 steps on 512 samples (each window seen
     # at most once); fused AdamW
-    "fdb n1024 e2e300 gentle s0": ("fdb", "both", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                   "fused_adamw": True},
+    "fdb n1024 e2e300 gentle s0": ("fdb", "both", LONG_STAGE1,
                                    {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 300, "lr": 1e-4,
                                     "lr_latent": 5e-5, "warmup": 30, "fused_adamw": True}, (1024, 512)),
     # that row's stage 1 evaluated alone (shared folder)
-    "fdb blockwise n1024 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                           "fused_adamw": True}, {}, 1024),
+    "fdb blockwise n1024 1ep fused": ("fdb", "blockwise", LONG_STAGE1, {}, 1024),
     # a longer stage 1 alone: 1,408 samples seen once (--gen-pool 1408), 1.375x the optimiser steps of n1024. It tested
     # "stage 1 is limited by its steps" (180.0, 132.9, 105.6, 93.4 for 128, 256, 512, 1,024 steps per block) and did
     # worse (README: its block 11 misfires the sink at positions 1-2 of windows that start mid-text, --stream-errors,
     # and it loses most on positions 1-127, --position-ppl)
-    "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                           "fused_adamw": True}, {}, 1408),
+    "fdb blockwise n1408 1ep fused": ("fdb", "blockwise", LONG_STAGE1, {}, 1408),
     # n1024 fused with each sample cut into two 128-token windows: half the windows start mid-text, as evaluation
     # windows do. Both rows above misfire block 11's sink at positions 1-2 of windows that start mid-text
     # (--stream-errors), a case stage 1 on whole samples never sees. It misfires nowhere and is the best of the three
     # on positions 1-127, but worse past 127, where it never trained (--position-ppl): 103.5 in all
-    "fdb blockwise n1024 1ep fused w128": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                                "fused_adamw": True, "seqlen": 128}, {}, 1024),
+    "fdb blockwise n1024 1ep fused w128": ("fdb", "blockwise", {**LONG_STAGE1, "seqlen": 128}, {}, 1024),
     # stage-1 windows as long as the evaluation's: 512 teacher-written samples of 512 tokens (ROW_GEN_LEN; the same
     # tokens as 1,024 of 256), joined into one stream and cut from token 64 on, so that every window starts
     # mid-text, as evaluation windows do, and has up to 448 tokens of one text. 511 steps per block of 512 tokens,
     # against the n1024 rows' 1,024 of 256 (--position-ppl: those rows lose most against FP past position 255,
     # where their stage 1 never trained): 87.5, the best row, 0.4 above 3x FP
-    "fdb blockwise n512 len512 1ep fused off64": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                                       "fused_adamw": True, "window_offset": 64},
-                                                  {}, 512),
+    "fdb blockwise n512 len512 1ep fused off64": ("fdb", "blockwise", MIDTEXT_STAGE1, {}, 512),
     # that stage 1 (shared folder), then a gentle end-to-end stage on whole 512-token windows (the earlier end-to-end
     # stages trained on 128-token windows): 150 DAD steps of 1 x 512 tokens, "fdb n1024 e2e300 gentle s0"'s lrs,
     # 15 warm-up steps (10%)
-    "fdb len512 off64 e2e150 w512 s0": ("fdb", "both", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                        "fused_adamw": True, "window_offset": 64},
+    "fdb len512 off64 e2e150 w512 s0": ("fdb", "both", MIDTEXT_STAGE1,
                                         {**TUNED_E2E, "loss": "dad", "gamma": BEST_GAMMA, "steps": 150, "lr": 1e-4,
                                          "lr_latent": 5e-5, "warmup": 15, "fused_adamw": True, "seqlen": 512,
                                          "batch_size": 1}, 512),
@@ -160,9 +156,7 @@ ROWS = {
     # 512 tokens (6 sets; the first 512 are that row's), 703 steps per block, 1.375x that row's steps and tokens:
     # 87.6, no gain (its per-block errors on their shared first 64 windows are within 0.0014 of that row's in blocks
     # 0-27 and lower only in blocks 28-29)
-    "fdb blockwise n704 len512 1ep fused off64": ("fdb", "blockwise", {**TUNED_STAGE1, "epochs": 1, "stats_samples": 64,
-                                                                       "fused_adamw": True, "window_offset": 64},
-                                                  {}, 704),
+    "fdb blockwise n704 len512 1ep fused off64": ("fdb", "blockwise", MIDTEXT_STAGE1, {}, 704),
 }
 # rows trained on teacher-written samples of another length than --gen-len's (row_pool)
 ROW_GEN_LEN = {"fdb blockwise n512 len512 1ep fused off64": 512, "fdb len512 off64 e2e150 w512 s0": 512,
@@ -405,7 +399,8 @@ def rebuild(a, name, freeze=True):
     teacher, tok = load_model(a.model)
     if name == "fp":
         return teacher, tok, teacher
-    pool = teacher_pool(teacher, tok, a.gen_pool, a.gen_len)
+    # the --gen-len pool only as far as this row reads it (row_pool takes ROW_GEN_LEN rows' samples elsewhere)
+    pool = None if name in ROW_GEN_LEN else teacher_pool(teacher, tok, max(row_samples(ROWS[name])), a.gen_len)
     ctx = argparse.Namespace(args=a, teacher=teacher, tok=tok, pool=pool)
     model, _ = train_row(ctx, name, ROWS[name], freeze=freeze)
     return teacher, tok, model
@@ -492,9 +487,9 @@ def position_ppl(a, names, out=POSITION_OUT, fig_dir="figures"):
     evaluation windows have 512. Rows already in ``out`` are kept; the named rows (and FP, where absent) are
     measured again or added."""
     windows_setting = a.windows or "full split"
-    old = json.load(open(out))["settings"] if os.path.isfile(out) else {}
-    same = (old.get("windows"), old.get("seqlen")) == (windows_setting, a.seqlen)  # else measure all again
-    kept = [r for r in load_results(out) if r["method"] not in names] if same else []
+    old = json.load(open(out)) if os.path.isfile(out) else {"settings": {}, "rows": []}
+    same = (old["settings"].get("windows"), old["settings"].get("seqlen")) == (windows_setting, a.seqlen)
+    kept = [r for r in old["rows"] if r["method"] not in names] if same else []  # else measure all again
     todo = (["fp"] if "fp" not in {r["method"] for r in kept} else []) + [n for n in names if n != "fp"]
     rows = []
     for name in todo:
