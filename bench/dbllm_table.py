@@ -157,10 +157,19 @@ ROWS = {
     # 87.6, no gain (its per-block errors on their shared first 64 windows are within 0.0014 of that row's in blocks
     # 0-27 and lower only in blocks 28-29)
     "fdb blockwise n704 len512 1ep fused off64": ("fdb", "blockwise", MIDTEXT_STAGE1, {}, 704),
+    # the best row's stage 1 with each block's RMSNorm weights trained too (lr 1e-3, as "fdb blockwise n128 norms",
+    # which beat "fdb tuned blockwise n128" by 2.3%): the norm weights stay in full precision in every row, so the
+    # bits per weight do not change
+    "fdb blockwise n512 len512 1ep fused off64 norms": ("fdb", "blockwise", {**MIDTEXT_STAGE1, "train_norms": True},
+                                                        {}, 512),
+    # the best row's stage 1 with seed 1: the same windows in another order (BlockwiseConfig.seed); how far one
+    # setting spreads across seeds
+    "fdb blockwise n512 len512 1ep fused off64 s1": ("fdb", "blockwise", {**MIDTEXT_STAGE1, "seed": 1}, {}, 512),
 }
 # rows trained on teacher-written samples of another length than --gen-len's (row_pool)
 ROW_GEN_LEN = {"fdb blockwise n512 len512 1ep fused off64": 512, "fdb len512 off64 e2e150 w512 s0": 512,
-               "fdb blockwise n704 len512 1ep fused off64": 512}
+               "fdb blockwise n704 len512 1ep fused off64": 512, "fdb blockwise n512 len512 1ep fused off64 norms": 512,
+               "fdb blockwise n512 len512 1ep fused off64 s1": 512}
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
                                          "CPU minutes are not a budget figure",
@@ -217,7 +226,12 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
                                                           "4-5 (samples 513-704) were generated just before it, two "
                                                           "sets side by side; that is not in the row's CPU minutes. "
                                                           "Samples 1-512 are those of 'fdb blockwise n512 len512 1ep "
-                                                          "fused off64'"}
+                                                          "fused off64'",
+             "fdb blockwise n512 len512 1ep fused off64 norms": "ran alone on the machine, in one process, on the pool "
+                                                                "of 'fdb blockwise n512 len512 1ep fused off64' "
+                                                                "(cached)",
+             "fdb blockwise n512 len512 1ep fused off64 s1": "ran alone on the machine, in one process, on the pool of "
+                                                             "'fdb blockwise n512 len512 1ep fused off64' (cached)"}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
@@ -583,6 +597,10 @@ def plot(out, fig_dir="figures"):
                  ["fdb init", "fdb blockwise n512 len512 1ep fused off64", "fdb len512 off64 e2e150 w512 s0"],
              "FDB stage 1 alone, 704 samples of 512 tokens, windows from token 64 (fused AdamW)":
                  ["fdb init", "fdb blockwise n704 len512 1ep fused off64"],
+             "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64, RMSNorm weights trained too":
+                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64 norms"],
+             "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64, seed 1":
+                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64 s1"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
              "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
