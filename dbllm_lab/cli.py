@@ -100,7 +100,8 @@ def train_configs(args):
                          lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
                          inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, train_norms=args.bw_train_norms,
                          lr_norm=args.bw_lr_norm, seqlen=args.bw_seqlen,
-                         window_offset=args.bw_window_offset, seed=args.seed).validate()
+                         window_offset=args.bw_window_offset, min_lr_ratio=args.bw_min_lr_ratio,
+                         seed=args.seed).validate()
     return cfg, bw
 
 
@@ -249,6 +250,8 @@ def build_parser():
     p.add_argument("--bw-window-offset", type=int, default=bw.window_offset,
                    help="block-wise: join the samples into one stream and cut windows from this token on, so that "
                         "they start mid-sample (0: windows start where samples start)")
+    p.add_argument("--bw-min-lr-ratio", type=float, default=bw.min_lr_ratio,
+                   help="block-wise: each block's cosine decays to this fraction of the peak lrs")
     p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
     tc = TrainConfig()
     p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")

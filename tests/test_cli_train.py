@@ -32,6 +32,8 @@ def test_train_end_to_end_defaults_follow_the_stage():
     assert (both.train_norms, both.precision) == (False, "fp32")
     _, windows = train_configs(build_parser().parse_args(["train", "--bw-seqlen", "128", "--bw-window-offset", "64"]))
     assert (windows.seqlen, windows.window_offset, bw.window_offset) == (128, 64, 0)
+    _, decay = train_configs(build_parser().parse_args(["train", "--bw-min-lr-ratio", "0.01"]))
+    assert (decay.min_lr_ratio, bw.min_lr_ratio) == (0.01, 0.1)
 
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
@@ -39,7 +41,8 @@ def test_train_end_to_end_defaults_follow_the_stage():
                                         (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"),
                                         (["--e2e-n", "-4"], "--e2e-n -4"), (["--precision", "fp8"], "precision"),
                                         (["--lr-norm", "0"], "lr_norm"),
-                                        (["--bw-window-offset", "-3"], "window_offset=-3")])
+                                        (["--bw-window-offset", "-3"], "window_offset=-3"),
+                                        (["--bw-min-lr-ratio", "1.5"], "min_lr_ratio=1.5")])
 def test_train_bad_values_are_clear_errors(capsys, argv, match):
     assert main(["train"] + argv) == 2
     err = capsys.readouterr().err
