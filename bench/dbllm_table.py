@@ -178,12 +178,12 @@ ROWS = {
                                                              {}, 512),
 }
 # rows trained on teacher-written samples of another length than --gen-len's (row_pool)
+# stage-1 rows trained on the cached pool of "fdb blockwise n512 len512 1ep fused off64"
+CACHED_POOL_ROWS = ["fdb blockwise n512 len512 1ep fused off64 norms", "fdb blockwise n512 len512 1ep fused off64 s1",
+                    "fdb blockwise n512 len512 1ep fused off64 min0.01",
+                    "fdb blockwise n512 len512 1ep fused off64 min0.01 s1"]
 ROW_GEN_LEN = dict.fromkeys(["fdb blockwise n512 len512 1ep fused off64", "fdb len512 off64 e2e150 w512 s0",
-                             "fdb blockwise n704 len512 1ep fused off64",
-                             "fdb blockwise n512 len512 1ep fused off64 norms",
-                             "fdb blockwise n512 len512 1ep fused off64 s1",
-                             "fdb blockwise n512 len512 1ep fused off64 min0.01",
-                             "fdb blockwise n512 len512 1ep fused off64 min0.01 s1"], 512)
+                             "fdb blockwise n704 len512 1ep fused off64", *CACHED_POOL_ROWS], 512)
 # how a row was run, where that is not in its settings
 ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with 'fdb blockwise n64 w128' and tests, so its "
                                          "CPU minutes are not a budget figure",
@@ -241,12 +241,8 @@ ROW_NOTES = {"fdb blockwise n128 norms": "quality probe: shared the 2 cores with
                                                           "sets side by side; that is not in the row's CPU minutes. "
                                                           "Samples 1-512 are those of 'fdb blockwise n512 len512 1ep "
                                                           "fused off64'",
-             **dict.fromkeys(["fdb blockwise n512 len512 1ep fused off64 norms",
-                              "fdb blockwise n512 len512 1ep fused off64 s1",
-                              "fdb blockwise n512 len512 1ep fused off64 min0.01",
-                              "fdb blockwise n512 len512 1ep fused off64 min0.01 s1"],
-                             "ran alone on the machine, in one process, on the pool of 'fdb blockwise n512 len512 "
-                             "1ep fused off64' (cached)")}
+             **dict.fromkeys(CACHED_POOL_ROWS, "ran alone on the machine, in one process, on the pool of 'fdb "
+                                               "blockwise n512 len512 1ep fused off64' (cached)")}
 # rows measured by the previous version of this table (end-to-end only, 30 steps from the FDB init): kept
 CARRIED = ("fp", "rtn w2g64", "fdb init", "fdb+ce", "fdb+kd", "fdb+dad g=0", "fdb+dad g=0.5", "fdb+dad g=1")
 ORDER = CARRIED + ("uniform init",) + tuple(ROWS)
