@@ -176,12 +176,24 @@ ROWS = {
     "fdb blockwise n512 len512 1ep fused off64 min0.01 s1": ("fdb", "blockwise",
                                                              {**MIDTEXT_STAGE1, "min_lr_ratio": 0.01, "seed": 1},
                                                              {}, 512),
+    # the third seed of that setting (seed 2), to say whether its mean across seeds stays below 3x FP: 87.9 (3.03x FP)
+    # in 40.8 CPU-minutes, with per-block errors within 0.0028 of seed 0's; the three seeds average 86.8 (2.99x), 0.3
+    # below the bar
+    "fdb blockwise n512 len512 1ep fused off64 min0.01 s2": ("fdb", "blockwise",
+                                                             {**MIDTEXT_STAGE1, "min_lr_ratio": 0.01, "seed": 2},
+                                                             {}, 512),
+    # the uniform 2-bit grid (per-group step and zero) with exactly that stage 1 (seed 0): FDB against uniform at
+    # equal training on the best recipe
+    "uniform blockwise n512 len512 1ep fused off64 min0.01": ("uniform", "blockwise",
+                                                              {**MIDTEXT_STAGE1, "min_lr_ratio": 0.01}, {}, 512),
 }
 # rows trained on teacher-written samples of another length than --gen-len's (row_pool)
 # stage-1 rows trained on the cached pool of "fdb blockwise n512 len512 1ep fused off64"
 CACHED_POOL_ROWS = ["fdb blockwise n512 len512 1ep fused off64 norms", "fdb blockwise n512 len512 1ep fused off64 s1",
                     "fdb blockwise n512 len512 1ep fused off64 min0.01",
-                    "fdb blockwise n512 len512 1ep fused off64 min0.01 s1"]
+                    "fdb blockwise n512 len512 1ep fused off64 min0.01 s1",
+                    "fdb blockwise n512 len512 1ep fused off64 min0.01 s2",
+                    "uniform blockwise n512 len512 1ep fused off64 min0.01"]
 ROW_GEN_LEN = dict.fromkeys(["fdb blockwise n512 len512 1ep fused off64", "fdb len512 off64 e2e150 w512 s0",
                              "fdb blockwise n704 len512 1ep fused off64", *CACHED_POOL_ROWS], 512)
 # how a row was run, where that is not in its settings
@@ -616,9 +628,13 @@ def plot(out, fig_dir="figures"):
                  ["fdb init", "fdb blockwise n512 len512 1ep fused off64 min0.01"],
              "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64, lr decaying to 1% (seed 1)":
                  ["fdb init", "fdb blockwise n512 len512 1ep fused off64 min0.01 s1"],
+             "FDB stage 1 alone, 512 samples of 512 tokens, windows from token 64, lr decaying to 1% (seed 2)":
+                 ["fdb init", "fdb blockwise n512 len512 1ep fused off64 min0.01 s2"],
              "FDB end-to-end only (DAD)": ["fdb init", "fdb+dad g=0"],
              "uniform two-stage, first recipe (DAD)": ["uniform init", "uniform 2-stage dad s0"],
-             "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"]}
+             "uniform two-stage, tuned (DAD)": ["uniform init", "uniform tuned dad s0"],
+             "uniform stage 1 alone, 512 samples of 512 tokens, windows from token 64, lr decaying to 1% (seed 0)":
+                 ["uniform init", "uniform blockwise n512 len512 1ep fused off64 min0.01"]}
     pts = [{"path": k, "method": m, "train_cpu_minutes": rows[m].get("train_cpu_minutes") or 0.0, "ppl": rows[m]["ppl"]}
            for k, ms in paths.items() for m in ms if m in rows]
     curves = {"FDB two-stage, first recipe (DAD)": ("fdb 2-stage dad n16", "fdb 2-stage dad n32", "fdb 2-stage dad s0"),
