@@ -27,9 +27,10 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
+def save_quantized(model, path, base_model=None, scale_dtype=torch.float16, recipe=None):
     """Save the FDB layers of ``model`` (DualBinaryLinear or PackedDualBinaryLinear) into folder ``path``,
-    atomically (temp files + os.replace). Returns the header dict."""
+    atomically (temp files + os.replace); ``recipe``: how it was trained (a dict, kept in the header). Returns the
+    header dict."""
     from .model import norm_weights, quantizable_linears
     from .packed_linear import PackedDualBinaryLinear
     tensors, layers, group_size = {}, [], None
@@ -54,7 +55,7 @@ def save_quantized(model, path, base_model=None, scale_dtype=torch.float16):
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": "fdb", "bits": 2,
               "group_size": group_size, "scale_dtype": str(scale_dtype).replace("torch.", ""),
               "base_model": base_model or getattr(model, "name_or_path", None), "layers": layers,
-              "norms": list(norms),
+              "norms": list(norms), "recipe": recipe,
               "sha256": _sha256(tmp)}
     os.replace(tmp, os.path.join(path, WEIGHTS))
     with open(os.path.join(path, HEADER + ".tmp"), "w") as f:

@@ -4,7 +4,8 @@
     dbllm-lab quantize --method fdb --group-size 64 --init clip --out ckpt/ [--eval]
     dbllm-lab eval-ppl --checkpoint ckpt/ ...
     dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
-    dbllm-lab train --stage both --loss dad --out-dir checkpoints/dad [--eval]   # block-wise, then end-to-end
+    dbllm-lab recipes                                                # the named training recipes
+    dbllm-lab train --recipe best --save build/models/best [--seed S] [--eval]   # text, stage 1 [, stage 2]
     dbllm-lab eval-zeroshot --tasks piqa,arc_easy --limit 100 [--checkpoint ckpt/] [--out zs.json]  # lm-eval
     dbllm-lab generate --checkpoint ckpt/ --prompt "The capital of France is" --max-new-tokens 64 [--backend cpu]
 """
@@ -72,74 +73,98 @@ def cmd_quantize(args):
 
 
 def cmd_generate_data(args):
-    from .datafree import generate_samples
+    from .datafree import teacher_text
     from .model import load_model
     model, tok = load_model(args.model, dtype=args.dtype)
-    data = generate_samples(model, tok, args.n, args.gen_len, seed=args.seed, batch_size=args.batch_size,
-                            cache_dir=args.cache_dir)
+    data = teacher_text(model, tok, args.n, args.gen_len, seed=args.seed, set_size=args.set_size,
+                        cache_dir=args.cache_dir)
     print(f"{tuple(data.shape)} teacher-generated tokens cached under {args.cache_dir}")
     return data
 
 
-def train_configs(args):
-    """(TrainConfig, BlockwiseConfig) of ``dbllm-lab train``: unset end-to-end options take TrainConfig's defaults,
-    or ``train.AFTER_STAGE1`` with ``--stage both``."""
-    from .blockwise import BlockwiseConfig
-    from .train import AFTER_STAGE1, STAGES, TrainConfig
-    if args.stage not in STAGES:
-        raise ValueError(f"--stage {args.stage!r} is not supported; use one of {STAGES}")
-    e2e = {**vars(TrainConfig()), **(AFTER_STAGE1 if args.stage == "both" else {})}
-    cfg = TrainConfig(loss=args.loss, gamma=args.gamma, steps=args.steps, seqlen=args.train_seqlen,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      lr=e2e["lr"] if args.lr is None else args.lr,
-                      lr_latent=e2e["lr_latent"] if args.lr_latent is None else args.lr_latent,
-                      train_latent=args.train_latent or e2e["train_latent"], warmup=args.warmup, seed=args.seed,
-                      train_norms=args.train_norms, lr_norm=args.lr_norm, precision=args.precision,
-                      ckpt_every=args.ckpt_every).validate()
-    bw = BlockwiseConfig(epochs=args.bw_epochs, batch_size=args.bw_batch_size, lr=args.bw_lr,
-                         lr_latent=args.bw_lr_latent, train_latent=not args.bw_scales_only, loss=args.bw_loss,
-                         inputs=args.bw_inputs, stats_samples=args.bw_stats_samples, train_norms=args.bw_train_norms,
-                         lr_norm=args.bw_lr_norm, seqlen=args.bw_seqlen,
-                         window_offset=args.bw_window_offset, min_lr_ratio=args.bw_min_lr_ratio,
-                         seed=args.seed).validate()
-    return cfg, bw
+# `dbllm-lab train` flags that set a recipe field: {flag dest: (recipe section, field)}; "" is the top level
+BW_FLAGS = ("epochs", "batch_size", "lr", "lr_latent", "train_latent", "loss", "inputs", "stats_samples",
+            "train_norms", "lr_norm", "seqlen", "window_offset", "min_lr_ratio")
+E2E_FLAGS = ("loss", "gamma", "steps", "seqlen", "batch_size", "grad_accum", "lr", "lr_latent", "train_latent",
+             "train_norms", "lr_norm", "precision", "warmup", "ckpt_every")
+TRAIN_FLAGS = {"quant": ("", "quant"), "stage": ("", "stage"), "init": ("", "init"), "n": ("text", "samples"),
+               "gen_len": ("text", "tokens"), **{f"bw_{f}": ("blockwise", f) for f in BW_FLAGS},
+               **{("train_seqlen" if f == "seqlen" else f): ("e2e", f) for f in E2E_FLAGS}}
 
 
-def cmd_train(args):
-    """Two-stage training of a W2 student (FDB or the learnable uniform grid) against the FP teacher:
-    --stage blockwise (block-wise reconstruction), e2e (end-to-end DAD / KD / CE) or both."""
-    import json
-    from .datafree import corpus_samples, generate_samples
-    from .model import load_model
-    from .train import freeze_quantized, train_two_stage
-    cfg, bw = train_configs(args)
+def train_recipe_of(args):
+    """The recipe ``dbllm-lab train`` runs: ``--recipe``'s, with every flag the user gave in its place."""
+    from .recipes import recipe
+    r = recipe(args.recipe)
+    for dest, (section, key) in TRAIN_FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            (r[section] if section else r)[key] = v
     for key in ("n", "e2e_n"):
         v = getattr(args, key)
         if v is not None and (isinstance(v, bool) or v <= 0):
             raise ValueError(f"--{key.replace('_', '-')} {v!r} must be a positive number of training samples")
-    n_all = max(args.n, args.e2e_n or 0)  # stage 1 takes the first --n samples, stage 2 the first --e2e-n
+    return r
+
+
+def cmd_train(args):
+    """A W2 student (FDB or the uniform grid) trained against the FP teacher by a named recipe, data generation
+    included: block-wise reconstruction and/or end-to-end DAD / KD / CE. Resumable from --out-dir."""
+    import json
+    import os
+
+    import torch
+    from .run_recipe import configs, train_recipe
+    from .train import freeze_quantized
+    r = train_recipe_of(args)
+    configs(r, args.seed)  # bad values fail before the model loads
+    if args.save and r["quant"] != "fdb":
+        raise ValueError(f"--save stores FDB students only (the packed dual-bit-plane format); quant={r['quant']!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = args.out_dir or os.path.join("build", "runs", f"{args.recipe}-s{args.seed}")
+    from .model import load_model
     teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.train_text:
-        data = corpus_samples(tok, n_all, args.gen_len, path=args.train_text, seed=args.seed)
-    else:
-        data = generate_samples(teacher, tok, n_all, args.gen_len, seed=args.seed, cache_dir=args.cache_dir)
-    calib = data[:args.n].reshape(-1, cfg.seqlen)[:args.calib_windows] if args.init == "gptq" else None
-    student, info = train_two_stage(teacher, data[:args.n], stage=args.stage, quant=args.quant, blockwise=bw,
-                                    config=cfg, out_dir=args.out_dir, init=args.init, group_size=args.group_size,
-                                    calib_windows=calib, device=args.device,
-                                    e2e_data=data[:args.e2e_n] if args.e2e_n else None)
-    summary = {k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}
-    summary.update(stage=args.stage, quant=args.quant, out_dir=args.out_dir)
+    student, info = train_recipe(teacher, tok, r, seed=args.seed, out_dir=out_dir, device=args.device,
+                                 cache_dir=args.cache_dir, group_size=args.group_size, e2e_samples=args.e2e_n)
+    summary = {"recipe": args.recipe, "seed": args.seed, "settings": r, "threads": torch.get_num_threads(),
+               "out_dir": out_dir, **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}}
     if args.save:
         from .checkpoint import save_quantized
-        save_quantized(student, args.save)
+        save_quantized(student, args.save, recipe={"name": args.recipe, "seed": args.seed, **r})
         summary["packed_checkpoint"] = args.save
     if args.eval:
         from .ppl import perplexity
-        summary["ppl"] = perplexity(freeze_quantized(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
-                                    data_dir=args.data_dir).ppl
-    print(json.dumps(summary, indent=2))
+        res = perplexity(freeze_quantized(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
+                         data_dir=args.data_dir)
+        summary.update(ppl=res.ppl, ppl_dev=res.ppl_dev, ppl_heldout=res.ppl_heldout, eval_windows=res.windows)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
+    print(f"CPU-minutes: generation {info['generation_cpu_minutes']}"
+          f"{' (text read from the cache)' if info['text_from_cache'] else ''}, init {info['init_cpu_minutes']}, "
+          f"stage 1 {info['stage1_cpu_minutes']}, stage 2 {info['stage2_cpu_minutes']}; "
+          f"total {info['total_cpu_minutes']}")
     return summary
+
+
+def cmd_recipes(args):
+    """Each recipe, its purpose and its last measured result (bench/results/recipe_table.json)."""
+    import json
+    import os
+    from .paths import root
+    from .recipes import RECIPES
+    path = os.path.join(root(), "bench", "results", "recipe_table.json")
+    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    for name, r in RECIPES.items():
+        mine = [x for x in rows if x["recipe"] == name and x.get("ppl_heldout")]
+        last = "not measured yet"
+        if mine:
+            x = mine[-1]
+            last = (f"held-out PPL {x['ppl_heldout']:.1f} (dev {x['ppl_dev']:.1f}), seed {x['seed']}, "
+                    f"{x['total_cpu_minutes']:.1f} CPU-min incl. text; {len(mine)} seed(s) measured")
+        print(f"{name:14s} {r['purpose']}\n{'':14s} last: {last}")
+    return RECIPES
 
 
 def cmd_eval_zeroshot(args):
@@ -183,7 +208,9 @@ def cmd_generate(args):
 
 def build_parser():
     from .blockwise import BlockwiseConfig
-    from .train import AFTER_STAGE1, TrainConfig
+    from .datafree import DEFAULT_CACHE
+    from .recipes import RECIPES
+    from .train import TrainConfig
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -223,69 +250,44 @@ def build_parser():
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--gen-len", type=int, default=256, help="tokens per sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--cache-dir", default="data/generated")
+    p.add_argument("--set-size", type=int, default=128, help="samples per seeded set (datafree.teacher_text)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.set_defaults(func=cmd_generate_data)
 
-    p = sub.add_parser("train", help="W2 student (FDB or uniform) trained against the FP teacher: block-wise "
-                                     "reconstruction, then end-to-end DAD / KD / CE")
+    p = sub.add_parser("train", help="a W2 student trained by a named recipe (`dbllm-lab recipes`), text included; "
+                                     "flags override the recipe")
     common(p)
-    p.add_argument("--stage", default="both", help="blockwise, e2e or both (block-wise first)")
-    p.add_argument("--quant", default="fdb", help="fdb (dual binarization) or uniform (learnable 2-bit grid)")
+    p.add_argument("--recipe", default="quick", choices=list(RECIPES), help="a named recipe (default: quick)")
+    p.add_argument("--seed", type=int, default=0, help="training text and training order")
+    p.add_argument("--save", default=None, help="folder for the trained student as a packed model folder")
+    p.add_argument("--out-dir", default=None, help="checkpoints and result.json; an existing run there resumes "
+                                                   "(default build/runs/RECIPE-sSEED)")
+    p.add_argument("--eval", action="store_true", help="WikiText-2 PPL afterwards: dev, held-out and full")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    bw = BlockwiseConfig()
-    p.add_argument("--bw-epochs", type=int, default=bw.epochs, help="block-wise: passes over the samples per block")
-    p.add_argument("--bw-batch-size", type=int, default=bw.batch_size)
-    p.add_argument("--bw-lr", type=float, default=bw.lr, help="block-wise: peak lr of the quantizer scales")
-    p.add_argument("--bw-lr-latent", type=float, default=bw.lr_latent, help="block-wise: peak lr of the latent weights")
-    p.add_argument("--bw-scales-only", action="store_true", help="block-wise: train only the scales")
-    p.add_argument("--bw-loss", default=bw.loss, help="block-wise loss: split (default), relative or mse")
-    p.add_argument("--bw-inputs", default=bw.inputs, help="block-wise inputs: quant (default) or fp")
-    p.add_argument("--bw-stats-samples", type=int, default=bw.stats_samples,
-                   help="block-wise: per-block error statistics on the first N samples (0: all)")
-    p.add_argument("--bw-train-norms", action="store_true", help="block-wise: also train each block's RMSNorm weights")
-    p.add_argument("--bw-lr-norm", type=float, default=bw.lr_norm, help="block-wise: peak lr of the norm weights")
-    p.add_argument("--bw-seqlen", type=int, default=bw.seqlen,
-                   help="block-wise: cut samples into windows of this many tokens (0: whole samples)")
-    p.add_argument("--bw-window-offset", type=int, default=bw.window_offset,
-                   help="block-wise: join the samples into one stream and cut windows from this token on, so that "
-                        "they start mid-sample (0: windows start where samples start)")
-    p.add_argument("--bw-min-lr-ratio", type=float, default=bw.min_lr_ratio,
-                   help="block-wise: each block's cosine decays to this fraction of the peak lrs")
-    p.add_argument("--save", default=None, help="folder for the trained student's packed checkpoint (fdb only)")
-    tc = TrainConfig()
-    p.add_argument("--loss", default=tc.loss, help="end-to-end loss: dad, kd or ce")
-    p.add_argument("--gamma", type=float, default=tc.gamma, help="DAD gamma in [0, 1]")
-    p.add_argument("--steps", type=int, default=tc.steps, help="end-to-end optimiser steps")
-    p.add_argument("--train-seqlen", type=int, default=tc.seqlen)
-    p.add_argument("--batch-size", type=int, default=tc.batch_size)
-    p.add_argument("--grad-accum", type=int, default=tc.grad_accum)
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"end-to-end: peak lr of the quantizer scales (default {tc.lr}; {AFTER_STAGE1['lr']} after "
-                        f"stage 1, --stage both)")
-    p.add_argument("--lr-latent", type=float, default=None,
-                   help=f"end-to-end: peak lr of the latent weights (default {tc.lr_latent}; "
-                        f"{AFTER_STAGE1['lr_latent']} with --stage both)")
-    p.add_argument("--train-latent", action="store_true",
-                   help="end-to-end: also train the latent weights (STE); always on with --stage both")
-    p.add_argument("--train-norms", action="store_true",
-                   help="end-to-end: also train the RMSNorm weights (full precision; stored in the packed checkpoint)")
-    p.add_argument("--lr-norm", type=float, default=tc.lr_norm, help="end-to-end: peak lr of the norm weights")
-    p.add_argument("--precision", default=tc.precision, help="end-to-end forward passes: fp32 or bf16 (autocast)")
-    p.add_argument("--warmup", type=int, default=tc.warmup)
-    p.add_argument("--seed", type=int, default=tc.seed)
-    p.add_argument("--init", default="clip", help="FDB init: clip, gptq (on the training text) or minmax")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-windows", type=int, default=16)
-    p.add_argument("--n", type=int, default=64, help="training samples")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--group-size", type=int, default=None, help="weights per scale group (default: the method's)")
     p.add_argument("--e2e-n", type=int, default=None, help="samples of the end-to-end stage (default: --n)")
-    p.add_argument("--gen-len", type=int, default=256, help="tokens per training sample")
-    p.add_argument("--train-text", default=None, help="train on this text file instead of generated text")
-    p.add_argument("--cache-dir", default="data/generated")
-    p.add_argument("--out-dir", default=None, help="checkpoints + loss curve; an existing run there resumes")
-    p.add_argument("--ckpt-every", type=int, default=tc.ckpt_every)
-    p.add_argument("--eval", action="store_true", help="WikiText-2 perplexity afterwards")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the teacher-written text is cached")
+    r = "the recipe's"
+    p.add_argument("--quant", default=None, help=f"fdb or uniform (default: {r})")
+    p.add_argument("--stage", default=None, help=f"blockwise, e2e or both (default: {r})")
+    p.add_argument("--init", default=None, help=f"FDB init: clip, gptq or minmax (default: {r})")
+    p.add_argument("--n", type=int, default=None, help=f"training samples (default: {r})")
+    p.add_argument("--gen-len", type=int, default=None, help=f"tokens per training sample (default: {r})")
+    for prefix, cls, names in (("bw-", BlockwiseConfig, BW_FLAGS), ("", TrainConfig, E2E_FLAGS)):
+        stage = "block-wise" if prefix else "end-to-end"
+        for f in names:
+            default = getattr(cls(), f)
+            flag = "--" + prefix + ("train-seqlen" if (f, prefix) == ("seqlen", "") else f.replace("_", "-"))
+            help_ = f"{stage} {f} (default: {r}, else {default!r})"
+            if isinstance(default, bool):
+                p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                p.add_argument(flag, type=type(default), default=None, help=help_)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="the named training recipes and their last measured results")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-evaluation-harness on local task files")
     p.add_argument("--model", default=None, help="HF id, local folder or .gguf; default: embedded SmolLM2-135M")

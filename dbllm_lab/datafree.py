@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .paths import root
 
 DEFAULT_CACHE = os.path.join(root(), "data", "generated")  # the project's data/generated, wherever run from
+GREEDY_TOKENS, TEMPERATURE = 4, 1.0  # method.md §3: a few greedy tokens, then sampling at temperature 1
 
 
 def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature):
@@ -57,13 +58,15 @@ def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
     return torch.cat(out, 1)
 
 
-def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=32, cache_dir=DEFAULT_CACHE,
-                     greedy_tokens=4, temperature=1.0, progress=True):
+def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=64, cache_dir=DEFAULT_CACHE,
+                     greedy_tokens=None, temperature=None, progress=True):
     """``n`` teacher-written samples of ``seqlen`` tokens as a LongTensor (n, seqlen), cached on disk.
 
     ``tokenizer`` is only used for its vocabulary size (start tokens avoid ids beyond it); ``cache_dir=None``
     disables the cache.
     """
+    greedy_tokens = GREEDY_TOKENS if greedy_tokens is None else greedy_tokens
+    temperature = TEMPERATURE if temperature is None else temperature
     _check(n, seqlen, greedy_tokens, temperature, batch_size)
     path = _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature) if cache_dir else None
     if path and os.path.isfile(path):
@@ -90,6 +93,30 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=32, cache_d
         torch.save(data, path + ".tmp")
         os.replace(path + ".tmp", path)
     return data
+
+
+SEED_STRIDE = 1000  # set k of text seed s is generated with seed s * SEED_STRIDE + k
+
+
+def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, progress=True):
+    """A recipe's training text: the first ``samples`` samples of ``tokens`` tokens from sets of ``set_size``
+    (``generate_samples``, each cached), set k generated with seed ``seed * SEED_STRIDE + k``. A larger pool extends
+    a smaller one of the same seed; seed 0 with sets of 128 is the pool of the committed table rows."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31 // SEED_STRIDE:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, {2 ** 31 // SEED_STRIDE})")
+    _check(samples, tokens, 0, 1.0, set_size)
+    sets = -(-samples // set_size)
+    if sets > SEED_STRIDE:
+        raise ValueError(f"samples={samples} needs {sets} sets of {set_size}; at most {SEED_STRIDE} are allowed")
+    return torch.cat([generate_samples(model, tokenizer, set_size, tokens, seed=seed * SEED_STRIDE + k,
+                                       cache_dir=cache_dir, progress=progress) for k in range(sets)])[:samples]
+
+
+def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE):
+    """Whether every set ``teacher_text`` would read is already in the cache (then its generation costs nothing)."""
+    sets = -(-samples // set_size)
+    return bool(cache_dir) and all(os.path.isfile(_cache_path(cache_dir, model, set_size, tokens, seed * SEED_STRIDE + k,
+                                                              GREEDY_TOKENS, TEMPERATURE)) for k in range(sets))
 
 
 def corpus_samples(tokenizer, n, seqlen, text=None, path=None, dataset=None, split="train", data_dir=None, seed=0):

@@ -6,39 +6,64 @@ from dbllm_lab.cli import build_parser, main
 
 def test_train_arguments():
     a = build_parser().parse_args(["train", "--loss", "kd", "--steps", "7", "--train-latent", "--gamma", "0.5"])
-    assert (a.loss, a.steps, a.train_latent, a.gamma, a.init) == ("kd", 7, True, 0.5, "clip")
+    assert (a.loss, a.steps, a.train_latent, a.gamma, a.recipe) == ("kd", 7, True, 0.5, "quick")
     assert a.func.__name__ == "cmd_train"
     g = build_parser().parse_args(["generate-data", "--n", "3", "--gen-len", "9"])
     assert (g.n, g.gen_len, g.func.__name__) == (3, 9, "cmd_generate_data")
 
 
-def test_train_end_to_end_defaults_follow_the_stage():
-    """--stage both: unset end-to-end options take train.AFTER_STAGE1 (an lr of 1e-2 undoes a good stage 1);
-    --stage e2e: TrainConfig's; explicit values win in both."""
+def test_train_takes_the_recipe_and_flags_override_it():
+    """--recipe sets every setting; an explicit flag wins; anything neither sets is the dataclass default."""
     from dbllm_lab.blockwise import BlockwiseConfig
-    from dbllm_lab.cli import train_configs
-    from dbllm_lab.train import AFTER_STAGE1, TrainConfig
-    both, bw = train_configs(build_parser().parse_args(["train"]))
-    assert (both.lr, both.lr_latent, both.train_latent) == (AFTER_STAGE1["lr"], AFTER_STAGE1["lr_latent"], True)
-    assert (bw.batch_size, bw.lr_latent) == (BlockwiseConfig().batch_size, BlockwiseConfig().lr_latent)
-    e2e, _ = train_configs(build_parser().parse_args(["train", "--stage", "e2e"]))
-    tc = TrainConfig()
-    assert (e2e.lr, e2e.lr_latent, e2e.train_latent) == (tc.lr, tc.lr_latent, False)
-    mine, _ = train_configs(build_parser().parse_args(["train", "--lr", "3e-3", "--lr-latent", "2e-5"]))
-    assert (mine.lr, mine.lr_latent) == (3e-3, 2e-5)
-    extra, _ = train_configs(build_parser().parse_args(["train", "--train-norms", "--lr-norm", "5e-4",
-                                                        "--precision", "bf16"]))
-    assert (extra.train_norms, extra.lr_norm, extra.precision) == (True, 5e-4, "bf16")
-    assert (both.train_norms, both.precision) == (False, "fp32")
-    _, windows = train_configs(build_parser().parse_args(["train", "--bw-seqlen", "128", "--bw-window-offset", "64"]))
-    assert (windows.seqlen, windows.window_offset, bw.window_offset) == (128, 64, 0)
-    _, decay = train_configs(build_parser().parse_args(["train", "--bw-min-lr-ratio", "0.01"]))
-    assert (decay.min_lr_ratio, bw.min_lr_ratio) == (0.01, 0.1)
+    from dbllm_lab.cli import train_recipe_of
+    from dbllm_lab.recipes import RECIPES
+    from dbllm_lab.run_recipe import configs
+    r = train_recipe_of(build_parser().parse_args(["train", "--recipe", "best"]))
+    assert r == RECIPES["best"]
+    bw, cfg = configs(r, seed=3)
+    assert (bw.epochs, bw.window_offset, bw.min_lr_ratio, bw.stats_samples, bw.seed) == (1, 64, 0.01, 64, 3)
+    assert (bw.batch_size, bw.lr_latent, bw.lr) == (BlockwiseConfig.batch_size, BlockwiseConfig.lr_latent,
+                                                     BlockwiseConfig.lr)
+    assert (r["text"]["samples"], r["text"]["tokens"], r["quant"], r["stage"]) == (512, 512, "fdb", "blockwise")
+    mine = train_recipe_of(build_parser().parse_args(
+        ["train", "--recipe", "best", "--bw-min-lr-ratio", "0.1", "--n", "64", "--quant", "uniform", "--lr", "3e-3",
+         "--no-bw-train-latent", "--train-seqlen", "256"]))
+    assert (mine["blockwise"]["min_lr_ratio"], mine["text"]["samples"], mine["quant"]) == (0.1, 64, "uniform")
+    assert (mine["e2e"]["lr"], mine["blockwise"]["train_latent"], mine["e2e"]["seqlen"]) == (3e-3, False, 256)
+    assert RECIPES["best"]["blockwise"]["min_lr_ratio"] == 0.01  # the recipe itself is not edited
+
+
+def test_best_recipe_is_the_committed_best_row():
+    """`best` with seed 0 is the committed row 'fdb blockwise n512 len512 1ep fused off64 min0.01': the same
+    block-wise settings and the same text (sets of 128 samples of 512 tokens with generation seeds 0-3)."""
+    import json
+
+    from dbllm_lab.datafree import SEED_STRIDE
+    from dbllm_lab.recipes import recipe
+    from dbllm_lab.run_recipe import configs
+    from dbllm_lab.paths import root
+    with open(f"{root()}/bench/results/dbllm_table.json") as f:
+        table = json.load(f)
+    s = table["settings"]
+    row = s["rows"]["fdb blockwise n512 len512 1ep fused off64 min0.01"]
+    committed = {**s["blockwise_base"], **row["blockwise"]}
+    bw, _ = configs(recipe("best"), seed=0)
+    assert {k: getattr(bw, k) for k in committed} == committed
+    assert (row["samples"], s["data_generation"]["set_size"], SEED_STRIDE * 0) == (512, 128, 0)
+    assert recipe("best")["text"] == {"samples": 512, "tokens": 512, "set_size": 128}
+
+
+def test_recipes_command_lists_every_recipe(capsys):
+    from dbllm_lab.recipes import RECIPES
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name, r in RECIPES.items():
+        assert f"{name} " in out and r["purpose"] in out
 
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
                                         (["--steps", "0"], "steps"), (["--loss", "mse"], "loss"),
-                                        (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"),
+                                        (["--lr", "0"], "lr"), (["--n", "0"], "--n 0"), (["--recipe", "best-uniform", "--save", "x"], "FDB students only"),
                                         (["--e2e-n", "-4"], "--e2e-n -4"), (["--precision", "fp8"], "precision"),
                                         (["--lr-norm", "0"], "lr_norm"),
                                         (["--bw-window-offset", "-3"], "window_offset=-3"),

@@ -1,0 +1,65 @@
+"""Named training recipes: small plain-literal presets, as nanoGPT's ``config/`` files.
+
+A recipe says everything ``dbllm-lab train --recipe NAME`` needs to build a W2 student end to end:
+
+- ``quant``: "fdb" (dual binarization) or "uniform" (the learnable uniform 2-bit grid); ``init``: FDB's init;
+- ``stage``: "blockwise" (stage 1 alone), "e2e" (end-to-end alone) or "both" (block-wise, then end to end);
+- ``text``: the teacher-written training text (method.md §3): ``samples`` of ``tokens`` tokens, generated in sets
+  of ``set_size`` samples, set k of seed s with generation seed ``s * 1000 + k`` (``datafree.teacher_text``), so a
+  seed changes the text as well as the training order, and seed 0 is the pool the committed table rows used;
+- ``blockwise`` / ``e2e``: overrides of ``BlockwiseConfig`` / ``TrainConfig`` fields (their defaults otherwise);
+- ``purpose``: one line for ``dbllm-lab recipes``; ``result``: the recipe name the results JSON files its rows under.
+
+Anything unset takes the one default of its dataclass field. Explicit command-line flags override a recipe.
+"""
+from copy import deepcopy
+
+# the best stage 1 measured (docs/findings.md): one pass over 512 teacher-written samples of 512 tokens, windows cut
+# from token 64 of the joined stream (they start mid-text, as evaluation windows do), batch 1, cosine to 1% of peak
+BEST_STAGE1 = {"epochs": 1, "stats_samples": 64, "window_offset": 64, "min_lr_ratio": 0.01}
+BEST_TEXT = {"samples": 512, "tokens": 512, "set_size": 128}
+
+RECIPES = {
+    "best": {
+        "purpose": "the best measured 2-bit model: FDB W2g64, stage 1 alone on 512 x 512 teacher tokens (~90 CPU-min)",
+        "quant": "fdb", "init": "clip", "stage": "blockwise",
+        "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
+    },
+    "best-uniform": {
+        "purpose": "the learnable uniform 2-bit grid (2.28 bits) with exactly best's stage 1 and text",
+        "quant": "uniform", "init": "clip", "stage": "blockwise",
+        "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
+    },
+    "best+dad": {
+        "purpose": "best's stage 1, then 150 gentle end-to-end DAD steps on 512-token windows",
+        "quant": "fdb", "init": "clip", "stage": "both",
+        "text": BEST_TEXT, "blockwise": BEST_STAGE1,
+        "e2e": {"loss": "dad", "steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_latent": 5e-5,
+                "train_latent": True, "warmup": 15},
+    },
+    "best+kd": {
+        "purpose": "as best+dad with plain KD (KL to the teacher) as the end-to-end loss",
+        "quant": "fdb", "init": "clip", "stage": "both",
+        "text": BEST_TEXT, "blockwise": BEST_STAGE1,
+        "e2e": {"loss": "kd", "steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_latent": 5e-5,
+                "train_latent": True, "warmup": 15},
+    },
+    "paper": {
+        "purpose": "the paper's recipe (method.md): end-to-end DAD from the FDB init, scales only, no stage 1",
+        "quant": "fdb", "init": "clip", "stage": "e2e",
+        "text": {"samples": 64, "tokens": 256, "set_size": 64}, "blockwise": {}, "e2e": {"loss": "dad"},
+    },
+    "quick": {
+        "purpose": "a few-minute two-stage run for CI and quick notebooks (a toy: far from best's quality)",
+        "quant": "fdb", "init": "clip", "stage": "both",
+        "text": {"samples": 8, "tokens": 128, "set_size": 8},
+        "blockwise": {"epochs": 1}, "e2e": {"steps": 8, "lr": 2e-4, "lr_latent": 1e-4, "train_latent": True},
+    },
+}
+
+
+def recipe(name):
+    """A copy of recipe ``name`` (so callers may edit it); a clear error names the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r} is not known; recipes: {sorted(RECIPES)}")
+    return deepcopy(RECIPES[name])

@@ -1,0 +1,46 @@
+"""One recipe, end to end: the teacher writes the training text, then the two-stage training runs.
+
+``train_recipe`` is what ``dbllm-lab train --recipe NAME`` and ``bench/recipe_table.py`` both call, so a table row
+and a user's run are the same computation. Its budget counts the training text too: CPU-minutes (process time, all
+threads) of generation, of building the W2 student, of stage 1 and of stage 2, and their total.
+"""
+import os
+import time
+
+from .blockwise import BlockwiseConfig
+from .datafree import DEFAULT_CACHE, text_is_cached, teacher_text
+from .quantize import METHODS
+from .train import TrainConfig, train_two_stage
+
+
+def configs(r, seed=0):
+    """(BlockwiseConfig, TrainConfig) of recipe dict ``r`` with ``seed`` (the training order of both stages)."""
+    return (BlockwiseConfig(**{**r["blockwise"], "seed": seed}).validate(),
+            TrainConfig(**{**r["e2e"], "seed": seed}).validate())
+
+
+def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cache_dir=DEFAULT_CACHE,
+                 group_size=None, e2e_samples=None, progress=True):
+    """Train recipe dict ``r`` (``recipes.recipe(name)``, possibly edited) with ``seed``; returns (student, info).
+
+    ``out_dir``: checkpoints of both stages (an existing run there resumes). ``group_size``: default the method
+    registry's. ``e2e_samples``: samples of the end-to-end stage (default: the recipe's ``text.samples``)."""
+    bw, cfg = configs(r, seed)
+    t = r["text"]
+    n_all = max(t["samples"], e2e_samples or 0)
+    cached = text_is_cached(teacher, n_all, t["tokens"], seed, t["set_size"], cache_dir)
+    c0 = time.process_time()
+    data = teacher_text(teacher, tokenizer, n_all, t["tokens"], seed=seed, set_size=t["set_size"],
+                        cache_dir=cache_dir, progress=progress)
+    generation = round((time.process_time() - c0) / 60, 2)
+    group_size = METHODS[r["quant"]].group_size if group_size is None else group_size
+    calib = data[:t["samples"]].reshape(-1, cfg.seqlen)[:16] if r["init"] == "gptq" else None
+    student, info = train_two_stage(teacher, data[:t["samples"]], stage=r["stage"], quant=r["quant"], blockwise=bw,
+                                    config=cfg, out_dir=out_dir, init=r["init"], group_size=group_size,
+                                    calib_windows=calib, device=device, progress=progress,
+                                    e2e_data=data[:e2e_samples] if e2e_samples else None)
+    info.update(generation_cpu_minutes=generation, text_from_cache=cached, group_size=group_size,
+                total_cpu_minutes=round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    return student, info
