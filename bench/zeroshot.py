@@ -1,25 +1,28 @@
 """Zero-shot accuracy table (the papers' second table): PIQA, ARC-Easy, ARC-Challenge, HellaSwag and WinoGrande
-through lm-evaluation-harness (``dbllm_lab.zeroshot``: lm-eval's HFLM and its own task definitions on local
-JSON Lines files), for FP, RTN W2g64, FDB init (clip), ARB-RC, and any packed checkpoint given with --checkpoint.
-Writes bench/results/zeroshot.json (+ .md); resumable row by row, and several invocations with different --only
-may run at once (rows are merged into the file under a lock on its folder).
+through lm-evaluation-harness (``dbllm_lab.zeroshot``: lm-eval's HFLM and its own task definitions on the shipped
+data/zeroshot files, or --data-dir), for FP, RTN W2g64, FDB init (clip), ARB-RC, and any packed checkpoint given
+with --checkpoint. Writes bench/results/zeroshot.json (+ .md); resumable row by row, and several invocations with
+different --only may run at once (rows are merged into the file under a lock on its folder).
 
-    python bench/zeroshot.py --data-dir DIR [--limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
-    python bench/zeroshot.py --data-dir DIR --checkpoint "fdb+dad=ckpt/dad" --checkpoint "fdb+kd=ckpt/kd"
+    python bench/zeroshot.py [--docs 1000 | --limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
+    python bench/zeroshot.py --only --checkpoint "best s0=build/models/best"
 
-Trained rows (best FDB+DAD, KD at the same budget) come from packed checkpoints: train with
-``dbllm-lab train ... --save DIR`` (or ``dbllm_lab.checkpoint.save_quantized(student, DIR)``) and pass
-``--checkpoint NAME=DIR``; the row is named NAME.
+Trained rows come from packed checkpoints (``dbllm-lab train ... --save DIR``): ``--checkpoint NAME=DIR`` adds a
+row named NAME. Its packed layers are dequantized once into dense ``nn.Linear`` weights for scoring
+(``zeroshot.dense_weights``: the same w_hat, torch's matmul instead of the bit-plane kernel, which is slower here).
 
-Quick mode (the default, ``--limit N``) scores the first N documents of each task; every row records its limit and
-the table says "first N" beside the numbers. ``--full`` scores the full splits (PIQA 1,838, ARC-Easy 2,376,
-ARC-Challenge 1,172, HellaSwag 10,042, WinoGrande 1,267 documents). Each row records the CPU time of quantizing
-and of evaluating it. The mean is over the five tasks' ``acc`` (lm-eval's unnormalised accuracy, the one every
-task reports); ``mean_acc_norm`` uses acc_norm where the task has it (all but WinoGrande).
+Sizes: ``--docs N`` (the default, N = 1000, "at size" in issue 35) scores the first N documents of each task and
+takes a split whole where it holds under 1.5 N rows (ARC-Challenge 1,172 and WinoGrande 1,267); ``--limit N``
+scores the first N of every task (quick mode); ``--full`` the full splits (PIQA 1,838, ARC-Easy 2,376,
+ARC-Challenge 1,172, HellaSwag 10,042, WinoGrande 1,267). Every row records its documents per task (``n``), each
+accuracy's standard error, the chance level of the scored documents, and which cells lie within 2 standard errors
+of chance; the CPU time of quantizing and of evaluating. The mean is over the five tasks' ``acc``;
+``mean_acc_norm`` uses acc_norm where the task has it (all but WinoGrande).
 """
 import argparse
 import copy
 import fcntl
+import json
 import os
 import resource
 import sys
@@ -47,11 +50,28 @@ def pct(x):
     return None if x is None else round(100 * x, 2)
 
 
+def docs_label(tasks):
+    """'1000 / 1000 / 1172 / 1000 / 1267 (whole: arc_challenge, winogrande)': documents scored per task."""
+    whole = [t for t, r in tasks.items() if r["n"] == r["n_split"]]
+    label = " / ".join(str(r["n"]) for r in tasks.values())
+    return label + (f" (whole: {', '.join(whole)})" if whole and len(whole) < len(tasks) else
+                    " (whole splits)" if whole else "")
+
+
+def near_chance(tasks):
+    """Cells whose accuracy lies within 2 standard errors of the chance level of the scored documents."""
+    out = []
+    for t, r in tasks.items():
+        for metric in ("acc", "acc_norm"):
+            if r.get(metric) is not None and abs(r[metric] - r["chance"]) < 2 * r[metric + "_stderr"]:
+                out.append(f"{t} {metric}")
+    return out
+
+
 def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
     """One result row: per task acc / acc_norm with stderr (in %), the means, display columns, times."""
     tasks = res["tasks"]
-    row = {"method": name, "bits_per_weight": bits,
-           "docs_per_task": f"first {limit}" if limit else "full split"}
+    row = {"method": name, "bits_per_weight": bits, "docs_per_task": docs_label(tasks)}
     for metric in ("acc", "acc_norm"):
         for t, r in tasks.items():
             if r.get(metric) is not None:
@@ -64,6 +84,11 @@ def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
                             if r.get("acc_norm") is not None else f"({pct(r['acc']):.1f})")
     row["mean"] = f"{row['mean_acc']:.1f} ± {row['mean_acc_stderr']:.1f}"
     row["mean_norm"] = f"{row['mean_acc_norm']:.1f} ± {row['mean_acc_norm_stderr']:.1f}"
+    chance = {t: r["chance"] for t, r in tasks.items()}
+    row.update(chance={t: pct(c) for t, c in chance.items()}, mean_chance=pct(sum(chance.values()) / len(chance)),
+               near_chance=near_chance(tasks) + (["mean acc"] if abs(row["mean_acc"] - pct(
+                   sum(chance.values()) / len(chance))) < 2 * row["mean_acc_stderr"] else []), data={t: r["data"]["sha256"] for t, r in tasks.items()},
+               data_shipped=all(r["data"]["shipped"] for r in tasks.values()))
     row.update(n={t: r["n"] for t, r in tasks.items()}, task_versions=res["task_versions"],
                quantize_s=round(quant_s, 1), quantize_cpu_min=round(quant_cpu_s / 60, 2),
                eval_s=res["seconds"], eval_cpu_min=round(res["cpu_seconds"] / 60, 2),
@@ -81,9 +106,13 @@ def save_row(out, row, settings, order):
         fcntl.flock(fd, fcntl.LOCK_EX)
         rows = [r for r in load_results(out) if r["method"] != row["method"]] + [row]
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
-        limits = sorted({r.get("limit") or 0 for r in rows})  # rows run with another limit are kept as they are
+        limits = {json.dumps(r.get("limit"), sort_keys=True) for r in rows}  # other limits' rows are kept as they are
         if len(limits) > 1:
-            settings = {**settings, "limit": limits, "docs_per_task": "differs by row: see the docs_per_task column"}
+            settings = {**settings, "limit": [json.loads(x) for x in sorted(limits)],
+                        "docs_per_task": "differs by row: see the docs_per_task column"}
+        settings = {**settings, "near_chance": {r["method"]: r.get("near_chance") for r in rows},
+                    "near_chance_note": "cells (task metric) whose accuracy is within 2 standard errors of chance "
+                                        "(the mean of 1/choices over the scored documents), per row"}
         write_results(out, rows, settings, MD_COLUMNS)
     finally:
         os.close(fd)
@@ -102,11 +131,16 @@ def parse_checkpoints(specs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)")
-    ap.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl (or DBLLM_DATA_DIR)")
+    ap.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl[.xz] (else "
+                    "DBLLM_DATA_DIR, else the shipped data/zeroshot)")
     ap.add_argument("--tasks", default=",".join(zeroshot.TASKS))
-    ap.add_argument("--limit", type=int, default=100, help="first N documents per task (quick mode)")
-    ap.add_argument("--full", action="store_true", help="score the full splits (overrides --limit)")
-    ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--docs", type=int, default=zeroshot.AT_SIZE,
+                      help="first N documents per task, a split under 1.5 N taken whole (default %(default)s)")
+    size.add_argument("--limit", type=int, default=None, help="first N documents of every task (quick mode)")
+    size.add_argument("--full", action="store_true", help="score the full splits")
+    ap.add_argument("--only", nargs="*", choices=list(ROWS), default=list(ROWS),
+                    help="built-in rows to run (none: only the --checkpoint rows)")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                     help="add a row for a packed checkpoint folder (e.g. a trained FDB+DAD or KD student)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -117,8 +151,13 @@ def main():
     add_calib_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    limit = None if args.full else zeroshot.check_limit(args.limit)
     tasks = zeroshot.parse_tasks(args.tasks)
+    if args.full:
+        limit = None
+    elif args.limit is not None:
+        limit = zeroshot.check_limit(args.limit)
+    else:
+        limit = zeroshot.at_size_limits(tasks, args.docs)
     for t in tasks:  # a missing file fails before any model work
         zeroshot.task_file(t, args.data_dir)
     ckpts = parse_checkpoints(args.checkpoint)
@@ -137,13 +176,19 @@ def main():
     base, tok = load_model(args.model)
     settings = {"model": getattr(base, "name_or_path", str(args.model)), "engine": f"lm-eval {lm_eval.__version__}",
                 "tasks": tasks, "num_fewshot": 0,
-                "limit": limit, "docs_per_task": f"first {limit} of each split (quick mode)" if limit else "full splits",
+                "limit": limit, "docs_per_task": ("full splits" if limit is None else f"first {limit} of each split"
+                                                  if isinstance(limit, int) else
+                                                  "first N of each split, a split under 1.5 N rows whole (limit)"),
                 "splits": {t: zeroshot.TASKS[t][1] for t in tasks}, "batch_size": args.batch_size,
                 "threads": args.threads, "calib": calib_note(args) + " (arb-rc row)",
                 "mean": "unweighted mean over the five tasks of acc (mean_acc_norm: acc_norm where the task has "
                         "it, acc for WinoGrande); its stderr is sqrt(sum of squared task stderrs) / 5",
-                "note": "accuracies and stderr in %; FP = the embedded GGUF Q4_1 model dequantized to float; "
-                        "CPU minutes are process CPU time on a shared 2-core machine"}
+                "note": "accuracies and stderr in %; FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 model "
+                        "dequantized to float32 (not the bf16 Hugging Face weights); checkpoint rows: packed layers "
+                        "dequantized to dense weights for scoring; CPU minutes are process CPU time on a shared "
+                        "2-core machine",
+                "older_rows": "rows scored on the first 100 documents per task (before issue 35) were dropped; "
+                              "they are in git: git show c8ed8d5:bench/results/zeroshot.json"}
     calib = None
     for name in todo:
         print(f"--- {name}", flush=True)
@@ -153,6 +198,7 @@ def main():
             from dbllm_lab.quant import fdb_bits_per_weight
             model = load_quantized(ckpts[name], base_model=copy.deepcopy(base))
             bits = fdb_bits_per_weight(2, model.quant_header["group_size"])
+            print(f"{zeroshot.dense_weights(model)} packed layers dequantized to dense weights", flush=True)
         elif ROWS[name] is None:
             model, bits = base, 16.0
         else:
