@@ -126,8 +126,17 @@ def basin_width(multipliers, errors, tol=0.05, mode="abs"):
     mode="abs": error <= min + tol (tol in the same units as the error, e.g. 0.05 of ||WX||^2 for relative
     errors: every quantizer is allowed the same loss increase); mode="rel": error <= (1 + tol) * min.
     The interval is the contiguous run of grid points containing the minimum, widened by linear
-    interpolation to the crossing points (an interval touching the grid's end is cut there).
+    interpolation to the crossing points (an interval touching the grid's end is cut there: see
+    ``basin_interval``, which says so).
     """
+    lo, hi, _, _ = basin_interval(multipliers, errors, tol, mode)
+    return hi - lo
+
+
+def basin_interval(multipliers, errors, tol=0.05, mode="abs"):
+    """(left, right, cut_left, cut_right) of the basin ``basin_width`` measures; ``cut_left`` / ``cut_right``
+    are True where the basin reaches the first / last grid point, so its true edge lies outside the scan (the
+    width is then a lower bound). A minimum at a grid end has that side cut."""
     if mode not in ("abs", "rel"):
         raise ValueError(f"mode={mode!r} is not supported; use 'abs' or 'rel'")
     if not tol > 0:
@@ -149,7 +158,7 @@ def basin_width(multipliers, errors, tol=0.05, mode="abs"):
         left = m[lo] - (m[lo] - m[lo - 1]) * (limit - e[lo]) / (e[lo - 1] - e[lo])
     if hi < len(e) - 1:
         right = m[hi] + (m[hi + 1] - m[hi]) * (limit - e[hi]) / (e[hi + 1] - e[hi])
-    return right - left
+    return left, right, lo == 0, hi == len(e) - 1
 
 
 def basin_area(grid, errors2d, tol=0.05, mode="abs"):
