@@ -6,6 +6,10 @@ different --only may run at once (rows are merged into the file under a lock on 
 
     python bench/zeroshot.py [--docs 1000 | --limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
     python bench/zeroshot.py --only --checkpoint "best s0=build/models/best"
+    python bench/zeroshot.py --only fp --tasks hellaswag & python bench/zeroshot.py --only fp --tasks piqa,...
+
+A row may be scored in parts side by side (``--tasks`` subsets, each process on one core): the parts are merged
+into one row as they land (``raw`` keeps lm-eval's per-task results; ``partial`` names the tasks still missing).
 
 Trained rows come from packed checkpoints (``dbllm-lab train ... --save DIR``): ``--checkpoint NAME=DIR`` adds a
 row named NAME. Its packed layers are dequantized once into dense ``nn.Linear`` weights for scoring
@@ -97,14 +101,52 @@ def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
     return row
 
 
+def per_task_limit(limit, tasks):
+    """{task: limit} for every task from one limit (int / None) or a dict of them."""
+    return {t: (limit.get(t) if isinstance(limit, dict) else limit) for t in tasks}
+
+
+def covers(row, tasks, limit):
+    """Whether ``row`` already holds every task of ``tasks`` scored with ``limit``."""
+    have = per_task_limit(row.get("limit"), row.get("n", {}))
+    return all(t in have and have[t] == lim for t, lim in per_task_limit(limit, tasks).items())
+
+
+def build_row(name, raw, limit, checkpoint):
+    """The full row from its raw record (lm-eval's per-task results, times, bits), whole or merged from parts."""
+    order = [t for t in zeroshot.TASKS if t in raw["tasks"]]
+    res = {"tasks": {t: raw["tasks"][t] for t in order}, "task_versions": {t: raw["tasks"][t]["version"] for t in order},
+           "seconds": raw["seconds"], "cpu_seconds": raw["cpu_seconds"]}
+    row = {**table_row(name, res, raw["bits"], limit, raw["quant_cpu_s"], raw["quant_s"]),
+           "limit": limit, "checkpoint": checkpoint, "raw": raw}
+    missing = [t for t in zeroshot.TASKS if t not in raw["tasks"]]
+    if missing:
+        row["partial"] = f"tasks still missing: {', '.join(missing)} (the means cover the tasks present)"
+    return row
+
+
+def merge_parts(old, row):
+    """A row scored in parts (``--tasks`` subsets run side by side): ``old``'s tasks plus ``row``'s, times summed."""
+    a, b = old["raw"], row["raw"]
+    raw = {"tasks": {**a["tasks"], **b["tasks"]}, "bits": b["bits"], "parts": a.get("parts", 1) + 1,
+           **{k: round(a[k] + b[k], 1) for k in ("seconds", "cpu_seconds", "quant_cpu_s", "quant_s")}}
+    limit = {**per_task_limit(old["limit"], a["tasks"]), **per_task_limit(row["limit"], b["tasks"])}
+    return build_row(row["method"], raw, limit, row["checkpoint"])
+
+
 def save_row(out, row, settings, order):
-    """Merge ``row`` into ``out`` under an exclusive lock on its folder (parallel invocations stay consistent)."""
+    """Merge ``row`` into ``out`` under an exclusive lock on its folder (parallel invocations stay consistent).
+    A row of the same method holding other tasks only (an earlier part) is combined with it."""
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        rows = [r for r in load_results(out) if r["method"] != row["method"]] + [row]
+        existing = load_results(out)
+        old = next((r for r in existing if r["method"] == row["method"]), None)
+        if old and "raw" in old and not set(old["raw"]["tasks"]) & set(row["raw"]["tasks"]):
+            row = merge_parts(old, row)
+        rows = [r for r in existing if r["method"] != row["method"]] + [row]
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         limits = {json.dumps(r.get("limit"), sort_keys=True) for r in rows}  # other limits' rows are kept as they are
         if len(limits) > 1:
@@ -165,10 +207,10 @@ def main():
     order = list(ROWS) + list(ckpts)
 
     existing = load_results(args.out)
-    mixed = [r["method"] for r in existing if r.get("limit") != limit and r["method"] not in names]
+    mixed = [r["method"] for r in existing if not covers(r, tasks, limit) and r["method"] not in names]
     if mixed and not args.redo:
         print(f"note: rows {mixed} in {args.out} were run with another limit; they are kept as they are", flush=True)
-    done = {r["method"] for r in existing if r.get("limit") == limit}
+    done = {r["method"] for r in existing if covers(r, tasks, limit)}
     todo = [n for n in names if args.redo or n not in done]
     if not todo:
         print(f"all requested rows are already in {args.out}")
@@ -211,9 +253,10 @@ def main():
         quant_cpu, quant_s = time.process_time() - c0, time.time() - t0
         c1 = time.process_time()
         res = zeroshot.evaluate(model, tok, tasks, limit=limit, data_dir=args.data_dir, batch_size=args.batch_size)
-        res["cpu_seconds"] = time.process_time() - c1
-        row = {**table_row(name, res, bits, limit, quant_cpu, quant_s), "limit": limit,
-               "checkpoint": ckpts.get(name)}
+        raw = {"tasks": res["tasks"], "bits": bits, "seconds": res["seconds"],
+               "cpu_seconds": round(time.process_time() - c1, 1), "quant_cpu_s": round(quant_cpu, 1),
+               "quant_s": round(quant_s, 1)}
+        row = build_row(name, raw, limit, ckpts.get(name))
         print({k: row[k] for k in ("method", "mean", "mean_norm", "row_cpu_min", "eval_s")}, flush=True)
         save_row(args.out, row, settings, order)
         if model is not base:
