@@ -88,10 +88,11 @@ def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
                             if r.get("acc_norm") is not None else f"({pct(r['acc']):.1f})")
     row["mean"] = f"{row['mean_acc']:.1f} ± {row['mean_acc_stderr']:.1f}"
     row["mean_norm"] = f"{row['mean_acc_norm']:.1f} ± {row['mean_acc_norm_stderr']:.1f}"
-    chance = {t: r["chance"] for t, r in tasks.items()}
-    row.update(chance={t: pct(c) for t, c in chance.items()}, mean_chance=pct(sum(chance.values()) / len(chance)),
-               near_chance=near_chance(tasks) + (["mean acc"] if abs(row["mean_acc"] - pct(
-                   sum(chance.values()) / len(chance))) < 2 * row["mean_acc_stderr"] else []), data={t: r["data"]["sha256"] for t, r in tasks.items()},
+    chance = {t: pct(r["chance"]) for t, r in tasks.items()}
+    mean_chance = round(sum(chance.values()) / len(chance), 2)
+    mean_near = abs(row["mean_acc"] - mean_chance) < 2 * row["mean_acc_stderr"]
+    row.update(chance=chance, mean_chance=mean_chance, near_chance=near_chance(tasks) + ["mean acc"] * mean_near,
+               data={t: r["data"]["sha256"] for t, r in tasks.items()},
                data_shipped=all(r["data"]["shipped"] for r in tasks.values()))
     row.update(n={t: r["n"] for t, r in tasks.items()}, task_versions=res["task_versions"],
                quantize_s=round(quant_s, 1), quantize_cpu_min=round(quant_cpu_s / 60, 2),
@@ -115,8 +116,8 @@ def covers(row, tasks, limit):
 def build_row(name, raw, limit, checkpoint):
     """The full row from its raw record (lm-eval's per-task results, times, bits), whole or merged from parts."""
     order = [t for t in zeroshot.TASKS if t in raw["tasks"]]
-    res = {"tasks": {t: raw["tasks"][t] for t in order}, "task_versions": {t: raw["tasks"][t]["version"] for t in order},
-           "seconds": raw["seconds"], "cpu_seconds": raw["cpu_seconds"]}
+    res = {"tasks": {t: raw["tasks"][t] for t in order}, "seconds": raw["seconds"], "cpu_seconds": raw["cpu_seconds"],
+           "task_versions": {t: raw["tasks"][t]["version"] for t in order}}
     row = {**table_row(name, res, raw["bits"], limit, raw["quant_cpu_s"], raw["quant_s"]),
            "limit": limit, "checkpoint": checkpoint, "raw": raw}
     missing = [t for t in zeroshot.TASKS if t not in raw["tasks"]]
@@ -132,6 +133,32 @@ def merge_parts(old, row):
            **{k: round(a[k] + b[k], 1) for k in ("seconds", "cpu_seconds", "quant_cpu_s", "quant_s")}}
     limit = {**per_task_limit(old["limit"], a["tasks"]), **per_task_limit(row["limit"], b["tasks"])}
     return build_row(row["method"], raw, limit, row["checkpoint"])
+
+
+# SmolLM2-135M-Instruct's model card, "Evaluation / Instruction model" (lighteval, zero-shot), read offline from a
+# stored copy of the card's README: published numbers to compare the FP row with, not measured here
+MODEL_CARD = {"source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (README, Evaluation: "
+                        "Instruction model)",
+              "values": {"hellaswag": 40.9, "arc_average": 37.3, "piqa": 66.3},
+              "note": "lighteval, zero-shot, on the Hugging Face weights (FP here is the GGUF Q4_1 copy, "
+                      "dequantized); lighteval's prompts and normalisation differ from lm-eval's, so the comparison "
+                      "is indicative; ARC (Average) is the mean of ARC-Easy and ARC-Challenge; the card gives no "
+                      "WinoGrande number for the Instruct model"}
+
+
+def table_notes(rows):
+    """Settings derived from the rows: near-chance cells per row and the FP row against the model card."""
+    notes = {"near_chance": {r["method"]: r.get("near_chance") for r in rows},
+             "near_chance_note": "cells (task metric) whose accuracy is within 2 standard errors of chance (the "
+                                 "mean of 1/choices over the scored documents), per row; 'mean acc' when the mean is"}
+    fp = next((r for r in rows if r["method"] == "fp" and not r.get("partial")), None)
+    if fp:
+        ours = {m: {"hellaswag": fp[f"hellaswag_{m}"], "piqa": fp[f"piqa_{m}"],
+                    "arc_average": round((fp[f"arc_easy_{m}"] + fp[f"arc_challenge_{m}"]) / 2, 2)}
+                for m in ("acc", "acc_norm")}
+        notes["fp_vs_model_card"] = {**MODEL_CARD, "fp_acc": ours["acc"], "fp_acc_norm": ours["acc_norm"],
+                                     "fp_docs_per_task": fp["docs_per_task"]}
+    return notes
 
 
 def save_row(out, row, settings, order):
@@ -152,10 +179,7 @@ def save_row(out, row, settings, order):
         if len(limits) > 1:
             settings = {**settings, "limit": [json.loads(x) for x in sorted(limits)],
                         "docs_per_task": "differs by row: see the docs_per_task column"}
-        settings = {**settings, "near_chance": {r["method"]: r.get("near_chance") for r in rows},
-                    "near_chance_note": "cells (task metric) whose accuracy is within 2 standard errors of chance "
-                                        "(the mean of 1/choices over the scored documents), per row"}
-        write_results(out, rows, settings, MD_COLUMNS)
+        write_results(out, rows, {**settings, **table_notes(rows)}, MD_COLUMNS)
     finally:
         os.close(fd)
 
@@ -190,8 +214,15 @@ def main():
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "zeroshot.json"))
+    ap.add_argument("--refresh", action="store_true", help="rewrite --out's notes and markdown from its rows, "
+                    "scoring nothing")
     add_calib_args(ap)
     args = ap.parse_args()
+    if args.refresh:
+        with open(args.out) as f:
+            doc = json.load(f)
+        write_results(args.out, doc["rows"], {**doc["settings"], **table_notes(doc["rows"])}, MD_COLUMNS)
+        return
     torch.set_num_threads(args.threads)
     tasks = zeroshot.parse_tasks(args.tasks)
     if args.full:

@@ -168,7 +168,8 @@ def cmd_recipes(args):
 
 
 def cmd_eval_zeroshot(args):
-    """Zero-shot accuracy with lm-evaluation-harness on local task files (dbllm_lab/zeroshot.py)."""
+    """Zero-shot accuracy with lm-evaluation-harness (dbllm_lab/zeroshot.py) on the shipped data/zeroshot sets, or
+    on --data-dir / DBLLM_DATA_DIR; every task file is found and checked before the model loads."""
     import json
     from .zeroshot import check_limit, evaluate, parse_tasks, task_file
     tasks = parse_tasks(args.tasks)
@@ -180,7 +181,7 @@ def cmd_eval_zeroshot(args):
     res["settings"].update(model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
     for t, r in res["tasks"].items():
         norm = "" if r["acc_norm"] is None else f"  acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"
-        print(f"{t:14s} n={r['n']:5d}  acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}")
+        print(f"{t:14s} n={r['n']:5d}  acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}{norm}  (chance {r['chance']:.3f})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
@@ -295,7 +296,8 @@ def build_parser():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated")
     p.add_argument("--limit", type=int, default=None, help="first N documents per task (default: the full split)")
-    p.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl (or DBLLM_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="folder with zeroshot/<task>/<split>.jsonl[.xz] (else "
+                   "DBLLM_DATA_DIR, else the shipped data/zeroshot, checksum-verified)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval_zeroshot)
