@@ -5,7 +5,7 @@ for the two training stages of the DB-LLM table (the tuned recipe on the embedde
 
 Each setting trains a fresh copy of the same FDB clip-init student from the same data and seed:
   - stage 1: ``blockwise_reconstruct`` on the first ``--blocks`` decoder blocks (a truncated copy of the model);
-  - stage 2: ``train`` (end-to-end DAD, latent weights trained, ``train.AFTER_STAGE1``) for ``--steps`` steps.
+  - stage 2: ``train`` (end-to-end DAD, latent weights trained, the ``quick`` recipe's end-to-end settings) for ``--steps`` steps.
 It reports wall and CPU seconds per step (the first ``--warmup`` steps of stage 2 left out) and how far each
 setting's losses move from the fp32 / 1-thread reference, so that a faster setting is only kept within a stated
 tolerance. Run it on an otherwise idle machine: the 2-thread rows need both cores.
@@ -27,7 +27,8 @@ from dbllm_lab.blockwise import BlockwiseConfig, blockwise_reconstruct  # noqa: 
 from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab import quant  # noqa: E402
 from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
-from dbllm_lab.train import AFTER_STAGE1, TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
+from dbllm_lab.recipes import recipe  # noqa: E402
+from dbllm_lab.train import TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
 
 # (precision, torch threads, cached teacher logits, FDB rounding and scale gradients in C++, fused AdamW, stage-1
 # window: 0 = whole 256-token samples)
@@ -93,7 +94,7 @@ def main(argv=None):
     student0, _ = build_student(teacher, progress=False)
     teacher_k = truncated(teacher, a.blocks)
     student0_k = truncated(student0, a.blocks)
-    cfg = TrainConfig(**AFTER_STAGE1, loss="dad", steps=a.steps, batch_size=2, seqlen=128)
+    cfg = TrainConfig(**{**recipe("quick")["e2e"], "loss": "dad", "steps": a.steps, "batch_size": 2, "seqlen": 128})
     rows = []
     for precision, threads, cached, cpp, fused, seqlen in SETTINGS:
         torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ from .calib import block_forward, capture_block0_inputs
 from .data import to_windows
 from .layers import learnable_layers, learnable_state, param_groups, trainable_parameters
 from .model import decoder_layers
-from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
+from .runtime import adamw, atomic_save, load_checkpoint, peak_rss_gib
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -244,8 +244,7 @@ def stage1_windows(samples, cfg):
 def check_folder(out_dir, cfg, windows):
     """Start ``out_dir`` (its manifest, ``blockwise.json``) or check that it was written by the same configuration
     and samples, so that a rerun resumes only its own run; fields added to BlockwiseConfig after a folder was
-    written take the value they had then (``runtime.ADDED_LATER``), else their defaults. Raises ValueError naming
-    the differences; returns the run's identity."""
+    written take their defaults. Raises ValueError naming the differences; returns the run's identity."""
     identity = _identity(cfg, windows)
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, "blockwise.json")
@@ -256,7 +255,7 @@ def check_folder(out_dir, cfg, windows):
         return identity
     with open(manifest) as f:
         old = json.load(f)["identity"]
-    old = {**asdict(BlockwiseConfig()), **ADDED_LATER, **old}
+    old = {**asdict(BlockwiseConfig()), **old}
     if old != identity:
         diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
         raise ValueError(f"cannot resume {out_dir}: written by a different configuration ("
@@ -297,7 +296,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
         y = _run(tb, x_fp, kwargs, device)
         trained = not (path and os.path.isfile(path))
         if not trained:
-            ck = torch.load(path, weights_only=False)
+            ck = load_checkpoint(path)
             with torch.no_grad():
                 for n, p in sb.named_parameters():
                     if n in ck["state"]:

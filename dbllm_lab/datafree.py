@@ -9,8 +9,10 @@ generation settings, so notebooks and benchmarks reuse them.
 
 ``corpus_samples`` is the option of training on real text instead (never the split you evaluate on).
 """
+import json
 import os
 import re
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -80,6 +82,7 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=64, cache_d
     start = torch.randint(0, vocab, (n,), generator=g)
     uniforms = torch.rand(n, seqlen - 1, generator=g, dtype=torch.float64)
     device = next(model.parameters()).device
+    t0, c0 = time.time(), time.process_time()
     was_training = model.training
     model.eval()
     chunks = []
@@ -92,18 +95,25 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=64, cache_d
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(data, path + ".tmp")
         os.replace(path + ".tmp", path)
+        cost = {"cpu_seconds": round(time.process_time() - c0, 1), "seconds": round(time.time() - t0, 1),
+                "threads": torch.get_num_threads(), "batch_size": batch_size, "device": str(device),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        with open(path + ".json.tmp", "w") as f:
+            json.dump(cost, f)
+        os.replace(path + ".json.tmp", path + ".json")
     return data
 
 
-SEED_STRIDE = 1000  # set k of text seed s is generated with seed s * SEED_STRIDE + k
+SEED_STRIDE = 1000  # set k of text seed s is generated with seed s * SEED_STRIDE + k (< SEED_STRIDE ** 2)
 
 
 def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, progress=True):
     """A recipe's training text: the first ``samples`` samples of ``tokens`` tokens from sets of ``set_size``
     (``generate_samples``, each cached), set k generated with seed ``seed * SEED_STRIDE + k``. A larger pool extends
     a smaller one of the same seed; seed 0 with sets of 128 is the pool of the committed table rows."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31 // SEED_STRIDE:
-        raise ValueError(f"seed={seed!r} must be an integer in [0, {2 ** 31 // SEED_STRIDE})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_STRIDE:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, {SEED_STRIDE}) (seeds from "
+                         f"{SEED_STRIDE ** 2} on are kept for held-out text)")
     _check(samples, tokens, 0, 1.0, set_size)
     sets = -(-samples // set_size)
     if sets > SEED_STRIDE:
@@ -112,11 +122,26 @@ def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_
                                        cache_dir=cache_dir, progress=progress) for k in range(sets)])[:samples]
 
 
+def _set_paths(cache_dir, model, samples, tokens, seed, set_size):
+    return [_cache_path(cache_dir, model, set_size, tokens, seed * SEED_STRIDE + k, GREEDY_TOKENS, TEMPERATURE)
+            for k in range(-(-samples // set_size))]
+
+
 def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE):
-    """Whether every set ``teacher_text`` would read is already in the cache (then its generation costs nothing)."""
-    sets = -(-samples // set_size)
-    return bool(cache_dir) and all(os.path.isfile(_cache_path(cache_dir, model, set_size, tokens, seed * SEED_STRIDE + k,
-                                                              GREEDY_TOKENS, TEMPERATURE)) for k in range(sets))
+    """Whether every set ``teacher_text`` would read is already in the cache."""
+    return bool(cache_dir) and all(map(os.path.isfile, _set_paths(cache_dir, model, samples, tokens, seed, set_size)))
+
+
+def text_cpu_minutes(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE):
+    """CPU-minutes it took to generate the cached sets of this text (recorded beside each set when it was
+    written), or None when a set has no record: a budget counts the text whether or not it came from the cache."""
+    total = 0.0
+    for path in _set_paths(cache_dir, model, samples, tokens, seed, set_size):
+        if not os.path.isfile(path + ".json"):
+            return None
+        with open(path + ".json") as f:
+            total += json.load(f)["cpu_seconds"]
+    return round(total / 60, 2)
 
 
 def corpus_samples(tokenizer, n, seqlen, text=None, path=None, dataset=None, split="train", data_dir=None, seed=0):

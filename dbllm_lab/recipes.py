@@ -30,6 +30,11 @@ RECIPES = {
         "quant": "uniform", "init": "clip", "stage": "blockwise",
         "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
     },
+    "best-quarter": {
+        "purpose": "best's settings on a quarter of its text (128 x 512 tokens): a trained student in ~1/4 the budget",
+        "quant": "fdb", "init": "clip", "stage": "blockwise",
+        "text": {**BEST_TEXT, "samples": 128}, "blockwise": BEST_STAGE1, "e2e": {},
+    },
     "best+dad": {
         "purpose": "best's stage 1, then 150 gentle end-to-end DAD steps on 512-token windows",
         "quant": "fdb", "init": "clip", "stage": "both",

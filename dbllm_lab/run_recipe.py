@@ -8,7 +8,7 @@ import os
 import time
 
 from .blockwise import BlockwiseConfig
-from .datafree import DEFAULT_CACHE, text_is_cached, teacher_text
+from .datafree import DEFAULT_CACHE, teacher_text, text_cpu_minutes, text_is_cached
 from .quantize import METHODS
 from .train import TrainConfig, train_two_stage
 
@@ -33,6 +33,8 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     data = teacher_text(teacher, tokenizer, n_all, t["tokens"], seed=seed, set_size=t["set_size"],
                         cache_dir=cache_dir, progress=progress)
     generation = round((time.process_time() - c0) / 60, 2)
+    if cached:  # what generating it cost when it was written (None where that was not recorded)
+        generation = text_cpu_minutes(teacher, n_all, t["tokens"], seed, t["set_size"], cache_dir)
     group_size = METHODS[r["quant"]].group_size if group_size is None else group_size
     calib = data[:t["samples"]].reshape(-1, cfg.seqlen)[:16] if r["init"] == "gptq" else None
     student, info = train_two_stage(teacher, data[:t["samples"]], stage=r["stage"], quant=r["quant"], blockwise=bw,
@@ -40,7 +42,8 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
                                     calib_windows=calib, device=device, progress=progress,
                                     e2e_data=data[:e2e_samples] if e2e_samples else None)
     info.update(generation_cpu_minutes=generation, text_from_cache=cached, group_size=group_size,
-                total_cpu_minutes=round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
+                total_cpu_minutes=None if generation is None else
+                round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     return student, info

@@ -12,19 +12,25 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def load_checkpoint(path):
+    """A checkpoint written by ``atomic_save``, read with ``torch.load(weights_only=True)``: tensors and plain values
+    only, nothing unpickled, so a run folder from elsewhere cannot execute code. Anything else is refused."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and plain values; refusing to unpickle it "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
 def peak_rss_gib():
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# settings added to BlockwiseConfig / TrainConfig after checkpoints were written, with the value they had then:
-# a resume compares an old checkpoint's settings with these filled in, not with today's defaults
-ADDED_LATER = {"fused_adamw": False, "window_offset": 0}
 
 
 def adamw(groups, fused=True):
     """AdamW with betas (0.9, 0.95) over the parameter ``groups`` (each with its lr and weight_decay).
     ``fused``: torch's fused update, one pass over each tensor per step instead of a pass per operation
     (``bench/train_speed.py`` times both); False: torch's unfused default (a per-tensor loop on the CPU, the foreach
-    form on CUDA), which checkpoints written before ``fused_adamw`` existed used. The two differ by rounding only."""
+    form on CUDA). The two differ by rounding only."""
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused or None)

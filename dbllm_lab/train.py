@@ -36,7 +36,7 @@ from .distill import LOSSES, check_gamma, distill_loss
 from .layers import (DualBinaryLinear, FakeQuantLinear, learnable_layers, learnable_state, param_groups,
                      trainable_parameters)
 from .model import set_module
-from .runtime import ADDED_LATER, adamw, atomic_save, peak_rss_gib
+from .runtime import adamw, atomic_save, load_checkpoint, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16")
@@ -100,6 +100,12 @@ def autocast(precision, device_type="cpu"):
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def numpy_rng_state():
+    """numpy's global RNG state with its key array as a tensor, so that ``torch.load(weights_only=True)`` reads it."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
 
 
 def lr_lambda(step, warmup, steps, min_lr_ratio):
@@ -197,10 +203,8 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     np.random.seed(cfg.seed)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        # a setting added after the checkpoint was written had then the value runtime.ADDED_LATER gives, else
-        # its default
-        old = {**TrainConfig().identity(), **ADDED_LATER, **ck["config"]}
+        ck = load_checkpoint(ckpt_path)
+        old = ck["config"]
         diff = {k: (old.get(k), v) for k, v in cfg.identity().items() if old.get(k) != v}
         if ck["data"] != _fingerprint(windows):
             diff["data"] = ("other windows", f"{tuple(windows.shape)} windows")
@@ -217,7 +221,8 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
-        np.random.set_state(ck["rng"]["numpy"])
+        name, keys, pos, has_gauss, cached = ck["rng"]["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
         step, history = ck["step"], ck["history"]
         seconds, cpu_seconds = ck["seconds"], ck["cpu_seconds"]
 
@@ -229,7 +234,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
                       "params": {k: p.detach().clone() for k, p in named.items()},
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": np.random.get_state()},
+                              "numpy": numpy_rng_state()},
                       "history": history, "seconds": seconds, "cpu_seconds": cpu_seconds}, ckpt_path)
         write_curve(history, out_dir)
 
@@ -289,10 +294,6 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
             "peak_rss_gib": peak_rss_gib(), "steps_done": step, "completed": completed}
 
 
-# End-to-end settings after a block-wise stage (``dbllm-lab train --stage both``): TrainConfig's lr of 1e-2 on the
-# scales suits a start from the FDB init but undoes a good stage 1 (bench/results/dbllm_table.json: the "lat2e-3"
-# rows end above their stage 1); the "tuned" rows use these.
-AFTER_STAGE1 = {"lr": 2e-4, "lr_latent": 1e-4, "train_latent": True}
 
 QUANTIZERS = ("fdb", "uniform")
 STAGES = ("blockwise", "e2e", "both")
@@ -349,7 +350,7 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
         windows = stage1_windows(data, bw_cfg)  # what stage 1 trains on (cut when bw_cfg.seqlen)
         if done and os.path.isfile(done):
             check_folder(stage1_dir, bw_cfg, windows)  # another configuration's is not reused
-            ck = torch.load(done, weights_only=False)
+            ck = load_checkpoint(done)
             student.load_state_dict(ck["state"], strict=False)
             r = ck["result"]
         else:
