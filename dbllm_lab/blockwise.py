@@ -42,7 +42,7 @@ from .calib import block_forward, capture_block0_inputs
 from .data import to_windows
 from .layers import learnable_layers, learnable_state, param_groups, trainable_parameters
 from .model import decoder_layers
-from .runtime import adamw, atomic_save, load_checkpoint, peak_rss_gib
+from .runtime import adamw, atomic_save, check_min_lr_ratio, cosine_lr, load_checkpoint, peak_rss_gib
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -94,8 +94,7 @@ class BlockwiseConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
         if not self.sink_weight >= 0:
             raise ValueError(f"sink_weight={self.sink_weight!r} must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        check_min_lr_ratio(self.min_lr_ratio)
         return self
 
 
@@ -182,8 +181,7 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
     n = len(x_in)
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg.min_lr_ratio))
     losses = []
     block.train()
     for epoch in range(cfg.epochs):

@@ -68,7 +68,7 @@ def weighted_kl(kl, weights):
     return (w * kl).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def dad_loss(student_logits, teacher_logits, gamma=1.0, chunk=CHUNK):
+def dad_loss(student_logits, teacher_logits, gamma, chunk=CHUNK):
     """Deviation-Aware Distillation, method.md §2:
 
         omega_i = H(p_t,i)^gamma * H(p_s,i)^(1 - gamma)   (nats, detached)
@@ -101,13 +101,16 @@ def ce_loss(student_logits, tokens, chunk=CHUNK):
     return total / y.numel()
 
 
-def distill_loss(kind, student_logits, tokens=None, teacher_logits=None, gamma=1.0, chunk=CHUNK):
-    """Dispatch by name: "dad" (needs teacher logits, gamma), "kd" (teacher logits), "ce" (tokens)."""
+def distill_loss(kind, student_logits, tokens=None, teacher_logits=None, gamma=None, chunk=CHUNK):
+    """Dispatch by name: "dad" (needs teacher logits, gamma), "kd" (teacher logits), "ce" (tokens). gamma has no
+    default here: its one default is ``train.TrainConfig.gamma``."""
     if kind not in LOSSES:
         raise ValueError(f"loss={kind!r} is not supported; use one of {LOSSES}")
     if kind == "ce":
         return ce_loss(student_logits, tokens, chunk)
     if teacher_logits is None:
         raise ValueError(f"loss={kind!r} needs teacher logits")
+    if kind == "dad" and gamma is None:
+        raise ValueError("loss='dad' needs gamma (a number in [0, 1]; TrainConfig.gamma is the default)")
     return dad_loss(student_logits, teacher_logits, gamma, chunk) if kind == "dad" else \
         kd_loss(student_logits, teacher_logits, chunk)

@@ -10,7 +10,7 @@ from the already error-compensated weights. Damping: H += percdamp * mean(diag H
 import torch
 
 from .calib import sequential_quantize
-from .quant import check_bits, check_group_size, quantize_rtn, round_half_to_zero
+from .quant import GROUP_SIZE, check_bits, check_group_size, quantize_rtn, round_half_to_zero
 
 
 def inverse_hessian_cholesky(H, percdamp=0.01):
@@ -64,7 +64,7 @@ def gptq_layer(W, H, bits, group_size, blocksize=128, percdamp=0.01, clip_search
     return Q, scale, zero
 
 
-def gptq_quantize_model(model, calib_windows, bits=4, group_size=64, blocksize=128, percdamp=0.01,
+def gptq_quantize_model(model, calib_windows, bits=4, group_size=GROUP_SIZE, blocksize=128, percdamp=0.01,
                         clip_search=False, progress=True):
     """Run GPTQ on every decoder linear layer, block by block (``calib.sequential_quantize``).
 

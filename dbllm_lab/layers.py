@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .model import norm_weights, quantizable_linears
-from .quant import (check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, fdb_round,
+from .quant import (GROUP_SIZE, check_bits, check_group_size, dual_binarize, fdb_bits_per_weight, fdb_init, fdb_round,
                     fdb_scale_grads, quantize_rtn, round_half_to_zero, rtn_bits_per_weight)
 
 
@@ -106,7 +106,7 @@ class DualBinaryLinear(LearnableQuantLinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear, group_size=64, init="clip", orientation="per-group", train_latent=False):
+    def from_linear(cls, linear, group_size=GROUP_SIZE, init="clip", orientation="per-group", train_latent=False):
         a1, a2 = fdb_init(linear.weight.detach(), group_size, init, orientation)
         return cls(linear.weight, a1, a2, group_size, linear.bias, train_latent)
 
@@ -158,7 +158,7 @@ class UniformQuantLinear(LearnableQuantLinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear, group_size=64, bits=2, clip_search=True, train_latent=False):
+    def from_linear(cls, linear, group_size=GROUP_SIZE, bits=2, clip_search=True, train_latent=False):
         _, step, zero = quantize_rtn(linear.weight.detach(), bits, group_size, clip_search)
         return cls(linear.weight, step, zero, group_size, bits, linear.bias, train_latent)
 

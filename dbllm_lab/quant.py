@@ -11,6 +11,7 @@ scale is per (row, group) with shape (out, in // group_size).
 """
 import torch
 
+GROUP_SIZE = 64  # weights per scale group: the one default of every grouped method (quantize.METHODS)
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
 FDB_INITS = ("minmax", "clip")

@@ -29,7 +29,7 @@ from .gptq import gptq_layer
 from .layers import DualBinaryLinear, FakeQuantLinear, UniformQuantLinear
 from .model import quantizable_linears, set_module
 from .packing import WORD_BITS
-from .quant import (FDB_INITS, FDB_ORIENTATIONS, SUPPORTED_BITS, check_group_size, fake_quantize, fdb_bits_per_weight,
+from .quant import (GROUP_SIZE, FDB_INITS, FDB_ORIENTATIONS, SUPPORTED_BITS, check_group_size, fake_quantize, fdb_bits_per_weight,
                     fdb_from_rtn, rtn_bits_per_weight, sign_binarize, sign_bits_per_weight)
 
 FIXED_FORMAT_RULE = ("code bits + per-group fp16 scales (+ k-bit zero point for rtn/gptq, fp16 mean for sign) over "
@@ -116,12 +116,12 @@ def _check_fdb(options, given):
 
 
 METHODS = {m.name: m for m in [
-    Method("rtn", rtn_layer, SUPPORTED_BITS, 64, lambda o: False, rtn_bits_per_weight, FIXED_FORMAT_RULE),
-    Method("gptq", gptq_linear, SUPPORTED_BITS, 64, lambda o: True, rtn_bits_per_weight, FIXED_FORMAT_RULE),
-    Method("sign", sign_layer, (1,), 64, lambda o: False, sign_bits_per_weight, FIXED_FORMAT_RULE),
-    Method("fdb", fdb_layer, (2,), 64, lambda o: o["init"] == "gptq", fdb_bits_per_weight, FIXED_FORMAT_RULE,
+    Method("rtn", rtn_layer, SUPPORTED_BITS, GROUP_SIZE, lambda o: False, rtn_bits_per_weight, FIXED_FORMAT_RULE),
+    Method("gptq", gptq_linear, SUPPORTED_BITS, GROUP_SIZE, lambda o: True, rtn_bits_per_weight, FIXED_FORMAT_RULE),
+    Method("sign", sign_layer, (1,), GROUP_SIZE, lambda o: False, sign_bits_per_weight, FIXED_FORMAT_RULE),
+    Method("fdb", fdb_layer, (2,), GROUP_SIZE, lambda o: o["init"] == "gptq", fdb_bits_per_weight, FIXED_FORMAT_RULE,
            packable=True, check=_check_fdb),
-    Method("uniform", uniform_layer, (2, 3, 4), 64, lambda o: False, rtn_bits_per_weight, FIXED_FORMAT_RULE),
+    Method("uniform", uniform_layer, (2, 3, 4), GROUP_SIZE, lambda o: False, rtn_bits_per_weight, FIXED_FORMAT_RULE),
     # ARB-LLM family (arb.py): 1 sign bit per weight plus data-dependent extras; fixed 128-column blocks
     *[Method(name, partial(arb.quantize_linear, method=name), (1,), None, lambda o: True, None, arb.BITS_RULE,
              drop=("iters",) if name == "billm" else (), summarize=arb.summarize) for name in arb.VARIANTS],

@@ -1,4 +1,5 @@
 """What every training job here shares: its optimiser, atomic checkpoint writes and its peak memory."""
+import math
 import os
 import resource
 
@@ -10,6 +11,20 @@ def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def cosine_lr(step, steps, min_lr_ratio, warmup=0):
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based), the one schedule of both stages: linear warm-up
+    over ``warmup`` steps, then cosine from 1 to ``min_lr_ratio`` at step ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def check_min_lr_ratio(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"min_lr_ratio={value!r} must be a number in [0, 1]")
 
 
 def load_checkpoint(path):

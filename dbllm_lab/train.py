@@ -20,7 +20,6 @@ import contextlib
 import copy
 import csv
 import json
-import math
 import os
 import random
 import time
@@ -36,7 +35,8 @@ from .distill import LOSSES, check_gamma, distill_loss
 from .layers import (DualBinaryLinear, FakeQuantLinear, learnable_layers, learnable_state, param_groups,
                      trainable_parameters)
 from .model import set_module
-from .runtime import adamw, atomic_save, load_checkpoint, peak_rss_gib
+from .quant import GROUP_SIZE
+from .runtime import adamw, atomic_save, check_min_lr_ratio, cosine_lr, load_checkpoint, peak_rss_gib
 
 CHECKPOINT = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16")
@@ -84,8 +84,7 @@ class TrainConfig:
         for key in ("warmup", "ckpt_every", "log_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        check_min_lr_ratio(self.min_lr_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; use one of {PRECISIONS}")
         return self
@@ -106,14 +105,6 @@ def numpy_rng_state():
     """numpy's global RNG state with its key array as a tensor, so that ``torch.load(weights_only=True)`` reads it."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
-
-
-def lr_lambda(step, warmup, steps, min_lr_ratio):
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up, then cosine."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def batch_indices(counter, batch_size, n, seed):
@@ -194,7 +185,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     opt = adamw(param_groups(scales, latents, norms, cfg.lr, cfg.lr_latent, cfg.lr_norm, cfg.weight_decay),
                 cfg.fused_adamw)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        opt, lambda s: cosine_lr(s, cfg.steps, cfg.min_lr_ratio, cfg.warmup))
     named = {**scales, **latents, **norms}
 
     step, history, seconds, cpu_seconds = 0, [], 0.0, 0.0
@@ -299,7 +290,7 @@ QUANTIZERS = ("fdb", "uniform")
 STAGES = ("blockwise", "e2e", "both")
 
 
-def build_student(teacher, quant="fdb", init="clip", group_size=64, calib_windows=None, train_latent=False,
+def build_student(teacher, quant="fdb", init="clip", group_size=GROUP_SIZE, calib_windows=None, train_latent=False,
                   progress=True):
     """A deep copy of ``teacher`` with learnable W2 layers; returns (student, report).
 
@@ -320,7 +311,7 @@ def build_student(teacher, quant="fdb", init="clip", group_size=64, calib_window
 
 
 def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, config=None, out_dir=None,
-                    stage1_dir=None, init="clip", group_size=64, calib_windows=None, device="cpu", progress=True,
+                    stage1_dir=None, init="clip", group_size=GROUP_SIZE, calib_windows=None, device="cpu", progress=True,
                     e2e_data=None):
     """The two-stage recipe: build a learnable W2 student from ``teacher``, then
     stage 1 (``blockwise.blockwise_reconstruct`` with ``blockwise``, a BlockwiseConfig) on the samples ``data``

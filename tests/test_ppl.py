@@ -54,5 +54,42 @@ def test_embedded_model_wikitext_ppl_few_windows(embedded, data_dir):
     model, tok = embedded
     res = perplexity(model, tok, seqlen=256, max_windows=3, data_dir=data_dir, progress=False)
     assert res.windows == 3 and res.tokens == 3 * 255
-    assert 10 < res.ppl < 80, res
+    # measured with this command (dequantized Q4_1, fp32); CPUs differ only in float rounding
+    assert res.ppl == pytest.approx(30.3774, rel=1e-3), res
     assert "Q4_1" in res.note
+
+
+def test_dev_and_heldout_split_the_full_split_exactly(tiny, monkeypatch):
+    """On WikiText-2 test at seqlen 512 one pass gives dev (windows 1-40), held-out (41-) and full PPL, and the full
+    NLL is their token-weighted mean (every window predicts seqlen - 1 tokens)."""
+    import dbllm_lab.ppl as ppl
+    windows = torch.randint(0, 256, (45, 512), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ppl, "eval_windows", lambda *a, **k: windows)
+    tiny.config.max_position_embeddings = 512
+    res = ppl.perplexity(tiny, None, seqlen=512, progress=False)
+    dev = ppl.perplexity(tiny, None, seqlen=512, windows=windows[:40], progress=False)
+    held = ppl.perplexity(tiny, None, seqlen=512, windows=windows[40:], progress=False)
+    assert res.ppl_dev == pytest.approx(dev.ppl, rel=1e-12) and res.ppl_heldout == pytest.approx(held.ppl, rel=1e-12)
+    assert math.log(res.ppl) == pytest.approx((40 * math.log(res.ppl_dev) + 5 * math.log(res.ppl_heldout)) / 45,
+                                              rel=1e-12)
+    assert dev.ppl_dev is None and dev.ppl_heldout is None  # windows passed in: not the split, no dev / held-out
+    assert "dev " in str(res) and "held-out " in str(res)
+
+
+def test_heldout_derived_from_dev_and_full_is_exact():
+    """bench/dbllm_table.complete_rows: held-out PPL from dev and full-split PPL (589 windows, 40 dev)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location("dbllm_table", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                               "dbllm_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    nll = torch.rand(589, dtype=torch.float64) + 3.0
+    row = {"method": "x", "ppl": math.exp(nll[:40].mean().item()), "ppl_full_split": math.exp(nll.mean().item()),
+           "full_split_windows": 589}
+    table.complete_rows([row])
+    assert row["ppl_heldout"] == pytest.approx(math.exp(nll[40:].mean().item()), rel=1e-12)
+    assert row["heldout_derived"] is True and row["ppl_dev"] == row["ppl"]
+    partial = {"method": "y", "ppl": 50.0}
+    table.complete_rows([partial])
+    assert partial["ppl_heldout"] is None  # never measured past window 40: not invented

@@ -9,7 +9,8 @@ from dbllm_lab.datafree import corpus_samples, generate_samples
 from dbllm_lab.model import tiny_llama
 from dbllm_lab.layers import fdb_layers, trainable_parameters
 from dbllm_lab.quantize import quantize_model
-from dbllm_lab.train import TrainConfig, build_student, config_from_dict, lr_lambda, to_windows, train
+from dbllm_lab.runtime import cosine_lr
+from dbllm_lab.train import TrainConfig, build_student, config_from_dict, to_windows, train
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +210,15 @@ def test_misc_errors(setup):
 
 
 def test_schedule():
-    assert lr_lambda(0, 4, 20, 0.1) == pytest.approx(0.25)
-    assert lr_lambda(4, 4, 20, 0.1) == pytest.approx(1.0)
-    assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
-    assert lr_lambda(12, 4, 20, 0.1) == pytest.approx(0.55)
+    """One schedule for both stages: warm-up, cosine to min_lr_ratio, flat after the last step."""
+    assert cosine_lr(0, 20, 0.1, warmup=4) == pytest.approx(0.25)
+    assert cosine_lr(4, 20, 0.1, warmup=4) == 1.0
+    assert cosine_lr(20, 20, 0.1, warmup=4) == pytest.approx(0.1)
+    assert cosine_lr(25, 20, 0.1, warmup=4) == pytest.approx(0.1)
+    assert cosine_lr(12, 20, 0.1, warmup=4) == pytest.approx(0.55)
+    assert [cosine_lr(s, 10, 0.01) for s in (0, 10)] == [1.0, pytest.approx(0.01)]  # stage 1: no warm-up
+    values = [cosine_lr(s, 50, 0.01) for s in range(51)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
 
 
 def test_freeze_quantized_keeps_the_outputs(setup):
