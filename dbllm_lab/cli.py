@@ -3,6 +3,7 @@
     dbllm-lab eval-ppl --model smollm2-135m --dataset wikitext2 --seqlen 512 [--max-windows N] [--json out.json]
     dbllm-lab quantize --method fdb --group-size 64 --init clip --out ckpt/ [--eval]
     dbllm-lab eval-ppl --checkpoint ckpt/ ...
+    dbllm-lab convert OLD_CKPT NEW_FOLDER                            # format_version 1 -> a transformers model folder
     dbllm-lab generate-data --n 64 --gen-len 256 --seed 0            # teacher-written text (method.md §3)
     dbllm-lab recipes                                                # the named training recipes
     dbllm-lab train --recipe best --save build/models/best [--seed S] [--eval]   # text, stage 1 [, stage 2]
@@ -64,12 +65,22 @@ def cmd_quantize(args):
     print(json.dumps(report, indent=2))
     if args.out:
         from .checkpoint import save_quantized
-        save_quantized(model, args.out, base_model=args.model)
-        print(f"saved packed checkpoint to {args.out}")
+        recipe = {"name": "dbllm-lab quantize", "calib_data": args.calib_data,
+                  **{k: v for k, v in report.items() if k in ("method", "group_size", "init", "orientation")}}
+        save_quantized(model, args.out, base_model=args.model, recipe=recipe, tokenizer=tok)
+        print(f"saved packed model folder to {args.out}")
     if args.eval:
         from .ppl import perplexity
         print(perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, data_dir=args.data_dir))
     return report
+
+
+def cmd_convert(args):
+    """A format_version 1 checkpoint folder rewritten as a transformers model folder (checkpoint.convert)."""
+    from .checkpoint import convert
+    header = convert(args.old, args.new, base_model=args.model)
+    print(f"wrote {args.new}: {len(header['layers'])} packed layers, model card {args.new}/README.md")
+    return header
 
 
 def cmd_generate_data(args):
@@ -246,6 +257,11 @@ def build_parser():
     p.add_argument("--out", default=None, help="folder for the packed checkpoint (fdb only)")
     p.add_argument("--eval", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("convert", help="rewrite an old (format_version 1) checkpoint folder as a model folder")
+    p.add_argument("old", help="the format_version 1 folder (model.safetensors + quant_config.json)")
+    p.add_argument("new", help="the model folder to write")
+    p.add_argument("--model", default=None, help="its base model (default: the one its header names)")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("generate-data", help="teacher-written training text (method.md §3), cached on disk")
     common(p)
     p.add_argument("--n", type=int, default=64, help="number of samples")
