@@ -121,6 +121,7 @@ def train_recipe_of(args):
 def cmd_train(args):
     """A W2 student (FDB or the uniform grid) trained against the FP teacher by a named recipe, data generation
     included: block-wise reconstruction and/or end-to-end DAD / KD / CE. Resumable from --out-dir."""
+    import hashlib
     import json
     import os
 
@@ -133,7 +134,10 @@ def cmd_train(args):
         raise ValueError(f"--save stores FDB students only (the packed dual-bit-plane format); quant={r['quant']!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = args.out_dir or os.path.join("build", "runs", f"{args.recipe}-s{args.seed}")
+    from .recipes import recipe
+    custom = "" if r == recipe(args.recipe) else "-custom-" + hashlib.sha256(
+        json.dumps(r, sort_keys=True).encode()).hexdigest()[:8]  # flags changed it: another run folder
+    out_dir = args.out_dir or os.path.join("build", "runs", f"{args.recipe}{custom}-s{args.seed}")
     from .model import load_model
     teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     student, info = train_recipe(teacher, tok, r, seed=args.seed, out_dir=out_dir, device=args.device,
@@ -153,27 +157,30 @@ def cmd_train(args):
         json.dump(summary, f, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
     print(f"CPU-minutes: generation {info['generation_cpu_minutes']}"
-          f"{' (text read from the cache)' if info['text_from_cache'] else ''}, init {info['init_cpu_minutes']}, "
+          f"{' (cached text: the cost recorded when it was written)' if info['text_from_cache'] else ''}, "
+          f"init {info['init_cpu_minutes']}, "
           f"stage 1 {info['stage1_cpu_minutes']}, stage 2 {info['stage2_cpu_minutes']}; "
           f"total {info['total_cpu_minutes']}")
     return summary
 
 
 def cmd_recipes(args):
-    """Each recipe, its purpose and its last measured result (bench/results/recipe_table.json)."""
+    """Each recipe, its purpose and its last measured result (the rows of bench/results/dbllm_table.json)."""
     import json
     import os
     from .paths import root
     from .recipes import RECIPES
-    path = os.path.join(root(), "bench", "results", "recipe_table.json")
+    path = os.path.join(root(), "bench", "results", "dbllm_table.json")
     rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
     for name, r in RECIPES.items():
-        mine = [x for x in rows if x["recipe"] == name and x.get("ppl_heldout")]
+        mine = [x for x in rows if x.get("recipe") == name and x.get("ppl_heldout")]
         last = "not measured yet"
         if mine:
             x = mine[-1]
-            last = (f"held-out PPL {x['ppl_heldout']:.1f} (dev {x['ppl_dev']:.1f}), seed {x['seed']}, "
-                    f"{x['total_cpu_minutes']:.1f} CPU-min incl. text; {len(mine)} seed(s) measured")
+            budget = "budget not recorded" if x["total_cpu_minutes"] is None else \
+                f"{x['total_cpu_minutes']:.1f} CPU-min incl. text"
+            last = (f"held-out PPL {x['ppl_heldout']:.1f} (dev {x['ppl_dev']:.1f}), seed {x['seed']}, {budget}; "
+                    f"{len(mine)} seed(s) measured")
         print(f"{name:14s} {r['purpose']}\n{'':14s} last: {last}")
     return RECIPES
 
