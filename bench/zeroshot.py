@@ -130,6 +130,7 @@ def merge_parts(old, row):
     """A row scored in parts (``--tasks`` subsets run side by side): ``old``'s tasks plus ``row``'s, times summed."""
     a, b = old["raw"], row["raw"]
     raw = {"tasks": {**a["tasks"], **b["tasks"]}, "bits": b["bits"], "parts": a.get("parts", 1) + 1,
+           "command": [*([a["command"]] if isinstance(a.get("command"), str) else a.get("command", [])), b["command"]],
            **{k: round(a[k] + b[k], 1) for k in ("seconds", "cpu_seconds", "quant_cpu_s", "quant_s")}}
     limit = {**per_task_limit(old["limit"], a["tasks"]), **per_task_limit(row["limit"], b["tasks"])}
     return build_row(row["method"], raw, limit, row["checkpoint"])
@@ -286,7 +287,7 @@ def main():
         res = zeroshot.evaluate(model, tok, tasks, limit=limit, data_dir=args.data_dir, batch_size=args.batch_size)
         raw = {"tasks": res["tasks"], "bits": bits, "seconds": res["seconds"],
                "cpu_seconds": round(time.process_time() - c1, 1), "quant_cpu_s": round(quant_cpu, 1),
-               "quant_s": round(quant_s, 1)}
+               "quant_s": round(quant_s, 1), "command": " ".join(["python"] + sys.argv)}
         row = build_row(name, raw, limit, ckpts.get(name))
         print({k: row[k] for k in ("method", "mean", "mean_norm", "row_cpu_min", "eval_s")}, flush=True)
         save_row(args.out, row, settings, order)

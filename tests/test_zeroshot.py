@@ -1,10 +1,13 @@
 """Zero-shot accuracy through lm-evaluation-harness: the adapter is pinned to a direct computation with the model,
 the local task configs are lm-eval's own definitions, bad input is refused clearly.
 
-Runs on the shipped fixtures (tests/data/zeroshot: 4 rows per task), never on a hub."""
+Runs on the 4-row fixtures (tests/data/zeroshot) and on the shipped sets (data/zeroshot), never on a hub."""
 import copy
+import hashlib
 import json
+import lzma
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -141,7 +144,10 @@ def test_adapter_wraps_fake_quantized_and_packed_models(tmp_path, embedded):
     save_quantized(fdb, str(tmp_path / "ckpt"))
     packed = load_quantized(str(tmp_path / "ckpt"), base_model=copy.deepcopy(base))
     reqs = requests(zeroshot.build_tasks("piqa,winogrande", data_dir=FIXTURES))
-    for model in (fdb, packed):
+    dense = copy.deepcopy(packed)
+    assert zeroshot.dense_weights(dense) == 7 * 2  # 7 linears in each of tiny_llama's 2 blocks
+    assert not any(type(m).__name__ == "PackedDualBinaryLinear" for m in dense.modules())
+    for model in (fdb, packed, dense):
         got = zeroshot.lm_adapter(model, tok, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
         for inst, (ll, _) in zip(reqs, got):
             assert ll == pytest.approx(direct_loglikelihood(model, tok, *inst.args)[0], abs=LL_ATOL)
@@ -173,6 +179,7 @@ def test_missing_file_names_it_and_where_it_goes(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "zeroshot" / "hellaswag" / "validation.jsonl") in err and "--data-dir" in err
     monkeypatch.delenv("DBLLM_DATA_DIR", raising=False)
+    monkeypatch.setattr(zeroshot, "SHIPPED_DIR", None)  # a non-editable install: no data/ folder
     with pytest.raises(FileNotFoundError, match=r"zeroshot/piqa/validation.jsonl.*--data-dir"):
         zeroshot.task_file("piqa")
     monkeypatch.setenv("DBLLM_DATA_DIR", FIXTURES)
@@ -183,3 +190,85 @@ def test_missing_file_names_it_and_where_it_goes(tmp_path, monkeypatch, capsys):
 def test_check_limit_refuses_non_positive_or_non_integer(limit):
     with pytest.raises(ValueError, match="limit="):
         zeroshot.check_limit(limit)
+
+
+# ---- the shipped sets (data/zeroshot) ------------------------------------------------------------------------------
+@pytest.fixture
+def no_data_dir(tmp_path, monkeypatch):
+    """DBLLM_DATA_DIR unset and a fresh cache folder: what a bare clone sees."""
+    monkeypatch.delenv("DBLLM_DATA_DIR", raising=False)
+    monkeypatch.setenv("DBLLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("task", list(zeroshot.TASKS))
+def test_shipped_set_is_read_by_default_and_is_the_documented_one(task, no_data_dir):
+    path = zeroshot.task_file(task)
+    assert path.startswith(str(no_data_dir / "cache"))
+    assert zeroshot.sha256_file(path) == zeroshot.SHA256[task]
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert len(rows) == zeroshot.TASKS[task][2]
+    folder = os.path.join(zeroshot.SHIPPED_DIR, task)
+    readme = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    xz = os.path.join(folder, f"{zeroshot.TASKS[task][1]}.jsonl.xz")
+    assert zeroshot.SHA256[task] in readme and zeroshot.sha256_file(xz) in readme
+    assert "**License:**" in readme and "**Source of this copy:**" in readme
+    sums = open(os.path.join(zeroshot.SHIPPED_DIR, "SHA256SUMS")).read().split("\n")
+    assert f"{zeroshot.sha256_file(xz)}  {task}/{os.path.basename(xz)}" in sums
+
+
+def test_shipped_copy_corrupt_or_missing_is_named(no_data_dir, monkeypatch):
+    shipped = no_data_dir / "data"
+    shutil.copytree(os.path.join(zeroshot.SHIPPED_DIR, "winogrande"), shipped / "winogrande")
+    monkeypatch.setattr(zeroshot, "SHIPPED_DIR", str(shipped))
+    xz = shipped / "winogrande" / "validation.jsonl.xz"
+    text = lzma.decompress(xz.read_bytes())
+    xz.write_bytes(lzma.compress(text.replace(b'"answer": "1"', b'"answer": "2"', 1)))  # one label changed
+    with pytest.raises(ValueError, match=f"{xz} is corrupt: its text has SHA-256 .* expected {zeroshot.SHA256['winogrande']}"):
+        zeroshot.task_file("winogrande")
+    xz.write_bytes(b"not xz")
+    with pytest.raises(ValueError, match=f"{xz} is corrupt: it is not a valid .xz file"):
+        zeroshot.task_file("winogrande")
+    xz.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{xz} is missing.*git checkout -- data/zeroshot"):
+        zeroshot.task_file("winogrande")
+
+
+def test_a_given_folder_takes_precedence_and_may_be_compressed(no_data_dir):
+    folder = no_data_dir / "mine" / "zeroshot" / "piqa"
+    folder.mkdir(parents=True)
+    text = open(os.path.join(FIXTURES, "zeroshot", "piqa", "validation.jsonl"), "rb").read()
+    (folder / "validation.jsonl.xz").write_bytes(lzma.compress(text))
+    path = zeroshot.task_file("piqa", str(no_data_dir / "mine"))
+    assert open(path, "rb").read() == text
+    prov = zeroshot.data_provenance(path, "piqa")
+    assert prov["sha256"] == hashlib.sha256(text).hexdigest() and prov["shipped"] is False
+
+
+def test_cli_on_a_bare_clone_reads_the_shipped_set(no_data_dir, embedded, monkeypatch, capsys):
+    """`dbllm-lab eval-zeroshot --limit 2` with no DBLLM_DATA_DIR and no --data-dir: the shipped WinoGrande."""
+    import dbllm_lab.cli as cli
+    monkeypatch.setattr(cli, "_model", lambda args: embedded)
+    out = no_data_dir / "zs.json"
+    assert main(["eval-zeroshot", "--tasks", "winogrande", "--limit", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["tasks"]["winogrande"]
+    assert r["n"] == 2 and r["n_split"] == 1267 and r["chance"] == 0.5
+    assert r["data"]["shipped"] is True and r["data"]["sha256"] == zeroshot.SHA256["winogrande"]
+    assert "winogrande     n=    2" in capsys.readouterr().out
+
+
+def test_at_size_takes_small_splits_whole_and_cuts_the_others():
+    assert zeroshot.at_size_limits(list(zeroshot.TASKS)) == {
+        "piqa": 1000, "arc_easy": 1000, "arc_challenge": None, "hellaswag": 1000, "winogrande": None}
+    assert zeroshot.at_size_limits("piqa,hellaswag", 100) == {"piqa": 100, "hellaswag": 100}
+    assert zeroshot.check_limits("piqa,winogrande", {"piqa": 3}) == {"piqa": 3, "winogrande": None}
+    with pytest.raises(ValueError, match=r"limit names task\(s\) \['hellaswag'\]"):
+        zeroshot.check_limits("piqa", {"hellaswag": 3})
+    with pytest.raises(ValueError, match="limit=0"):
+        zeroshot.check_limits("piqa", {"piqa": 0})
+
+
+def test_chance_is_one_over_the_number_of_choices(fixture_tasks):
+    assert zeroshot.chance_accuracy(fixture_tasks["piqa"], 4) == 0.5
+    assert zeroshot.chance_accuracy(fixture_tasks["hellaswag"], 4) == 0.25
+    assert zeroshot.chance_accuracy(fixture_tasks["winogrande"], 2) == 0.5
