@@ -11,8 +11,7 @@ import torch
 
 def set_backend(model, backend):
     """Set the ``backend`` switch of every ``PackedDualBinaryLinear`` in ``model``; returns how many were set."""
-    from .kernel import BACKENDS
-    from .packed_linear import PackedDualBinaryLinear
+    from .packed_linear import BACKENDS, PackedDualBinaryLinear
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     layers = [m for m in model.modules() if isinstance(m, PackedDualBinaryLinear)]

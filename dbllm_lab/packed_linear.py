@@ -6,16 +6,21 @@ Buffers: ``p1``, ``p2`` (out, in // 32) int32 words (``dbllm_lab.packing`` layou
 (out, in // g) scales (fp16 by default: the packed format; fp32 keeps the simulated model's scales exactly),
 optional ``bias``. Storage is 2 + 2 * 16 / g bits per weight (2.5 at g = 64).
 
-Forward runs one of three paths, chosen by the ``backend`` switch (constructor argument or attribute; the
+Forward runs one of these paths, chosen by the ``backend`` switch (constructor argument or attribute; the
 packed model never holds a dense weight on any path):
   * ``'triton'``: the Triton kernels of ``dbllm_lab.kernel`` (GEMV for <= 8 rows, GEMM above), on CUDA (on CPU
     tensors only under TRITON_INTERPRET=1, for tests);
-  * ``'cpu'``: the C++ kernel of ``dbllm_lab.cpu_kernel`` (AVX-512 where the CPU has it), compiled on first use,
-    straight from the packed words at any batch size;
+  * ``'cpu'``: the C++ kernel of ``dbllm_lab.cpu_kernel``, compiled on first use: its integer path for 1 to
+    ``INT8_MAX_ROWS`` activation rows (decoding; int8 activations per group, integer bit-plane sums, fp32
+    scaling), its exact fp32 path for more rows (prefill) and for groups over ``cpu_kernel.INT8_MAX_GROUP``;
+  * ``'cpu-exact'``: the C++ kernel's exact fp32 path at every batch size (the reference of the integer path);
+  * ``'cpu-int8'``: the integer path at every batch size (to measure its accuracy, e.g. perplexity);
   * ``'torch'``: dequantize into a temporary dense ``w_hat`` on every call, then ``F.linear`` (slow; the fallback
     when neither kernel can run, and a reference);
   * ``'auto'`` (default): 'triton' for CUDA inputs, 'cpu' for CPU inputs when the C++ kernel builds here,
     else 'torch' (with a warning naming the reason).
+The integer path reads the planes in its own layout (``cpu_kernel.repack_int8``), made on its first call and
+kept beside the buffers (same bytes again, 2.5 bits per weight; remade when a buffer changes).
 """
 import warnings
 
@@ -24,8 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import cpu_kernel
-from .kernel import BACKENDS, HAS_TRITON, SCALE_DTYPES, bits_per_weight, dequantize, dual_binary_matmul, interpreting
+from .kernel import BACKENDS as KERNEL_BACKENDS
+from .kernel import HAS_TRITON, SCALE_DTYPES, bits_per_weight, dequantize, dual_binary_matmul, interpreting
 from .packing import WORD_BITS, pack_bits
+
+BACKENDS = KERNEL_BACKENDS + ("cpu-exact", "cpu-int8")  # the layer's backends (module docstring)
+CPU_PATHS = ("cpu", "cpu-exact", "cpu-int8")
+INT8_MAX_ROWS = 4  # 'cpu' runs the integer path up to this many activation rows
 
 
 class PackedDualBinaryLinear(nn.Module):
@@ -45,6 +55,7 @@ class PackedDualBinaryLinear(nn.Module):
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.backend = backend
+        self._int8 = None  # (buffer versions, cpu_kernel.Int8Weights): the integer path's layout
         words, groups = in_features // WORD_BITS, in_features // group_size
         self.register_buffer("p1", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("p2", torch.zeros(out_features, words, dtype=torch.int32, device=device))
@@ -103,7 +114,7 @@ class PackedDualBinaryLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.p1, self.p2, self.a1, self.a2))
 
     def path(self, x):
-        """'triton', 'cpu' or 'torch': the path forward(x) runs (see the module docstring)."""
+        """The backend forward(x) runs: 'auto' resolved to 'triton', 'cpu' or 'torch' (module docstring)."""
         if self.backend != "auto":
             return self.backend
         if x.is_cuda:
@@ -123,18 +134,36 @@ class PackedDualBinaryLinear(nn.Module):
         path = self.path(x)
         if path == "triton":
             y = dual_binary_matmul(x, self.p1, self.p2, self.a1, self.a2, self.group_size, backend="triton")
-        elif path == "cpu":
-            if x.dtype not in cpu_kernel.ACT_DTYPES:
-                raise TypeError(f"input has dtype {x.dtype}; the CPU kernel takes float32, float16 or bfloat16")
-            x2 = x.reshape(-1, self.in_features).contiguous()
-            y = cpu_kernel._run(cpu_kernel.load(), x2, x2.shape[0], self.out_features, self.in_features,
-                                self.p1.contiguous(), self.p2.contiguous(), self.a1.contiguous(),
-                                self.a2.contiguous(), self.group_size).view(*x.shape[:-1], self.out_features)
+        elif path in CPU_PATHS:
+            y = self._forward_cpu(x, path)
         else:  # dense w_hat lives only for this call
             y = F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _forward_cpu(self, x, path):
+        """The C++ kernel: the integer path ('cpu-int8'; 'cpu' up to INT8_MAX_ROWS rows) or the exact fp32 path."""
+        if x.dtype not in cpu_kernel.ACT_DTYPES:
+            raise TypeError(f"input has dtype {x.dtype}; the CPU kernel takes float32, float16 or bfloat16")
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        M, lib = x2.shape[0], cpu_kernel.load()
+        if path == "cpu-int8" or (path == "cpu" and M <= INT8_MAX_ROWS
+                                  and self.group_size <= cpu_kernel.INT8_MAX_GROUP):
+            y = cpu_kernel._run_int8(lib, x2, M, self.int8_weights())
+        else:
+            y = cpu_kernel._run(lib, x2, M, self.out_features, self.in_features, self.p1.contiguous(),
+                                self.p2.contiguous(), self.a1.contiguous(), self.a2.contiguous(), self.group_size)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def int8_weights(self):
+        """The planes and scales in the integer path's layout (``cpu_kernel.repack_int8``), made once and remade
+        when a buffer was changed or replaced."""
+        cpu_kernel.check_int8_group(self.group_size)
+        key = tuple((t.data_ptr(), _version(t)) for t in (self.p1, self.p2, self.a1, self.a2))
+        if self._int8 is None or self._int8[0] != key:
+            self._int8 = (key, cpu_kernel.repack_int8(self.p1, self.p2, self.a1, self.a2, self.group_size))
+        return self._int8[1]
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -143,6 +172,12 @@ class PackedDualBinaryLinear(nn.Module):
 
 
 _WARNED = set()
+
+
+def _version(t):
+    """The tensor's in-place write counter; None for an inference tensor (made under torch.inference_mode, which
+    cannot be written in place outside it)."""
+    return None if t.is_inference() else t._version
 
 
 def _warn_once(msg):
