@@ -1,26 +1,38 @@
-"""CPU benchmark of the packed dual-bit-plane layer: the C++ kernel (dbllm_lab.cpu_kernel) vs torch fp32 and bf16.
+"""CPU benchmark of the packed dual-bit-plane layer: the C++ kernel's integer and exact paths vs torch fp32 and bf16.
 
     python bench/kernel_cpu.py                                  # all shapes, batches 1 4 16, 2 threads
     python bench/kernel_cpu.py --shapes 4096x4096 --batches 1   # a subset
+    python bench/kernel_cpu.py ... --ppl-model build/models/best   # and dev PPL of both packed paths
 
 Shapes are out x in: LLaMA-7B (4096x4096, 4096x11008 = down_proj, 11008x4096 = up/gate) and the embedded
 SmolLM2-135M (576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536 down); FDB bit-planes (clip init, g = 64)
 of Gaussian weights for the LLaMA shapes and of the embedded model's layer-0 weights for its shapes.
 
-Three columns measured side by side in one run: ``F.linear`` with the dense fp32 weight ``w_hat``, the same with
-bf16 weight and activations, and ``PackedDualBinaryLinear`` (backend 'cpu': the C++ kernel reading the packed
-words; fp32 activations, fp16 scales). Timing: each sample is a run of calls on successive copies of the weight
-(enough copies that one method's copies span ``--rotate-mib``, so weights come from memory, as in decoding a
-model larger than the cache, not from a warm cache), the three methods interleaved round by round so a
-background load hits them alike; median over ``--rounds`` samples. Achieved GB/s = bytes read / time (weights,
-activations, output); the byte-count limit of the speedup over fp32 is fp32 bytes / packed bytes (12.8x for the
-weights alone at g = 64; a memory-bound GEMV cannot beat it). Writes bench/results/kernel_cpu.json.
+Methods, timed side by side in one run (fp32 activations, fp16 scales for the packed ones):
+  * ``int8``: the integer path, candidate (b): ``PackedDualBinaryLinear(backend='cpu-int8')`` forward, what
+    backend 'cpu' runs for 1-4 rows (int8 activations, AVX2 byte-shuffle lookups where the CPU has AVX2);
+  * ``int8_call`` / ``expand_call`` / ``exact_call``: the library calls alone (no Python layer): the lookup path,
+    candidate (a) (bits expanded to bytes, vpmaddubsw; AVX2 only) and the exact fp32 path;
+  * ``exact``: ``PackedDualBinaryLinear(backend='cpu-exact')`` forward;
+  * ``fp32`` / ``bf16``: torch ``F.linear`` with the dense ``w_hat`` in that dtype (activations too);
+  * ``stream``: ``torch.sum`` over a buffer of ``--rotate-mib`` MiB: the machine's streaming read bandwidth now.
+Timing (``--clock wall``, or ``cpu``: the process's CPU time / threads, for a machine that other jobs load):
+each sample is a run of calls on successive copies of the weights (enough copies that one method's span
+``--rotate-mib``, so weights come from memory as in decoding a model larger than the cache); the methods alternate
+within every round, so a background load hits them alike. Rounds run in blocks of ``--block`` until, for every
+method, the medians of the last three blocks lie within ``--spread`` of each other (or ``--max-rounds``); the
+median of all samples is reported. The 1-min load average and the kernel's count of running threads are sampled
+every second during the run. Byte limit: a GEMV cannot read its weights faster than the stream, so
+fraction_of_byte_limit = (weight bytes / time) / stream GB/s; the speedup over fp32 is at most the ratio of the
+weight bytes (12.8x at g = 64). Writes bench/results/kernel_cpu.json.
 """
 import argparse
 import copy
 import math
 import os
+import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -32,98 +44,160 @@ from common import write_results  # noqa: E402
 from kernel import add_shape_args, quantize, sparsity, weights_for  # noqa: E402
 
 from dbllm_lab import cpu_kernel  # noqa: E402
-from dbllm_lab import kernel as K  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
+
+
+class LoadSampler(threading.Thread):
+    """Samples the 1-min load average and the running-thread count (/proc/stat procs_running) every second."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.load, self.running, self.stop = [], [], threading.Event()
+
+    def run(self):
+        while not self.stop.wait(1.0):
+            self.load.append(os.getloadavg()[0])
+            try:
+                with open("/proc/stat") as f:
+                    self.running.append(next(int(ln.split()[1]) for ln in f if ln.startswith("procs_running")))
+            except (OSError, StopIteration):
+                pass
+
+    def summary(self):
+        def stats(v):
+            return {"min": min(v), "median": statistics.median(v), "max": max(v), "samples": len(v)} if v else None
+        return {"loadavg_1min": stats(self.load), "procs_running": stats(self.running)}
 
 
 def copies_for(nbytes, rotate_bytes, cap=256):
     return max(2, min(cap, math.ceil(rotate_bytes / nbytes)))
 
 
-def interleaved_ms(fns, rounds, min_sample_ms=2.0):
-    """{name: median ms per call}. fns[name] is a list of calls (one per weight copy), called in turn; each sample
-    times enough calls to last >= min_sample_ms; the methods alternate within every round."""
+def timed_rounds(fns, args, threads):
+    """{name: median ms per call} and how the rounds went. fns[name] is a list of calls (one per weight copy),
+    called in turn; a sample lasts >= 2 ms; blocks of rounds until the last three block medians agree. Clock
+    'wall': time.perf_counter; 'cpu': the process's CPU time / threads (time spent descheduled by other jobs not
+    counted; with more than 1 thread an OpenMP thread spinning for a descheduled one is counted)."""
     reps, pos = {}, {k: 0 for k in fns}
     for k, calls in fns.items():  # warm up every copy once, and size the samples
         t0 = time.perf_counter()
         for c in calls:
             c()
-        per_call = (time.perf_counter() - t0) * 1e3 / len(calls)
-        reps[k] = max(1, math.ceil(min_sample_ms / max(per_call, 1e-4)))
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, calls in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
-                calls[pos[k]]()
-                pos[k] = (pos[k] + 1) % len(calls)
-            samples[k].append((time.perf_counter() - t0) * 1e3 / reps[k])
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+        reps[k] = max(1, math.ceil(2.0 / max((time.perf_counter() - t0) * 1e3 / len(calls), 1e-4)))
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    samples, block_medians, spread = {k: [] for k in fns}, {k: [] for k in fns}, None
+    while len(samples["fp32"]) < args.max_rounds:
+        for _ in range(args.block):
+            for k, calls in fns.items():
+                t0 = clock()
+                for _ in range(reps[k]):
+                    calls[pos[k]]()
+                    pos[k] = (pos[k] + 1) % len(calls)
+                samples[k].append((clock() - t0) * 1e3 / reps[k] / (threads if args.clock == "cpu" else 1))
+        for k in fns:
+            block_medians[k].append(statistics.median(samples[k][-args.block:]))
+        if len(block_medians["fp32"]) >= 3:
+            last = {k: v[-3:] for k, v in block_medians.items()}
+            spread = max((max(v) - min(v)) / statistics.median(v) for v in last.values())
+            if spread <= args.spread:
+                break
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return medians, {"rounds": len(samples["fp32"]), "spread_of_last_3_block_medians": spread,
+                     "converged": spread is not None and spread <= args.spread}
 
 
 def bench_shape(shape, batches, planes, args):
     N, Kin = shape
     g = args.group_size
     b1, b2, a1, a2 = planes
-    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="cpu")  # fp16 scales
+    layer = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, backend="cpu-int8")  # fp16 scales
     w32 = layer.dequantize(torch.float32)
     rotate = args.rotate_mib * 2**20
     packed_bytes = layer.packed_bytes()
     layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(packed_bytes, rotate) - 1)]
+    int8_weights = [m.int8_weights() for m in layers]
+    exact_layers = [copy.copy(m) for m in layers]  # the same buffers on backend 'cpu-exact'
+    for m in exact_layers:
+        m.backend = "cpu-exact"
     w32s = [w32] + [w32.clone() for _ in range(copies_for(w32.numel() * 4, rotate) - 1)]
-    w16s = [w.bfloat16() for w in w32s[:copies_for(w32.numel() * 2, rotate)]]
-    while len(w16s) < copies_for(w32.numel() * 2, rotate):
-        w16s.append(w16s[0].clone())
+    w16s = [w32.bfloat16() for _ in range(copies_for(w32.numel() * 2, rotate))]
+    stream_buf = torch.ones(rotate // 4)
+    lib, threads, half = cpu_kernel.load(), torch.get_num_threads(), 1
     rows = []
     for M in batches:
         x = torch.randn(M, Kin)
-        xb = x.bfloat16()
+        xb, out = x.bfloat16(), torch.empty(M, N)
         with torch.no_grad():
-            ref = K.dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
-            err = ((layer(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-            ms = interleaved_ms({"fp32": [lambda w=w: F.linear(x, w) for w in w32s],
-                                 "bf16": [lambda w=w: F.linear(xb, w) for w in w16s],
-                                 "packed": [lambda m=m: m(x) for m in layers]}, args.rounds)
-        io32, io16 = (M * Kin + M * N) * 4, (M * Kin + M * N) * 2
-        bytes_fp32, bytes_bf16, bytes_packed = N * Kin * 4 + io32, N * Kin * 2 + io16, packed_bytes + io32
-        limit = bytes_fp32 / bytes_packed
-        speedup = ms["fp32"] / ms["packed"]
-        rows.append({"shape": f"{N}x{Kin}", "out": N, "in": Kin, "batch": M,
-                     "fp32_ms": ms["fp32"], "bf16_ms": ms["bf16"], "packed_ms": ms["packed"],
-                     "fp32_GBps": bytes_fp32 / ms["fp32"] / 1e6, "bf16_GBps": bytes_bf16 / ms["bf16"] / 1e6,
-                     "packed_GBps": bytes_packed / ms["packed"] / 1e6,
-                     "speedup_vs_fp32": speedup, "speedup_vs_bf16": ms["bf16"] / ms["packed"],
-                     "byte_limit_vs_fp32": limit, "fraction_of_limit": speedup / limit,
-                     "packed_MiB": packed_bytes / 2**20, "fp32_MiB": N * Kin * 4 / 2**20,
-                     "copies": {"fp32": len(w32s), "bf16": len(w16s), "packed": len(layers)},
-                     "max_rel_err_vs_reference": err})
+            exact_ref = cpu_kernel.dual_binary_matmul_cpu(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
+            int8_ref = cpu_kernel.int8_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
+            y_int8 = layer(x)
+            fns = {"int8": [lambda m=m: m(x) for m in layers],
+                   "int8_call": [lambda p=p: lib.dbl_matmul_int8_lut(
+                       x.data_ptr(), M, p.w1.data_ptr(), p.w2.data_ptr(), p.s1.data_ptr(), p.s2.data_ptr(), half,
+                       out.data_ptr(), N, Kin, g, threads, 0) for p in int8_weights],
+                   "exact_call": [lambda m=m: lib.dbl_matmul(
+                       x.data_ptr(), M, m.p1.data_ptr(), m.p2.data_ptr(), m.a1.data_ptr(), m.a2.data_ptr(), half,
+                       out.data_ptr(), N, Kin, g, threads) for m in layers],
+                   "exact": [lambda m=m: m(x) for m in exact_layers],
+                   "fp32": [lambda w=w: F.linear(x, w) for w in w32s],
+                   "bf16": [lambda w=w: F.linear(xb, w) for w in w16s],
+                   "stream": [stream_buf.sum]}
+            if lib.dbl_int8_isa():
+                fns["expand_call"] = [lambda m=m: lib.dbl_matmul_int8_expand(
+                    x.data_ptr(), M, m.p1.data_ptr(), m.p2.data_ptr(), m.a1.data_ptr(), m.a2.data_ptr(), half,
+                    out.data_ptr(), N, Kin, g, threads) for m in layers]
+            ms, how = timed_rounds(fns, args, threads)
+        stream_GBps = rotate / ms["stream"] / 1e6
+        io = (M * Kin + M * N) * 4
+        weight_bytes = {"fp32": N * Kin * 4, "bf16": N * Kin * 2, "packed": packed_bytes}
+        row = {"shape": f"{N}x{Kin}", "out": N, "in": Kin, "batch": M, **{f"{k}_ms": v for k, v in ms.items()}}
+        for k, wb in (("int8", "packed"), ("int8_call", "packed"), ("exact", "packed"), ("fp32", "fp32"),
+                      ("bf16", "bf16")):
+            row[f"{k}_weight_GBps"] = weight_bytes[wb] / ms[k] / 1e6
+        row.update({
+            "stream_GBps": stream_GBps,
+            "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"], "int8_speedup_vs_bf16": ms["bf16"] / ms["int8"],
+            "exact_speedup_vs_fp32": ms["fp32"] / ms["exact"], "int8_speedup_vs_exact": ms["exact"] / ms["int8"],
+            "byte_limit_vs_fp32": (weight_bytes["fp32"] + io) / (packed_bytes + io),
+            "int8_fraction_of_byte_limit": packed_bytes / ms["int8"] / 1e6 / stream_GBps,
+            "int8_call_fraction_of_byte_limit": packed_bytes / ms["int8_call"] / 1e6 / stream_GBps,
+            "fp32_fraction_of_byte_limit": weight_bytes["fp32"] / ms["fp32"] / 1e6 / stream_GBps,
+            "packed_MiB": packed_bytes / 2**20, "fp32_MiB": weight_bytes["fp32"] / 2**20,
+            "copies": {"packed": len(layers), "fp32": len(w32s), "bf16": len(w16s)}, **how,
+            "int8_max_rel_err_vs_int8_reference": _rel(y_int8, int8_ref, "max"),
+            "exact_max_rel_err_vs_reference": _rel(exact_ref, _exact_reference(x, layer, g), "max"),
+            "int8_rms_rel_err_vs_exact": _rel(y_int8, exact_ref, "rms")})
+        rows.append(row)
     return rows
 
 
-def save(args, rows, how, kinfo, load_before, t_start, done):
-    """Write the rows so far (after every shape: a run stopped early keeps what it measured)."""
-    load_after = os.getloadavg()
-    loaded = max(load_before[0], load_after[0]) > 0.5 * os.cpu_count()
-    settings = {
-        "device": "cpu", "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
-        "torch_threads": torch.get_num_threads(), "kernel_threads": torch.get_num_threads(), "kernel": kinfo,
-        "quantizer": how, "rounds": args.rounds, "rotate_mib": args.rotate_mib, "seconds": time.time() - t_start,
-        "complete": done if done else f"no: {len(rows)} of {len(args.shapes) * len(args.batches)} rows measured so far",
-        "loadavg_before": load_before, "loadavg_after": load_after,
-        "timer": "time.perf_counter; per sample a run of calls on successive weight copies (>= 2 ms), methods "
-                 "interleaved each round; median of the samples",
-        "columns": "fp32/bf16: torch F.linear with the dense w_hat in that dtype (activations too); packed: "
-                   "PackedDualBinaryLinear(backend='cpu') forward, fp32 activations, fp16 scales",
-        "bandwidth_limit": "speedup over fp32 <= byte_limit_vs_fp32 = fp32 bytes / packed bytes (memory-bound GEMV)",
-        "note": (f"machine under load from other jobs (1-min load average {load_before[0]:.1f} before, "
-                 f"{load_after[0]:.1f} after, on {os.cpu_count()} cores): times are dominated by the scheduler (the "
-                 "kernel and torch alike wait for time slices), so neither absolute times nor ratios show what "
-                 "the kernel does on an idle machine" if loaded else
-                 f"1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores"),
-    }
-    write_results(args.out, rows, settings,
-                  columns=["shape", "batch", "fp32_ms", "bf16_ms", "packed_ms", "packed_GBps", "speedup_vs_fp32",
-                           "speedup_vs_bf16", "byte_limit_vs_fp32", "fraction_of_limit", "max_rel_err_vs_reference"])
+def _exact_reference(x, layer, g):
+    from dbllm_lab.kernel import dual_binary_matmul_reference
+    return dual_binary_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
+
+
+def _rel(y, ref, kind):
+    d = (y.float() - ref.float())
+    return (d.abs().max() / ref.abs().max()).item() if kind == "max" else (d.norm() / ref.norm()).item()
+
+
+def dev_perplexity(model_dir, max_windows):
+    """Dev-window PPL (first ``max_windows`` WikiText-2 test windows) of a packed model folder with the integer path
+    at every batch size ('cpu-int8') and with the exact path ('cpu-exact')."""
+    from dbllm_lab.checkpoint import load_quantized
+    from dbllm_lab.generate import set_backend
+    from dbllm_lab.model import load_model
+    from dbllm_lab.ppl import perplexity
+    base, tok = load_model()
+    model = load_quantized(model_dir, base_model=base)
+    res = {"model": model_dir, "max_windows": max_windows}
+    for backend in ("cpu-exact", "cpu-int8"):
+        set_backend(model, backend)
+        r = perplexity(model, tok, max_windows=max_windows, progress=False)
+        res[backend] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "seconds": r.seconds}
+        print(backend, res[backend], flush=True)
+    res["int8_vs_exact_rel_change"] = res["cpu-int8"]["ppl"] / res["cpu-exact"]["ppl"] - 1
+    return res
 
 
 def main():
@@ -132,16 +206,23 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
     ap.add_argument("--init", default="clip", choices=["clip", "minmax"],
                     help="FDB init of the bit-planes (the kernel's time does not depend on it; minmax is faster)")
-    ap.add_argument("--rounds", type=int, default=15, help="timed samples per method (median reported)")
-    ap.add_argument("--rotate-mib", type=int, default=512, help="weight copies of each method span this many MiB")
+    ap.add_argument("--block", type=int, default=5, help="rounds per block (default 5)")
+    ap.add_argument("--spread", type=float, default=0.05, help="stop when the last 3 block medians agree this well")
+    ap.add_argument("--max-rounds", type=int, default=60)
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall time, or the process's CPU time / threads (for a machine loaded by other jobs)")
+    ap.add_argument("--rotate-mib", type=int, default=256, help="weight copies of each method span this many MiB")
+    ap.add_argument("--ppl-model", default=None, help="packed model folder: also measure its dev PPL on both paths")
+    ap.add_argument("--ppl-note", default="", help="what the --ppl-model folder is (stored beside its PPL)")
+    ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "kernel_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kinfo = cpu_kernel.info()  # compiles on first use
-    load_before = os.getloadavg()
-    t_start = time.time()
     data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
+    sampler, t_start = LoadSampler(), time.time()
+    sampler.start()
     rows, how = [], None
     for shape in args.shapes:
         w, source = data[shape]
@@ -150,6 +231,32 @@ def main():
             row.update({"weights": source, **sparsity(b1, b2)})
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        save(args, rows, how, kinfo, load_before, t_start, done=shape == args.shapes[-1])
+    sampler.stop.set()
+    load = sampler.summary()
+    busy = load["loadavg_1min"] and load["loadavg_1min"]["median"] > 0.5 * os.cpu_count()
+    settings = {
+        "device": "cpu", "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
+        "torch_threads": torch.get_num_threads(), "kernel_threads": torch.get_num_threads(), "kernel": kinfo,
+        "quantizer": how, "block": args.block, "spread_target": args.spread, "max_rounds": args.max_rounds,
+        "rotate_mib": args.rotate_mib, "seconds": time.time() - t_start, "load_during_run": load,
+        "clock": args.clock,
+        "timer": ("time.perf_counter" if args.clock == "wall" else "time.process_time / threads") +
+                 "; per sample a run of calls on successive weight copies (>= 2 ms), methods interleaved each round; "
+                 "median of all samples",
+        "byte_limit": "fraction_of_byte_limit = (weight bytes / time) / stream GB/s (torch.sum over rotate_mib MiB, "
+                      "timed in the same rounds); weight bytes: packed planes + fp16 scales, or the dense weight",
+        "note": (f"LOADED MACHINE: other jobs ran during the whole run (1-min load average median "
+                 f"{load['loadavg_1min']['median']:.1f} on {os.cpu_count()} cores, sampled every second): every "
+                 "method waits for time slices, so these are not quiet-machine numbers" if busy else
+                 "1-min load average at most half the cores during the run (sampled every second)"),
+    }
+    if args.ppl_model:
+        settings["perplexity"] = {**dev_perplexity(args.ppl_model, args.ppl_windows), "what": args.ppl_note}
+    write_results(args.out, rows, settings,
+                  columns=["shape", "batch", "int8_ms", "int8_call_ms", "expand_call_ms", "exact_ms", "fp32_ms",
+                           "bf16_ms", "int8_speedup_vs_fp32", "int8_speedup_vs_bf16", "stream_GBps",
+                           "int8_fraction_of_byte_limit", "int8_rms_rel_err_vs_exact"])
+
+
 if __name__ == "__main__":
     main()
