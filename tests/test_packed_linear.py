@@ -1,5 +1,5 @@
 """PackedDualBinaryLinear: automatic path choice, agreement with the simulated (dense w_hat) layer on every CPU
-path, no dense weight held, state_dict round trip, bad input, and whole models (tiny random LLaMA; the embedded SmolLM2 quantized
+path, the integer and exact paths of the CPU backends, no dense weight held, state_dict round trip, bad input, and whole models (tiny random LLaMA; the embedded SmolLM2 quantized
 with FDB, saved as a packed checkpoint, reloaded) whose logits match the simulated-quantization model.
 
 Tolerances (stated): fp32 scales -> logits within 1e-4 relative to their max |value| (only summation
@@ -73,6 +73,38 @@ def test_cpu_paths_match_simulated_layer_and_hold_no_dense_weight():
     assert "bits_per_weight=3" in repr(lin) and "bits_per_weight=2.5" in repr(PackedDualBinaryLinear(128, 8))
 
 
+def test_cpu_backends_run_their_paths():
+    """'cpu': the integer path for 1-4 activation rows, the exact path above; 'cpu-int8' / 'cpu-exact' at every batch;
+    a group over cpu_kernel.INT8_MAX_GROUP stays exact on 'cpu'; the integer layout follows in-place changes."""
+    if not cpu_kernel.available():
+        pytest.skip(f"CPU kernel unavailable: {cpu_kernel.why_unavailable()}")
+    g = 64
+    lin = PackedDualBinaryLinear.from_bitplanes(*planes(40, 256, g), g)
+
+    def want(x, kind):
+        f = cpu_kernel.int8_matmul_reference if kind == "int8" else K.dual_binary_matmul_reference
+        return f(x.reshape(-1, 256), lin.p1, lin.p2, lin.a1, lin.a2, g).view(*x.shape[:-1], 40)
+
+    for backend, rows, kind in (("cpu", 1, "int8"), ("cpu", 4, "int8"), ("cpu", 5, "exact"), ("cpu-int8", 9, "int8"),
+                                ("cpu-exact", 1, "exact"), ("auto", 2, "int8")):
+        lin.backend = backend
+        x = torch.randn(1, rows, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), want(x, kind), rtol=2e-6, atol=2e-6, msg=f"{backend} rows={rows}")
+    lin.backend = "cpu"
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        lin.a1.mul_(2)  # the integer layout is remade from the changed buffer
+        torch.testing.assert_close(lin(x), want(x, "int8"), rtol=2e-6, atol=2e-6)
+    wide = PackedDualBinaryLinear.from_bitplanes(*planes(8, 512, 512), 512, backend="cpu")
+    xw = torch.randn(1, 512)
+    torch.testing.assert_close(wide(xw), K.dual_binary_matmul_reference(xw, wide.p1, wide.p2, wide.a1, wide.a2, 512),
+                               rtol=1e-5, atol=1e-5)
+    wide.backend = "cpu-int8"
+    with pytest.raises(ValueError, match="group_size=512 is too large for the integer path"):
+        wide(xw)
+
+
 def test_fp16_scales_and_dtypes():
     g = 32
     b1, b2, a1, a2 = planes(40, 96, g)
@@ -127,7 +159,7 @@ def test_bad_input():
         PackedDualBinaryLinear.from_bitplanes(b1[:, :100], b2[:, :100], a1, a2, g)
     with pytest.raises(ValueError, match="pack_bits expects only 0/1"):
         PackedDualBinaryLinear.from_bitplanes(b1 * 2, b2, a1, a2, g)
-    with pytest.raises(ValueError, match="backend='gpu' is not one of"):
+    with pytest.raises(ValueError, match="backend='gpu' is not one of .*'cpu-exact', 'cpu-int8'"):
         PackedDualBinaryLinear(128, 16, backend="gpu")
     with pytest.raises(ValueError, match="scale_dtype=torch.bfloat16 is not one of"):
         PackedDualBinaryLinear(128, 16, scale_dtype=torch.bfloat16)
