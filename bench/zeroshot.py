@@ -152,13 +152,13 @@ def table_notes(rows):
     notes = {"near_chance": {r["method"]: r.get("near_chance") for r in rows},
              "near_chance_note": "cells (task metric) whose accuracy is within 2 standard errors of chance (the "
                                  "mean of 1/choices over the scored documents), per row; 'mean acc' when the mean is"}
-    fp = next((r for r in rows if r["method"] == "fp" and not r.get("partial")), None)
-    if fp:
-        ours = {m: {"hellaswag": fp[f"hellaswag_{m}"], "piqa": fp[f"piqa_{m}"],
-                    "arc_average": round((fp[f"arc_easy_{m}"] + fp[f"arc_challenge_{m}"]) / 2, 2)}
-                for m in ("acc", "acc_norm")}
-        notes["fp_vs_model_card"] = {**MODEL_CARD, "fp_acc": ours["acc"], "fp_acc_norm": ours["acc_norm"],
-                                     "fp_docs_per_task": fp["docs_per_task"]}
+    fp = next((r for r in rows if r["method"] == "fp"), {})
+    ours = {m: {t: fp.get(f"{t}_{m}") for t in ("hellaswag", "piqa")} for m in ("acc", "acc_norm")}
+    for m in ours:  # None where the FP row lacks the task (not scored yet)
+        arc = [fp.get(f"{t}_{m}") for t in ("arc_easy", "arc_challenge")]
+        ours[m]["arc_average"] = None if None in arc else round(sum(arc) / 2, 2)
+    notes["fp_vs_model_card"] = {**MODEL_CARD, "fp_acc": ours["acc"], "fp_acc_norm": ours["acc_norm"],
+                                 "fp_n": fp.get("n")}
     return notes
 
 
