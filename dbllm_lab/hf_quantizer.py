@@ -82,10 +82,6 @@ class DbllmHfQuantizer(HfQuantizer):
         if checkpoint_files:
             verify_files(checkpoint_files, layers, self.quantization_config)
         install_packed_layers(model, layers, self.quantization_config)
-        model.config.use_cache = True
-
-    def update_dtype(self, dtype):
-        return dtype
 
     def is_serializable(self):
         return True  # model.save_pretrained stores the packed buffers and this config as they are

@@ -41,6 +41,8 @@ def _recipe_lines(recipe):
                    f"{tokens:,} tokens; no corpus text.")
     else:
         out.append(f"- Training text: {UNTRAINED}.")
+    if recipe.get("cpu_minutes") is not None:
+        out.append(f"- Compute: {recipe['cpu_minutes']} CPU-minutes, text generation included.")
     if recipe.get("stage"):
         out.append(f"- Stages: {recipe['stage']} (block-wise settings {json.dumps(recipe.get('blockwise') or {})}; "
                    f"end-to-end settings {json.dumps(recipe.get('e2e') or {})}).")
