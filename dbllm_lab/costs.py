@@ -53,13 +53,17 @@ def sparsity_table(layers, group_size=64, init="clip", orientation="per-group", 
 # ---------------------------------------------------------------------------------------------------------
 # Operation and storage counts
 # ---------------------------------------------------------------------------------------------------------
-FORMATS = ("fp16", "int2", "sign", "db-dense", "db-sparse")
+FORMATS = ("fp16", "int2", "int2-planes", "sign", "db-dense", "db-sparse")
+SPARSE_FORMATS = ("int2-planes", "db-sparse")  # only one-bits cost an add: need a count of one-bits
 COUNTING_RULE = (
     "Per token (one activation row) for a linear layer of out N x in K with G = K / g groups per row. "
     "fp16: N*K multiplies + N*K adds (one MAC per weight). "
     "int2 (asymmetric 2-bit codes q in 0..3): N*K multiplies q*x + N*K adds, then per (row, group) "
     "1 scale multiply + 1 zero-point multiply (z * sum_group x) + 2 adds, plus K adds for the group sums of x "
     "(shared by all rows). "
+    "int2-planes (the same 2-bit code run as two bit-planes, q = q0 + 2 q1, sparsity-aware): only the one-bits of "
+    "q0 and q1 add (ones(q0) + ones(q1) adds), per (row, group) 3 multiplies (s for plane 0, 2s for plane 1, z*s on "
+    "the group sum of x) + 3 adds, plus K adds for the group sums of x. "
     "sign (w = alpha * (+-1) + mu): N*K adds (+-x), per (row, group) 2 multiplies (alpha, mu) + 2 adds, plus K adds. "
     "db-dense (w = a1 b1 + a2 b2): every weight costs 2 masked adds (one per bit-plane) = 2*N*K adds, "
     "per (row, group) 2 multiplies (a1, a2) + 2 adds. "
@@ -70,7 +74,8 @@ COUNTING_RULE = (
 
 def linear_ops(out_features, in_features, group_size, fmt, ones=None, tokens=1):
     """Multiplies, adds, FLOPs and bit-ops of one linear layer for ``tokens`` activation rows under
-    ``COUNTING_RULE``. ``ones`` (db-sparse only): the number of one-bits in b1 plus b2."""
+    ``COUNTING_RULE``. ``ones`` (db-sparse and int2-planes only): the number of one-bits in b1 plus b2 (in q0 plus
+    q1 for int2-planes)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r} is not supported; use one of {FORMATS}")
     for k, v in (("out_features", out_features), ("in_features", in_features), ("tokens", tokens)):
@@ -79,16 +84,19 @@ def linear_ops(out_features, in_features, group_size, fmt, ones=None, tokens=1):
     check_group_size(in_features, group_size)
     N, K = out_features, in_features
     NG = N * (K // group_size)
-    if fmt == "db-sparse":
+    if fmt in SPARSE_FORMATS:
         if ones is None or not 0 <= ones <= 2 * N * K:
-            raise ValueError(f"fmt='db-sparse' needs ones = one-bits in b1 + b2, between 0 and {2 * N * K}; got {ones!r}")
+            raise ValueError(f"fmt={fmt!r} needs ones = one-bits of its two planes, between 0 and {2 * N * K}; got {ones!r}")
     elif ones is not None:
-        raise ValueError(f"ones is only used with fmt='db-sparse', not {fmt!r}")
+        raise ValueError(f"ones is only used with fmt in {SPARSE_FORMATS}, not {fmt!r}")
     if fmt == "fp16":
         mults, adds, bitops = N * K, N * K, N * K * (16 * 16 + 16)
     elif fmt == "int2":
         mults, adds = N * K + 2 * NG, N * K + 2 * NG + K
         bitops = N * K * (16 * 2 + 16) + 2 * NG * 16 * 16 + (2 * NG + K) * 16
+    elif fmt == "int2-planes":
+        mults, adds = 3 * NG, ones + 3 * NG + K
+        bitops = 3 * NG * 16 * 16 + adds * 16
     elif fmt == "sign":
         mults, adds = 2 * NG, N * K + 2 * NG + K
         bitops = 2 * NG * 16 * 16 + adds * 16
@@ -101,7 +109,7 @@ def linear_ops(out_features, in_features, group_size, fmt, ones=None, tokens=1):
 
 
 # the registry method whose storage rule each format uses (fp16: 16 bits per weight)
-FORMAT_METHODS = {"int2": ("rtn", 2), "sign": ("sign", 1), "db-dense": ("fdb", 2), "db-sparse": ("fdb", 2)}
+FORMAT_METHODS = {"int2": ("rtn", 2), "int2-planes": ("rtn", 2), "sign": ("sign", 1), "db-dense": ("fdb", 2), "db-sparse": ("fdb", 2)}
 
 
 def linear_bytes(out_features, in_features, group_size, fmt):
@@ -151,22 +159,24 @@ def llama_shapes(name):
     return shapes, other
 
 
-def cost_table(shapes, group_size=64, ones_fraction=None, other_params=0, tokens=1):
+def cost_table(shapes, group_size=64, ones_fraction=None, other_params=0, tokens=1, int2_ones_fraction=None):
     """Totals over ``shapes`` [(name, out, in)] for every format in ``FORMATS``: FLOPs, bit-ops, multiplies,
     adds per ``tokens`` tokens, and bytes of the linear layers and of the whole model (other parameters in fp16).
 
     ``ones_fraction``: one-bits per weight (ones_b1 + ones_b2, in [0, 2]) for db-sparse, a float used for every
-    layer or {name: float}; None leaves db-sparse out.
+    layer or {name: float}; None leaves db-sparse out. ``int2_ones_fraction``: the same for the plain 2-bit code's
+    planes (int2-planes); None leaves int2-planes out.
     """
     rows = []
     for fmt in FORMATS:
-        if fmt == "db-sparse" and ones_fraction is None:
+        frac = {"db-sparse": ones_fraction, "int2-planes": int2_ones_fraction}.get(fmt)
+        if fmt in SPARSE_FORMATS and frac is None:
             continue
         tot = {"mults": 0, "adds": 0, "flops": 0, "bitops": 0, "bytes_linear": 0.0}
         for name, o, i in shapes:
             ones = None
-            if fmt == "db-sparse":
-                f = ones_fraction[name] if isinstance(ones_fraction, dict) else ones_fraction
+            if fmt in SPARSE_FORMATS:
+                f = frac[name] if isinstance(frac, dict) else frac
                 if not 0 <= f <= 2:
                     raise ValueError(f"ones_fraction={f!r} for {name} must be in [0, 2] (ones_b1 + ones_b2)")
                 ones = round(f * o * i)
