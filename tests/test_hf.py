@@ -85,7 +85,8 @@ def lm_eval_agrees(folder, tasks, data_dir, limit=None):
             "--out", out] + ([] if limit is None else ["--limit", str(limit)])
     assert main(args) == 0
     ours = json.load(open(out))["tasks"]
-    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": folder, "batch_size": 8},
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # HFLM's default is cuda
+    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": folder, "batch_size": 8, "device": device},
                                   tasks=list(zeroshot.build_tasks(tasks, data_dir).values()), num_fewshot=0,
                                   limit=limit, bootstrap_iters=0)
     assert sorted(res["results"]) == sorted(ours)
