@@ -1,14 +1,19 @@
-"""End-to-end CPU generation: the embedded model in FP32 vs its packed FDB checkpoint on the C++ kernel.
+"""End-to-end CPU generation: the embedded model in FP32 and BF16 vs its packed FDB checkpoint on the C++ kernel's
+integer path (backend 'cpu': int8 activations for the 1-row decode steps) and exact fp32 path ('cpu-exact'), at
+each of ``--threads`` (default 2 and 1).
 
-    python bench/generate_cpu.py                  # quantizes (FDB, clip init, g = 64) and saves the checkpoint once
-    python bench/generate_cpu.py --tokens 32      # shorter run
+    python bench/generate_cpu.py                                 # build/models/best if trained, else an FDB init
+    python bench/generate_cpu.py --checkpoint DIR --tokens 32    # another packed folder, shorter run
 
+Without ``--checkpoint``: the trained ``build/models/best`` (``dbllm-lab train --recipe best``) when it exists,
+else an untrained FDB init (clip, g = 64) quantized once into checkpoints/fdb_clip_g64; the JSON says which.
 Each model runs in a fresh Python process (so its memory is its own): load, then greedy generation of
 ``--tokens`` new tokens (``dbllm_lab.generate.greedy_generate``: decode tokens/s measured apart from the prompt).
 Memory: the resident set right after loading and the peak resident set during generation (Linux VmHWM, reset
 after loading through /proc/self/clear_refs, so loading the FP base model that the packed checkpoint builds on
-is not counted), and the bytes of the decoder's linear layers (FP: fp32 weights; packed: bit-planes + fp16
-scales). Disk: the packed checkpoint folder vs the FP model saved as fp32 safetensors. Writes
+is not counted). Bytes: of the decoder's linear layers (FP: its dtype; packed: bit-planes + fp16 scales) and of
+all weights one decode step reads (every parameter and buffer once; the tied 576 x 49,152 embedding is read
+whole as the LM head). Disk: the packed folder vs the FP model saved as fp32 safetensors. Writes
 bench/results/generate_cpu.json.
 """
 import argparse
@@ -29,6 +34,7 @@ from common import write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The history of the city of Paris begins"
+TRAINED = os.path.join(ROOT, "build", "models", "best")
 
 
 def status_mib(key):
@@ -49,12 +55,16 @@ def child(args):
     """One model in this process: load, measure, generate; prints one JSON line."""
     from dbllm_lab.generate import greedy_generate
     from dbllm_lab.model import load_model, quantizable_linears
+    from dbllm_lab.generate import set_backend
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     if args.child == "packed":
         from dbllm_lab.checkpoint import load_quantized
         model = load_quantized(args.checkpoint, base_model=model)
+        set_backend(model, args.backend)
+    elif args.child == "fp-bf16":
+        model = model.to(torch.bfloat16)
     load_s = time.perf_counter() - t0
     release_memory()
     rss_loaded = status_mib("VmRSS")
@@ -62,17 +72,20 @@ def child(args):
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     linear_bytes = sum(t.numel() * t.element_size() for m in quantizable_linears(model).values()
                        for t in list(m.parameters()) + list(m.buffers()))
-    paths = sorted({m.path(torch.zeros(1)) for m in quantizable_linears(model).values() if hasattr(m, "path")})
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers()) if t is not None}
+    step_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    head = model.get_output_embeddings().weight
     res = greedy_generate(model, tok, args.prompt, args.tokens)
-    res.update({"model": args.child, "load_s": load_s, "rss_after_load_MiB": rss_loaded,
-                "peak_rss_generate_MiB": status_mib("VmHWM"), "linear_layers_MiB": linear_bytes / 2**20,
-                "packed_paths": paths, "threads": torch.get_num_threads()})
+    res.update({"model": args.child if args.child != "packed" else f"packed {args.backend}", "load_s": load_s,
+                "rss_after_load_MiB": rss_loaded, "peak_rss_generate_MiB": status_mib("VmHWM"),
+                "linear_layers_MiB": linear_bytes / 2**20, "weights_read_per_token_MiB": step_bytes / 2**20,
+                "lm_head_MiB": head.numel() * head.element_size() / 2**20, "threads": torch.get_num_threads()})
     print("RESULT " + json.dumps(res))
 
 
-def run_child(kind, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--checkpoint", args.checkpoint,
-           "--tokens", str(args.tokens), "--threads", str(args.threads), "--prompt", args.prompt]
+def run_child(kind, backend, threads, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--backend", backend, "--checkpoint",
+           args.checkpoint, "--tokens", str(args.tokens), "--threads", str(threads), "--prompt", args.prompt]
     if args.model:
         cmd += ["--model", args.model]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -106,46 +119,58 @@ def ensure_checkpoint(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints", "fdb_clip_g64"),
-                    help="packed checkpoint folder (made here if missing)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="packed model folder (default: build/models/best if it exists, else checkpoints/fdb_clip_g64, "
+                         "made here if missing)")
+    ap.add_argument("--checkpoint-note", default="", help="what the --checkpoint folder is (stored in the JSON)")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--backend", default="cpu", help=argparse.SUPPRESS)
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--child", choices=["fp", "packed"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fp", "fp-bf16", "packed"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "generate_cpu.json"))
     args = ap.parse_args()
     if args.child:
+        args.threads = args.threads[0]
         return child(args)
+    trained = args.checkpoint is None and os.path.isfile(os.path.join(TRAINED, "quant_config.json"))
+    if args.checkpoint:
+        what = f"given with --checkpoint: {args.checkpoint_note or 'no note'}"
+    elif trained:
+        what = "trained: dbllm-lab train --recipe best --save build/models/best"
+    else:
+        what = "UNTRAINED FDB init (clip, g = 64): its text is not meaningful"
+    args.checkpoint = args.checkpoint or (TRAINED if trained else os.path.join(ROOT, "checkpoints", "fdb_clip_g64"))
     header, fp_bytes = ensure_checkpoint(args)
     load_before = os.getloadavg()
     rows = []
-    for kind in ("fp", "packed"):
-        r = run_child(kind, args)
-        r["file_MiB"] = (fp_bytes if kind == "fp" else dir_bytes(args.checkpoint)) / 2**20
-        r["file"] = ("FP model as fp32 safetensors" if kind == "fp" else
-                     "packed checkpoint folder (quantized linears only; embeddings/norms come from the base model)")
-        rows.append(r)
-        print({k: v for k, v in r.items() if k != "token_ids"}, flush=True)
+    for threads in args.threads:
+        for kind, backend in (("fp", "-"), ("fp-bf16", "-"), ("packed", "cpu"), ("packed", "cpu-exact")):
+            r = run_child(kind, backend, threads, args)
+            r["file_MiB"] = (fp_bytes if kind.startswith("fp") else dir_bytes(args.checkpoint)) / 2**20
+            rows.append(r)
+            print({k: v for k, v in r.items() if k not in ("token_ids", "text")}, flush=True)
     load_after = os.getloadavg()
-    fp, pk = rows
     for r in rows:
-        r["decode_speedup_vs_fp"] = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
+        fp = next(f for f in rows if f["model"] == "fp" and f["threads"] == r["threads"])
+        r["decode_speedup_vs_fp32"] = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
+        r["same_greedy_tokens_as_fp32"] = sum(a == b for a, b in zip(r["token_ids"], fp["token_ids"]))
+    for r in rows:
+        del r["token_ids"]  # the text stays
     loaded = max(load_before[0], load_after[0]) > 0.5 * os.cpu_count()
-    same = sum(a == b for a, b in zip(fp["token_ids"], pk["token_ids"]))
     settings = {"model": header.get("base_model") or "embedded SmolLM2-135M-Instruct", "group_size": args.group_size,
-                "quantizer": "quantize_model(model, 'fdb', group_size, init='clip') -> checkpoint.save_quantized "
-                             "(fp16 scales)", "prompt": args.prompt, "new_tokens": args.tokens,
-                "torch_threads": args.threads, "loadavg_before": load_before, "loadavg_after": load_after,
-                "packed_peak_vs_fp": pk["peak_rss_generate_MiB"] / fp["peak_rss_generate_MiB"],
-                "packed_linear_vs_fp": pk["linear_layers_MiB"] / fp["linear_layers_MiB"],
-                "same_greedy_tokens_as_fp": f"{same} of {args.tokens} (FDB without training changes the text)",
-                "note": (f"machine under load from other jobs (1-min load average {load_before[0]:.1f} before, "
-                         f"{load_after[0]:.1f} after, on {os.cpu_count()} cores): tokens/s are noisy"
+                "checkpoint": args.checkpoint, "checkpoint_is": what,
+                "prompt": args.prompt, "new_tokens": args.tokens, "threads": args.threads,
+                "loadavg_before": load_before, "loadavg_after": load_after,
+                "file": "FP: the model as fp32 safetensors; packed: the packed folder",
+                "note": (f"LOADED MACHINE: other jobs ran (1-min load average {load_before[0]:.1f} before, "
+                         f"{load_after[0]:.1f} after, on {os.cpu_count()} cores): not quiet-machine tokens/s"
                          if loaded else f"1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")}
     write_results(args.out, rows, settings,
-                  columns=["model", "decode_tokens_per_s", "decode_speedup_vs_fp", "prefill_s", "rss_after_load_MiB",
-                           "peak_rss_generate_MiB", "linear_layers_MiB", "file_MiB"])
+                  columns=["model", "threads", "decode_tokens_per_s", "decode_speedup_vs_fp32", "prefill_s",
+                           "peak_rss_generate_MiB", "linear_layers_MiB", "weights_read_per_token_MiB", "lm_head_MiB",
+                           "file_MiB"])
 
 
 if __name__ == "__main__":

@@ -251,6 +251,7 @@ class Int8Weights(NamedTuple):
     N: int
     K: int
     group_size: int
+    ptrs: tuple  # (w1, w2, s1, s2) data pointers and 1 for fp16 scales: what each call passes
 
 
 def check_int8_group(group_size):
@@ -277,7 +278,9 @@ def repack_int8(p1, p2, a1, a2, group_size):
 
     def scales(a):
         return rows_padded(a).view(NB, BLOCK_ROWS, -1).transpose(1, 2).contiguous()
-    return Int8Weights(planes(p1), planes(p2), scales(a1), scales(a2), N, KW * 32, group_size)
+    w1, w2, s1, s2 = planes(p1), planes(p2), scales(a1), scales(a2)
+    ptrs = (w1.data_ptr(), w2.data_ptr(), s1.data_ptr(), s2.data_ptr(), int(s1.dtype == torch.float16))
+    return Int8Weights(w1, w2, s1, s2, N, KW * 32, group_size, ptrs)
 
 
 def int8_matmul_cpu(x, p1, p2, a1, a2, group_size, out=None, threads=None, variant="lut", packed=None,
@@ -310,10 +313,8 @@ def _run_int8(lib, x, M, packed, out=None, threads=None, portable=False):
     """Launch the lookup path without validation (callers check)."""
     x32, out = _fp32_out(x, M, packed.N, out)
     if M and packed.N:
-        rc = lib.dbl_matmul_int8_lut(x32.data_ptr(), M, packed.w1.data_ptr(), packed.w2.data_ptr(),
-                                     packed.s1.data_ptr(), packed.s2.data_ptr(), int(packed.s1.dtype == torch.float16),
-                                     out.data_ptr(), packed.N, packed.K, packed.group_size,
-                                     threads or torch.get_num_threads(), int(portable))
+        rc = lib.dbl_matmul_int8_lut(x32.data_ptr(), M, *packed.ptrs, out.data_ptr(), packed.N, packed.K,
+                                     packed.group_size, threads or torch.get_num_threads(), int(portable))
         if rc:
             raise MemoryError(f"the integer CPU path could not allocate its buffers for {M} x {packed.K} activations")
     return _result(x, out, packed.N)
