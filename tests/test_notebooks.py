@@ -6,6 +6,7 @@ minutes for the live training in 04 and 05). Set
 DBLLM_SKIP_NOTEBOOKS=1 to skip the execution (the static checks still run).
 """
 import ast
+import glob
 import json
 import os
 import re
@@ -142,3 +143,45 @@ def test_06_fdb_bitplanes_sparser_than_plain_2bit_code(executed):
 def test_07_kernel_matches_reference(executed):
     t = pd.read_csv(executed / "07_kernel_check.csv")
     assert len(t) >= 2 and (t.max_rel_err < 1e-3).all()
+
+
+def _empty_figure(png):
+    """Why ``png`` looks empty (too small, one colour, or no coloured pixel: axes without data), or None."""
+    from PIL import Image
+    with Image.open(png) as im:
+        w, h = im.size
+        if w < 100 or h < 100:
+            return f"{w}x{h} px"
+        lo, hi = im.convert("L").getextrema()
+        if hi - lo < 16:
+            return "a single colour"
+        saturation = im.convert("RGB").convert("HSV").split()[1].histogram()
+        coloured = 1 - sum(saturation[:40]) / (w * h)
+        if coloured < 0.001:
+            return f"{coloured:.2%} coloured pixels: axes without data"
+    return None
+
+
+def test_empty_figure_check_catches_empty_axes(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.set_title("no data"); ax.set_yscale("log")
+    fig.savefig(tmp_path / "empty.png", dpi=110)
+    ax.plot([1, 2, 3], [1, 3, 2], "o-")
+    fig.savefig(tmp_path / "data.png", dpi=110)
+    plt.close(fig)
+    assert _empty_figure(tmp_path / "empty.png")
+    assert _empty_figure(tmp_path / "data.png") is None
+
+
+@pytest.mark.parametrize("png", sorted(glob.glob(os.path.join(run_notebooks.ROOT, "figures", "*.png"))),
+                         ids=os.path.basename)
+def test_committed_figure_is_not_empty(png):
+    assert _empty_figure(png) is None, f"{png}: {_empty_figure(png)}"
+
+
+def test_executed_figures_are_not_empty(executed):
+    bad = {f: _empty_figure(executed / f) for f in os.listdir(executed) if f.endswith(".png")}
+    assert not {f: why for f, why in bad.items() if why}, bad
