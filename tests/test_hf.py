@@ -96,8 +96,10 @@ def lm_eval_agrees(folder, tasks, data_dir, limit=None):
     return ours
 
 
+@pytest.mark.slow
 def test_lm_eval_hf_model_agrees_with_eval_zeroshot(folder):
-    """The shipped fixtures: 4 documents of three tasks."""
+    """The shipped fixtures: 4 documents of three tasks (slow: two scorings and three model loads, minutes on a
+    busy 2-core machine)."""
     ours = lm_eval_agrees(folder, "piqa,arc_easy,winogrande", FIXTURES)
     assert all(r["n"] == 4 for r in ours.values())
 
