@@ -21,6 +21,9 @@ def _model(args):
     if getattr(args, "checkpoint", None):
         from .checkpoint import load_quantized
         model = load_quantized(args.checkpoint, base_model=args.model)
+        if model.quant_header.get("tokenizer") and args.model is None:  # the folder carries its tokenizer
+            from transformers import AutoTokenizer
+            return model, AutoTokenizer.from_pretrained(args.checkpoint)
         from .model import load_model
         _, tok = load_model(model.quant_header["base_model"] if args.model is None else args.model)
         return model, tok
@@ -33,7 +36,15 @@ def cmd_eval_ppl(args):
     from .ppl import perplexity
     if args.dataset not in DATASETS and not os.path.isfile(args.dataset):
         raise ValueError(f"dataset={args.dataset!r} is neither one of {DATASETS} nor an existing text file")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     model, tok = _model(args)
+    if args.backend:
+        if not args.checkpoint:
+            raise ValueError("--backend applies to a packed model: pass --checkpoint")
+        from .generate import set_backend
+        set_backend(model, args.backend)
     res = perplexity(model, tok, dataset=args.dataset, split=args.split, seqlen=args.seqlen,
                      max_windows=args.max_windows, batch_size=args.batch_size, data_dir=args.data_dir)
     print(res)
@@ -71,7 +82,11 @@ def cmd_quantize(args):
         print(f"saved packed model folder to {args.out}")
     if args.eval:
         from .ppl import perplexity
-        print(perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, data_dir=args.data_dir))
+        res = perplexity(model, tok, seqlen=args.seqlen, max_windows=args.max_windows, data_dir=args.data_dir)
+        print(res)
+        if args.out:
+            from .checkpoint import record_perplexity
+            record_perplexity(args.out, res, "dbllm-lab " + " ".join(sys.argv[1:]))
     return report
 
 
@@ -146,13 +161,17 @@ def cmd_train(args):
                "out_dir": out_dir, **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")}}
     if args.save:
         from .checkpoint import save_quantized
-        save_quantized(student, args.save, recipe={"name": args.recipe, "seed": args.seed, **r})
+        save_quantized(student, args.save, tokenizer=tok,
+                       recipe={"name": args.recipe, "seed": args.seed, **r, "cpu_minutes": info["total_cpu_minutes"]})
         summary["packed_checkpoint"] = args.save
     if args.eval:
         from .ppl import perplexity
         res = perplexity(freeze_quantized(student), tok, seqlen=args.seqlen, max_windows=args.max_windows,
                          data_dir=args.data_dir)
         summary.update(ppl=res.ppl, ppl_dev=res.ppl_dev, ppl_heldout=res.ppl_heldout, eval_windows=res.windows)
+        if args.save:
+            from .checkpoint import record_perplexity
+            record_perplexity(args.save, res, "dbllm-lab " + " ".join(sys.argv[1:]))
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
@@ -247,6 +266,9 @@ def build_parser():
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--backend", default=None, help="packed layers' backend (packed_linear.BACKENDS), e.g. cpu-exact or "
+                                                   "cpu-int8 (default: the layer's)")
+    p.add_argument("--threads", type=int, default=None, help="torch and CPU-kernel threads (default: torch's)")
     p.set_defaults(func=cmd_eval_ppl)
 
     p = sub.add_parser("quantize", help="quantize the decoder's linear layers")
