@@ -26,12 +26,13 @@ def test_save_load_identical_logits_on_embedded_model(embedded, tmp_path):
     with torch.no_grad():
         ref = model(x).logits
         assert torch.equal(ref, loaded(x).logits)
-        # the CPU kernel sums in another order: same logits within float rounding, same greedy tokens
+        # the CPU kernel sums in another order: same logits within float rounding through 30 blocks (measured:
+        # 6.7e-5 of the largest logit), same greedy tokens
         for m in loaded.modules():
             if hasattr(m, "backend"):
                 m.backend = "auto"
         out = loaded(x).logits
-        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-3) and torch.equal(out.argmax(-1), ref.argmax(-1))
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max() and torch.equal(out.argmax(-1), ref.argmax(-1))
     # 2 bit-planes + 2 fp16 scales per 64 weights = 2.5 bits per weight; the rest is full precision, counted too
     size = header["size"]
     n = sum(s["in_features"] * s["out_features"] for s in header["layers"])
