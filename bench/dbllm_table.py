@@ -211,8 +211,8 @@ def plot(fig_dir="figures"):
     names = list(dict.fromkeys(df.recipe)) if len(df) else []
     for i, name in enumerate(names):
         g = df[df.recipe == name]
-        ax.plot([i] * len(g), g.ppl_heldout, "o", color="tab:blue", alpha=0.7)
-        ax.plot([i - 0.2, i + 0.2], [g.ppl_heldout.mean()] * 2, "-", color="k")
+        ax.plot([i - 0.25, i + 0.25], [g.ppl_heldout.mean()] * 2, "-", color="tab:orange", lw=4)
+        ax.plot([i] * len(g), g.ppl_heldout, "o", color="tab:blue", ms=11)
     ax.axhline(fp["ppl_heldout"], color="k", ls=":")
     ax.axhline(3 * fp["ppl_heldout"], color="gray", ls="--")
     ax.text(len(names) - 0.5, fp["ppl_heldout"], " FP (Q4_1 dequantized)", va="bottom", ha="right", fontsize=8)

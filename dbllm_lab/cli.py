@@ -353,7 +353,7 @@ def build_parser():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cpu-exact", "cpu-int8", "torch", "triton"],
                    help="packed layers: auto (Triton on CUDA, the C++ kernel on CPU), cpu, torch or triton")
     p.add_argument("--threads", type=int, default=None, help="torch and CPU-kernel threads (default: torch's)")
     p.set_defaults(func=cmd_generate)

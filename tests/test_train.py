@@ -1,5 +1,6 @@
 """Trainer (dbllm_lab.train): what trains, exact resume, configuration checks; data-free generation."""
 import copy
+import json
 import os
 
 import pytest
@@ -33,7 +34,10 @@ def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
     m = tiny_llama(vocab_size=128, seed=2)
     a = generate_samples(m, None, n=5, seqlen=12, seed=3, batch_size=2, cache_dir=str(tmp_path), progress=False)
     assert a.shape == (5, 12) and a.dtype == torch.long and int(a.max()) < 128
-    assert len(os.listdir(tmp_path)) == 1
+    files = sorted(os.listdir(tmp_path))  # the samples, and beside them what generating them cost
+    assert len(files) == 2 and files[1] == files[0] + ".json"
+    cost = json.load(open(tmp_path / files[1]))
+    assert cost["cpu_seconds"] >= 0 and cost["batch_size"] == 2
     b = generate_samples(m, None, n=5, seqlen=12, seed=3, batch_size=5, cache_dir=None, progress=False)
     assert torch.equal(a, b)  # same samples whatever the batch size
     c = generate_samples(m, None, n=5, seqlen=12, seed=4, batch_size=5, cache_dir=None, progress=False)
@@ -42,6 +46,15 @@ def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
     with torch.no_grad():
         nxt = m(a[:, :1]).logits[:, -1].argmax(-1)
     assert torch.equal(nxt, a[:, 1])
+    from dbllm_lab.datafree import teacher_text, text_cpu_minutes, text_is_cached
+    t = teacher_text(m, None, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), progress=False)
+    first = generate_samples(m, None, n=3, seqlen=12, seed=0, batch_size=5, cache_dir=None, progress=False)
+    assert t.shape == (5, 12) and torch.equal(t[:3], first)  # set k of seed s: generation seed s * 1000 + k
+    assert text_is_cached(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path))
+    assert text_cpu_minutes(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path)) >= 0
+    assert not text_is_cached(m, 5, 12, seed=1, set_size=3, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="seed=1000"):
+        teacher_text(m, None, 5, 12, seed=1000, cache_dir=None)
     with pytest.raises(ValueError, match="seqlen"):
         generate_samples(m, None, n=2, seqlen=1, cache_dir=None)
 
