@@ -172,6 +172,7 @@ def cmd_train(args):
         if args.save:
             from .checkpoint import record_perplexity
             record_perplexity(args.save, res, "dbllm-lab " + " ".join(sys.argv[1:]))
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))

@@ -18,6 +18,9 @@ from copy import deepcopy
 # from token 64 of the joined stream (they start mid-text, as evaluation windows do), batch 1, cosine to 1% of peak
 BEST_STAGE1 = {"epochs": 1, "stats_samples": 64, "window_offset": 64, "min_lr_ratio": 0.01}
 BEST_TEXT = {"samples": 512, "tokens": 512, "set_size": 128}
+# a gentle end-to-end stage after a good stage 1: 150 steps of one 512-token window, small lrs, latent weights too
+GENTLE_E2E = {"steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_latent": 5e-5, "train_latent": True,
+              "warmup": 15}
 
 RECIPES = {
     "best": {
@@ -39,15 +42,13 @@ RECIPES = {
         "purpose": "best's stage 1, then 150 gentle end-to-end DAD steps on 512-token windows",
         "quant": "fdb", "init": "clip", "stage": "both",
         "text": BEST_TEXT, "blockwise": BEST_STAGE1,
-        "e2e": {"loss": "dad", "steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_latent": 5e-5,
-                "train_latent": True, "warmup": 15},
+        "e2e": {**GENTLE_E2E, "loss": "dad"},
     },
     "best+kd": {
         "purpose": "as best+dad with plain KD (KL to the teacher) as the end-to-end loss",
         "quant": "fdb", "init": "clip", "stage": "both",
         "text": BEST_TEXT, "blockwise": BEST_STAGE1,
-        "e2e": {"loss": "kd", "steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_latent": 5e-5,
-                "train_latent": True, "warmup": 15},
+        "e2e": {**GENTLE_E2E, "loss": "kd"},
     },
     "paper": {
         "purpose": "the paper's recipe (method.md): end-to-end DAD from the FDB init, scales only, no stage 1",

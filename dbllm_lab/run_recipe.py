@@ -4,7 +4,6 @@
 and a user's run are the same computation. Its budget counts the training text too: CPU-minutes (process time, all
 threads) of generation, of building the W2 student, of stage 1 and of stage 2, and their total.
 """
-import os
 import time
 
 from .blockwise import BlockwiseConfig
@@ -44,6 +43,4 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     info.update(generation_cpu_minutes=generation, text_from_cache=cached, group_size=group_size,
                 total_cpu_minutes=None if generation is None else
                 round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
     return student, info
