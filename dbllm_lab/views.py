@@ -14,12 +14,11 @@ import statistics
 
 from .paths import bench_result
 
-# rows of bench/results/dbllm_table.json trained with a named recipe before recipes had names: recipe -> {seed: row}
+# rows of bench/results/dbllm_table.json trained with best's settings before recipes had names and not marked with
+# a recipe field: recipe -> {seed: row}. Seed 0 of best and best-uniform carry ``recipe`` / ``seed`` in the JSON.
+# These two are seeds of the training order only (seed 0's text), not recipe seeds (which change the text too).
 _BEST = "fdb blockwise n512 len512 1ep fused off64 min0.01"
-LEGACY = {
-    "best": {0: _BEST, 1: _BEST + " s1", 2: _BEST + " s2"},
-    "best-uniform": {0: "uniform blockwise n512 len512 1ep fused off64 min0.01"},
-}
+LEGACY = {"best": {1: _BEST + " s1", 2: _BEST + " s2"}}
 
 FP_NOTE = "FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 file dequantized to float (not the FP16 checkpoint)"
 
