@@ -14,8 +14,10 @@ endif
 ifneq ($(TRITON_INTERPRET),)
 export TRITON_INTERPRET
 endif
-# quick mode by default; FULL=1 for full settings
+# quick mode by default; FULL=1 for full settings (trains build/models/best first when missing)
 FULL ?= 0
+# another trained student for notebooks 04, 05, 10, 11, e.g. TRAINED=build/models/best-quarter
+TRAINED ?=
 
 .PHONY: install reproduce test test-slow test-browser lab bench clean strip-notebooks
 
@@ -30,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 reproduce: install
-	$(PY) -m dbllm_lab.run_notebooks --full $(FULL)
+	$(PY) -m dbllm_lab.run_notebooks --full $(FULL) $(if $(TRAINED),--trained $(TRAINED))
 
 test: install
 	$(PY) -m pytest -q

@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import sys
-import threading
 import time
 
 import torch
@@ -32,6 +31,7 @@ from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
 from dbllm_lab.recipes import recipe  # noqa: E402
 from dbllm_lab.run_recipe import train_recipe  # noqa: E402
+from dbllm_lab.timing import LoadSampler  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
 OUT = "bench/results/dbllm_table.json"
@@ -58,32 +58,6 @@ def complete_rows(rows):
             if r.get("ppl_heldout"):
                 r["heldout_over_fp"] = r["ppl_heldout"] / fp["ppl_heldout"]
     return rows
-
-
-class LoadSampler:
-    """The 1-minute load average every ``every`` seconds on a daemon thread, while a row runs."""
-
-    def __init__(self, every=30.0):
-        self.every, self.samples, self._stop = every, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.samples.append(os.getloadavg()[0])
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self):
-        s = self.samples or [os.getloadavg()[0]]
-        return {"load_average_mean": round(sum(s) / len(s), 2), "load_average_max": round(max(s), 2),
-                "load_average_samples": len(s)}
 
 
 class Measure:
@@ -148,7 +122,7 @@ def run(names, seeds, threads, runs_dir="build/runs"):
             if any(r["method"] == method or (r.get("recipe"), r.get("seed")) == (name, seed) for r in load_results(OUT)):
                 continue
             r = recipe(name)
-            with LoadSampler() as load:
+            with LoadSampler(every=30.0) as load:
                 t0 = time.time()
                 student, info = train_recipe(teacher, tok, r, seed=seed,
                                              out_dir=os.path.join(runs_dir, f"{name}-s{seed}"))
@@ -158,7 +132,9 @@ def run(names, seeds, threads, runs_dir="build/runs"):
                        "wall_minutes": round((time.time() - t0) / 60, 1),
                        **measure(freeze_quantized(student), fp_row(measure, teacher, settings)),
                        "stage1_blocks": info.get("stage1_blocks"), "date": machine_info()["date"]}
-            row.update(load.summary())
+            s = load.summary()["loadavg_1min"]
+            row.update({"load_average_mean": s["mean"], "load_average_max": round(s["max"], 2),
+                        "load_average_samples": s["samples"]})
             save_row(row, settings)
             print({k: row.get(k) for k in ("method", "ppl_dev", "ppl_heldout", "total_cpu_minutes")})
             del student

@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
@@ -45,28 +44,7 @@ from kernel import add_shape_args, quantize, sparsity, weights_for  # noqa: E402
 
 from dbllm_lab import cpu_kernel  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
-
-
-class LoadSampler(threading.Thread):
-    """Samples the 1-min load average and the running-thread count (/proc/stat procs_running) every second."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.load, self.running, self.stop = [], [], threading.Event()
-
-    def run(self):
-        while not self.stop.wait(1.0):
-            self.load.append(os.getloadavg()[0])
-            try:
-                with open("/proc/stat") as f:
-                    self.running.append(next(int(ln.split()[1]) for ln in f if ln.startswith("procs_running")))
-            except (OSError, StopIteration):
-                pass
-
-    def summary(self):
-        def stats(v):
-            return {"min": min(v), "median": statistics.median(v), "max": max(v), "samples": len(v)} if v else None
-        return {"loadavg_1min": stats(self.load), "procs_running": stats(self.running)}
+from dbllm_lab.timing import LoadSampler  # noqa: E402
 
 
 def copies_for(nbytes, rotate_bytes, cap=256):
@@ -200,42 +178,45 @@ def dev_perplexity(model_dir, max_windows):
     return res
 
 
-def main():
-    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
-    ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
-    ap.add_argument("--init", default="clip", choices=["clip", "minmax"],
-                    help="FDB init of the bit-planes (the kernel's time does not depend on it; minmax is faster)")
-    ap.add_argument("--block", type=int, default=5, help="rounds per block (default 5)")
-    ap.add_argument("--spread", type=float, default=0.05, help="stop when the last 3 block medians agree this well")
-    ap.add_argument("--max-rounds", type=int, default=60)
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="wall time, or the process's CPU time / threads (for a machine loaded by other jobs)")
-    ap.add_argument("--rotate-mib", type=int, default=256, help="weight copies of each method span this many MiB")
-    ap.add_argument("--ppl-model", default=None, help="packed model folder: also measure its dev PPL on both paths")
-    ap.add_argument("--ppl-note", default="", help="what the --ppl-model folder is (stored beside its PPL)")
-    ap.add_argument("--ppl-windows", type=int, default=40)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "kernel_cpu.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    kinfo = cpu_kernel.info()  # compiles on first use
-    data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
-    sampler, t_start = LoadSampler(), time.time()
-    sampler.start()
-    rows, how = [], None
-    for shape in args.shapes:
-        w, source = data[shape]
-        b1, b2, a1, a2, how = quantize(w, args.group_size, args.init)
-        for row in bench_shape(shape, args.batches, (b1, b2, a1, a2), args):
-            row.update({"weights": source, **sparsity(b1, b2)})
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    sampler.stop.set()
-    load = sampler.summary()
+DEFAULTS = {"threads": 2, "group_size": 64, "init": "clip", "block": 5, "spread": 0.05, "max_rounds": 60,
+            "clock": "wall", "rotate_mib": 256}  # the CLI's defaults (main), shared with measure()
+
+
+def measure(shapes, batches, threads=DEFAULTS["threads"], group_size=DEFAULTS["group_size"], init=DEFAULTS["init"],
+            embedded_weights=True, block=DEFAULTS["block"], spread=DEFAULTS["spread"],
+            max_rounds=DEFAULTS["max_rounds"], clock=DEFAULTS["clock"], rotate_mib=DEFAULTS["rotate_mib"],
+            verbose=True):
+    """Run the benchmark (module docstring) on ``shapes`` [(out, in)] x ``batches`` with ``threads`` torch and kernel
+    threads: (rows, settings), what ``main`` writes to the JSON (without the machine block and the perplexity).
+    Torch's thread count is restored afterwards. The notebooks call this for a live run."""
+    args = argparse.Namespace(group_size=group_size, block=block, spread=spread, max_rounds=max_rounds, clock=clock,
+                              rotate_mib=rotate_mib)
+    shapes = [tuple(s) for s in shapes]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kinfo = cpu_kernel.info()  # compiles on first use
+        data = weights_for(shapes, group_size, embedded_weights)
+        t_start, rows, how = time.time(), [], None
+        with LoadSampler() as sampler:
+            for shape in shapes:
+                w, source = data[shape]
+                b1, b2, a1, a2, how = quantize(w, group_size, init)
+                for row in bench_shape(shape, batches, (b1, b2, a1, a2), args):
+                    row.update({"weights": source, **sparsity(b1, b2)})
+                    rows.append(row)
+                    if verbose:
+                        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        settings = _settings(batches, kinfo, how, args, t_start, sampler.summary())
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows, settings
+
+
+def _settings(batches, kinfo, how, args, t_start, load):
     busy = load["loadavg_1min"] and load["loadavg_1min"]["median"] > 0.5 * os.cpu_count()
-    settings = {
-        "device": "cpu", "group_size": args.group_size, "scales": "fp16", "batches": args.batches,
+    return {
+        "device": "cpu", "group_size": args.group_size, "scales": "fp16", "batches": list(batches),
         "torch_threads": torch.get_num_threads(), "kernel_threads": torch.get_num_threads(), "kernel": kinfo,
         "quantizer": how, "block": args.block, "spread_target": args.spread, "max_rounds": args.max_rounds,
         "rotate_mib": args.rotate_mib, "seconds": time.time() - t_start, "load_during_run": load,
@@ -250,12 +231,41 @@ def main():
                  "method waits for time slices, so these are not quiet-machine numbers" if busy else
                  "1-min load average at most half the cores during the run (sampled every second)"),
     }
+
+
+def main():
+    ap = add_shape_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    ap.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch and kernel threads (default 2)")
+    ap.add_argument("--init", default=DEFAULTS["init"], choices=["clip", "minmax"],
+                    help="FDB init of the bit-planes (the kernel's time does not depend on it; minmax is faster)")
+    ap.add_argument("--block", type=int, default=DEFAULTS["block"], help="rounds per block (default 5)")
+    ap.add_argument("--spread", type=float, default=DEFAULTS["spread"],
+                    help="stop when the last 3 block medians agree this well")
+    ap.add_argument("--max-rounds", type=int, default=DEFAULTS["max_rounds"])
+    ap.add_argument("--clock", default=DEFAULTS["clock"], choices=["wall", "cpu"],
+                    help="wall time, or the process's CPU time / threads (for a machine loaded by other jobs)")
+    ap.add_argument("--rotate-mib", type=int, default=DEFAULTS["rotate_mib"],
+                    help="weight copies of each method span this many MiB")
+    ap.add_argument("--ppl-model", default=None, help="packed model folder: also measure its dev PPL on both paths")
+    ap.add_argument("--ppl-note", default="", help="what the --ppl-model folder is (stored beside its PPL)")
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "kernel_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # also for the perplexity run and machine_info's torch_threads
+    rows, settings = measure(args.shapes, args.batches, threads=args.threads, group_size=args.group_size,
+                             init=args.init, embedded_weights=not args.no_embedded_weights, block=args.block,
+                             spread=args.spread, max_rounds=args.max_rounds, clock=args.clock,
+                             rotate_mib=args.rotate_mib)
     if args.ppl_model:
         settings["perplexity"] = {**dev_perplexity(args.ppl_model, args.ppl_windows), "what": args.ppl_note}
-    write_results(args.out, rows, settings,
-                  columns=["shape", "batch", "int8_ms", "int8_call_ms", "expand_call_ms", "exact_ms", "fp32_ms",
-                           "bf16_ms", "int8_speedup_vs_fp32", "int8_speedup_vs_bf16", "stream_GBps",
-                           "int8_fraction_of_byte_limit", "int8_rms_rel_err_vs_exact"])
+    write_results(args.out, rows, settings, columns=COLUMNS)
+
+
+COLUMNS = ["shape", "batch", "int8_ms", "int8_call_ms", "expand_call_ms", "exact_ms", "fp32_ms", "bf16_ms",
+           "int8_speedup_vs_fp32", "int8_speedup_vs_bf16", "stream_GBps", "int8_fraction_of_byte_limit",
+           "int8_rms_rel_err_vs_exact"]  # the markdown table beside the JSON
 
 
 if __name__ == "__main__":

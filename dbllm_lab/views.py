@@ -115,7 +115,8 @@ def glossary(labels):
     return [f"- **{label}**: {GLOSSARY[label][2]}" for label in labels]
 
 
-TRAIN_HINT = "dbllm-lab train --recipe best --save build/models/best  (about 90 CPU-minutes on 2 cores)"
+TRAIN_HINT = ("dbllm-lab train --recipe best --save build/models/best  (its measured CPU-minutes: "
+              "`dbllm-lab recipes`, from bench/results/dbllm_recipes.json)")
 
 
 def trained_checkpoint(path):
@@ -127,7 +128,17 @@ def trained_checkpoint(path):
         return None
     full = os.path.normpath(os.path.join(root(), os.path.expanduser(str(path))))
     if os.path.isfile(os.path.join(full, "quant_config.json")):
-        print(f"trained student: {full} (measured live below)")
+        print(f"trained student: {full}, {trained_label(full)} (measured live below)")
         return full
     print(f"trained student: {full} not found, so only the toy run is measured live. To get it: {TRAIN_HINT}")
     return None
+
+
+def trained_label(path):
+    """Plot/table label of a packed trained student: 'trained RECIPE sSEED' from its quant_config.json (the recipe
+    that ``dbllm-lab train --recipe`` recorded), or 'trained (recipe not recorded)'."""
+    with open(os.path.join(path, "quant_config.json")) as f:
+        recipe = json.load(f).get("recipe") or {}
+    if "name" not in recipe:
+        return "trained (recipe not recorded)"
+    return f"trained {recipe['name']} s{recipe.get('seed', 0)}"
