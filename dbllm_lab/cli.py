@@ -8,7 +8,8 @@
     dbllm-lab recipes                                                # the named training recipes
     dbllm-lab train --recipe best --save build/models/best [--seed S] [--eval]   # text, stage 1 [, stage 2]
     dbllm-lab eval-zeroshot --tasks piqa,arc_easy --limit 100 [--checkpoint ckpt/] [--out zs.json]  # lm-eval
-    dbllm-lab generate --checkpoint ckpt/ --prompt "The capital of France is" --max-new-tokens 64 [--backend cpu]
+    dbllm-lab generate --checkpoint ckpt/ --prompt "The capital of France is" --max-new-tokens 64 [--backend cpu] \
+        [--engine lean [--lm-head int8]]                              # lean: dbllm_lab.decode, same tokens
 """
 import argparse
 import sys
@@ -237,17 +238,19 @@ def cmd_generate(args):
         torch.set_num_threads(args.threads)
     model, tok = _model(args)
     n = set_backend(model, args.backend) if args.checkpoint else 0
-    res = greedy_generate(model, tok, args.prompt, args.max_new_tokens)
+    res = greedy_generate(model, tok, args.prompt, args.max_new_tokens, engine=args.engine, lm_head=args.lm_head)
     print(args.prompt + res["text"])
     print(f"[{res['new_tokens']} tokens, decode {res['decode_tokens_per_s']:.1f} tokens/s, prefill "
           f"{res['prefill_s']:.2f} s; {'packed layers: %d on backend %s' % (n, args.backend) if n else 'FP model'}; "
-          f"{torch.get_num_threads()} threads]")
+          f"engine {args.engine}, LM head {args.lm_head}; {torch.get_num_threads()} threads]")
     return res
 
 
 def build_parser():
     from .blockwise import BlockwiseConfig
     from .datafree import DEFAULT_CACHE
+    from .decode import LM_HEADS
+    from .generate import DEFAULT_ENGINE, DEFAULT_LM_HEAD, ENGINES
     from .recipes import RECIPES
     from .train import TrainConfig
     ap = argparse.ArgumentParser(prog="dbllm-lab", description="DB-LLM dual binarization lab")
@@ -357,6 +360,10 @@ def build_parser():
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cpu-exact", "cpu-int8", "torch", "triton"],
                    help="packed layers: auto (Triton on CUDA, the C++ kernel on CPU), cpu, torch or triton")
     p.add_argument("--threads", type=int, default=None, help="torch and CPU-kernel threads (default: torch's)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=ENGINES,
+                   help="hf: transformers' generate; lean: dbllm_lab.decode's static-cache loop (same tokens)")
+    p.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEADS,
+                   help="exact: the model's LM head; int8: int8 rows with per-row scales (--engine lean only)")
     p.set_defaults(func=cmd_generate)
     return ap
 

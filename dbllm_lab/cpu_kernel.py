@@ -1,6 +1,8 @@
 """CPU dual-bit-plane matmul straight from the packed words: a small C++ kernel (``cpu_kernel.cpp``,
 ``cpu_kernel_int8.cpp`` and ``cpu_kernel.h`` beside this file), compiled on first use. The same library holds the
-FDB rounding in C++ (``fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU).
+FDB rounding in C++ (``fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU) and a matmul with int8
+weight rows (``int8_rows_matmul_cpu``, ``cpu_kernel_head.cpp``: the lean decoder's optional int8 LM head) and the
+lean decoder's fused residual-add + RMSNorm and in-place RoPE (``cpu_kernel_decode.cpp``, called by ``decode.py``).
 
 Computes the DB-LLM inference form (method.md §1) for activations x (M x K) and packed planes p1, p2 (N x K/32
 int32 words, ``dbllm_lab.packing`` layout), scales a1, a2 (N x K/g, fp16 or fp32):
@@ -69,7 +71,8 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("cpu_kernel.cpp", "cpu_kernel_int8.cpp")  # compiled together into one library
+# compiled together into one library
+SOURCES = ("cpu_kernel.cpp", "cpu_kernel_int8.cpp", "cpu_kernel_head.cpp", "cpu_kernel_decode.cpp")
 HEADERS = ("cpu_kernel.h",)
 
 
@@ -155,6 +158,12 @@ def load(generic=False):
         lib.dbl_fdb_round.restype = None
         lib.dbl_fdb_scale_grads.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, cint]
         lib.dbl_fdb_scale_grads.restype = None
+        lib.dbl_int8_rows_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, cint, cint]
+        lib.dbl_int8_rows_matmul.restype = None
+        lib.dbl_add_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64]
+        lib.dbl_add_rms_norm.restype = None
+        lib.dbl_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+        lib.dbl_rope.restype = None
         lib.flags, lib.path = flags + extra, path
         return lib
     raise RuntimeError("could not compile the dbllm_lab CPU kernel:\n" + "\n".join(errors))
@@ -318,6 +327,38 @@ def _run_int8(lib, x, M, packed, out=None, threads=None, portable=False):
         if rc:
             raise MemoryError(f"the integer CPU path could not allocate its buffers for {M} x {packed.K} activations")
     return _result(x, out, packed.N)
+
+
+# ---- int8 weight rows (the lean decoder's optional LM head) --------------------------------------------------------
+def quantize_rows_int8(w):
+    """w (N, K) float -> (codes (N, K) int8, scales (N,) fp32): symmetric per row, s = max |w| / 127,
+    codes = round(w / s) (ties to even) in [-127, 127]; an all-zero row gets s = 0 and zero codes."""
+    w = w.detach().float()
+    s = w.abs().amax(1) / 127
+    codes = torch.where(s[:, None] > 0, torch.round(w / s[:, None].clamp_min(torch.finfo(torch.float32).tiny)),
+                        torch.zeros_like(w)).clamp(-127, 127)
+    return codes.to(torch.int8).contiguous(), s.contiguous()
+
+
+def int8_rows_matmul_cpu(x, codes, scales, threads=None, portable=False):
+    """y = x @ (scales[:, None] * codes).T with the int8 rows read as they are (``cpu_kernel_head.cpp``): x (..., K)
+    fp32, codes (N, K) int8, scales (N,) fp32 -> (..., N) fp32. Activations stay fp32 (weight-only quantization).
+    ``portable`` forces the portable loop (same sums in another order)."""
+    if x.dtype != torch.float32 or codes.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise TypeError(f"int8_rows_matmul_cpu takes fp32 x, int8 codes and fp32 scales, got {x.dtype}, "
+                        f"{codes.dtype}, {scales.dtype}")
+    N, K = codes.shape
+    if x.shape[-1] != K or tuple(scales.shape) != (N,):
+        raise ValueError(f"x has {x.shape[-1]} features and scales shape {tuple(scales.shape)}; codes (N, K) = "
+                         f"{(N, K)} need K features and (N,) scales")
+    if not (codes.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("codes and scales must be contiguous")
+    x2 = x.reshape(-1, K).contiguous()
+    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    if x2.shape[0] and N:
+        load().dbl_int8_rows_matmul(x2.data_ptr(), x2.shape[0], codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                                    N, K, threads or torch.get_num_threads(), int(portable))
+    return y.view(*x.shape[:-1], N)
 
 
 def quantize_activations_int8(x, group_size):

@@ -1,0 +1,69 @@
+// dbllm_lab CPU kernel, int8 weight rows (the lean decoder's optional LM head, dbllm_lab/decode.py lm_head="int8"):
+//     y[m, n] = s[n] * sum_k w[n, k] * x[m, k]
+// w: N x K int8 codes (one symmetric fp32 scale s[n] per row), x: M x K fp32 activations, kept exact (weight-only
+// quantization). A 49,152 x 576 head is 28 MB this way against 113 MB in fp32: decoding reads it once per token.
+#include <stdint.h>
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(DBLLM_GENERIC)
+#include <immintrin.h>
+#define DBLLM_HEAD_X86 1
+#endif
+
+static float row_dot_portable(const int8_t* w, const float* x, int64_t K) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < K; k++) acc += (float)w[k] * x[k];
+    return acc;
+}
+
+#ifdef DBLLM_HEAD_X86
+__attribute__((target("avx2,fma"))) static inline float hsum8_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Four rows n .. n+3 against one activation row: 8 int8 weights widened to fp32 per FMA; K % 8 columns in scalar
+__attribute__((target("avx2,fma"))) static void rows4_avx2(const int8_t* w, const float* x, int64_t K, float* out) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+#define DBLLM_ROW(r, acc) \
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + (r) * K + k)))), xv, acc)
+        DBLLM_ROW(0, acc0); DBLLM_ROW(1, acc1); DBLLM_ROW(2, acc2); DBLLM_ROW(3, acc3);
+#undef DBLLM_ROW
+    }
+    out[0] = hsum8_ps(acc0); out[1] = hsum8_ps(acc1); out[2] = hsum8_ps(acc2); out[3] = hsum8_ps(acc3);
+    for (; k < K; k++)
+        for (int r = 0; r < 4; r++) out[r] += (float)w[r * K + k] * x[k];
+}
+#endif
+
+extern "C" {
+// y (M x N, fp32) = x (M x K, fp32) times the int8 rows w (N x K) scaled by s (N, fp32). portable = 1 forces the
+// portable loop (tests). Rows are split over threads in blocks of 4; each block's weights serve every row of x.
+void dbl_int8_rows_matmul(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t N,
+                          int64_t K, int threads, int portable) {
+#ifdef DBLLM_HEAD_X86
+    const int avx2 = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    (void)portable;
+#endif
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = 4 * b, rows = N - n0 < 4 ? N - n0 : 4;
+        for (int64_t m = 0; m < M; m++) {
+            float out[4];
+#ifdef DBLLM_HEAD_X86
+            if (avx2 && rows == 4) rows4_avx2(w + n0 * K, x + m * K, K, out);
+            else
+#endif
+            for (int64_t r = 0; r < rows; r++) out[r] = row_dot_portable(w + (n0 + r) * K, x + m * K, K);
+            for (int64_t r = 0; r < rows; r++) y[m * N + n0 + r] = out[r] * s[n0 + r];
+        }
+    }
+}
+}

@@ -1,0 +1,118 @@
+"""The lean decoder (dbllm_lab.decode) against HF's forward / generate on the same model: same greedy tokens, logits
+equal to fp tolerance, for FP models and packed models on each C++ kernel path."""
+import copy
+
+import pytest
+import torch
+
+from dbllm_lab import cpu_kernel
+from dbllm_lab.decode import Int8LMHead, LeanDecoder
+from dbllm_lab.generate import greedy_generate, set_backend
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernel does not build here")
+
+
+def hf_greedy(model, ids, n):
+    """HF generate's greedy tokens and the (n, vocab) logits that chose them."""
+    with torch.inference_mode():
+        out = model.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             pad_token_id=0)
+    return out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()
+
+
+def assert_matches_hf(model, ids, n, rel_tol):
+    """Lean vs HF: the prompt's logits (one forward), then n greedy steps (tokens equal, logits within tolerance)."""
+    decoder = LeanDecoder(model)
+    with torch.inference_mode():
+        full_ref = model(ids[None]).logits[0].float()
+    full = decoder.forward(ids, 0, all_logits=True).float()
+    assert (full - full_ref).abs().max() <= rel_tol * full_ref.abs().max()
+    tokens_ref, logits_ref = hf_greedy(model, ids, n)
+    tokens, logits = decoder.generate(ids, n, return_logits=True)
+    assert tokens == tokens_ref
+    assert (logits - logits_ref).abs().max() <= rel_tol * logits_ref.abs().max()
+
+
+def packed_tiny(tiny):
+    from dbllm_lab.packed_linear import pack_model
+    from dbllm_lab.quantize import quantize_model
+    model = copy.deepcopy(tiny)
+    quantize_model(model, "fdb", group_size=64, init="clip", progress=False)
+    assert len(pack_model(model)) == 14
+    return model
+
+
+@pytest.mark.parametrize("dtype,rel_tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fp_tiny_matches_hf(tiny, dtype, rel_tol):
+    assert_matches_hf(tiny.to(dtype), torch.arange(3, 12), 6, rel_tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["cpu", "cpu-exact", "cpu-int8"])
+def test_packed_tiny_matches_hf(tiny, backend):
+    """Packed layers on each kernel path; on 'cpu' the prompt runs the exact path and the steps the integer path
+    (q/k/v and gate/up fused there: the same bits as separate calls)."""
+    model = packed_tiny(tiny)
+    set_backend(model, backend)
+    assert_matches_hf(model, torch.arange(3, 12), 6, 1e-5)
+
+
+@needs_kernel
+def test_embedded_two_blocks_fp_and_packed_match_hf(embedded):
+    """The embedded SmolLM2 (GQA 9 / 3 heads, head_dim 64, tied 49,152-row head) cut to 2 blocks: FP, then packed
+    on backend 'cpu' (fused integer path for the steps)."""
+    from dbllm_lab.packed_linear import pack_model
+    from dbllm_lab.quantize import quantize_model
+    model, tok = embedded
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+    assert_matches_hf(small, ids, 4, 1e-5)
+    quantize_model(small, "fdb", group_size=64, init="clip", progress=False)
+    pack_model(small)
+    set_backend(small, "cpu")
+    assert_matches_hf(small, ids, 4, 1e-5)
+    lean = greedy_generate(small, tok, "The capital of France is", 4, engine="lean")
+    hf = greedy_generate(small, tok, "The capital of France is", 4, engine="hf")
+    assert lean["token_ids"] == hf["token_ids"] and lean["engine"] == "lean" and lean["decode_tokens_per_s"] > 0
+
+
+@needs_kernel
+def test_int8_head_is_its_dequantized_weight():
+    """The int8 rows kernel (AVX2 and portable) and the prefill path equal x @ (s * codes).T; the codes are within
+    half a step of the weight."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(203, 72, generator=gen)
+    w[5] = 0  # an all-zero row: scale 0, codes 0
+    head = Int8LMHead(w)
+    deq = head.codes.float() * head.scales[:, None]
+    assert ((deq - w).abs() <= head.scales[:, None] / 2 + 1e-7).all() and (head.codes[5] == 0).all()
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 72, generator=gen)
+        ref = x @ deq.T
+        assert torch.allclose(head(x), ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, portable=True), ref,
+                              atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_int8_head_decoding_runs(tiny):
+    tokens = LeanDecoder(tiny, lm_head="int8").generate(torch.arange(3, 9), 4)
+    assert len(tokens) == 4 and all(0 <= t < tiny.config.vocab_size for t in tokens)
+
+
+def test_bad_arguments_name_the_value(tiny):
+    with pytest.raises(ValueError, match="lm_head='fp8'"):
+        LeanDecoder(tiny, lm_head="fp8")
+    with pytest.raises(ValueError, match="engine='fast'"):
+        greedy_generate(tiny, None, "hi", 4, engine="fast")
+    with pytest.raises(ValueError, match="needs engine='lean'"):
+        greedy_generate(tiny, None, "hi", 4, engine="hf", lm_head="int8")
+    other = copy.deepcopy(tiny)
+    other.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="model_type"):
+        LeanDecoder(other)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        LeanDecoder(tiny).generate(torch.tensor([[1, 2]]), 2)
