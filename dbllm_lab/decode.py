@@ -189,12 +189,16 @@ class LeanDecoder:
         self.k_cache = self.v_cache = self.cos = self.sin = None
 
     def reserve(self, length):
-        """Make the KV cache and rotary table hold ``length`` positions (kept when already long enough)."""
-        if self.k_cache is not None and self.k_cache.shape[2] >= length:
+        """Make the KV cache and rotary table hold ``length`` positions (kept when already long enough; a longer
+        cache keeps the positions already written)."""
+        old = 0 if self.k_cache is None else self.k_cache.shape[2]
+        if old >= length:
             return
         shape = (len(self.blocks), self.kv_heads, length, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        k, v = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        if old:
+            k[:, :, :old], v[:, :, :old] = self.k_cache, self.v_cache
+        self.k_cache, self.v_cache = k, v
         positions = torch.arange(length, device=self.device)[None]
         cos, sin = self.rotary(self.k_cache, positions)  # (1, length, head_dim), in the model's dtype
         half = self.head_dim // 2

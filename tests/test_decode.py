@@ -43,6 +43,17 @@ def packed_tiny(tiny):
     return model
 
 
+def test_step_by_step_forward_grows_the_cache_and_keeps_it(tiny):
+    """forward() one token at a time, with no reserve() ahead (the cache grows on every call), gives the logits of
+    one forward over the whole sequence."""
+    ids = torch.arange(3, 15)
+    decoder = LeanDecoder(tiny)
+    steps = torch.stack([decoder.forward(ids[:4], 0)] + [decoder.forward(ids[n:n + 1], n) for n in range(4, len(ids))])
+    with torch.inference_mode():
+        ref = tiny(ids[None]).logits[0, 3:]
+    assert (steps - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("dtype,rel_tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fp_tiny_matches_hf(tiny, dtype, rel_tol):
     assert_matches_hf(tiny.to(dtype), torch.arange(3, 12), 6, rel_tol)
