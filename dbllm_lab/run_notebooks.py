@@ -226,7 +226,8 @@ def main(argv=None):
     trained = args.trained or DEFAULT_TRAINED
     with LoadSampler(every=10.0) as load:
         with machine_lock(args.lock):
-            student = ensure_student(trained) if args.full else {"path": trained}
+            uses = any("TRAINED" in parameter_names(p) for p in paths)  # e.g. --only 07 needs no student
+            student = ensure_student(trained) if args.full and uses else {"path": trained}
         timings = run(paths, quick=not args.full, out_dir=args.out, fig_dir=args.fig_dir,
                       parameters={"TRAINED": trained}, lock=args.lock)
     print(f"[run_notebooks] {len(timings)} notebooks in {time.time() - t0:.0f} s: "
