@@ -119,9 +119,10 @@ def git_commit():
 def write_run_record(fig_dir, timings, wall_s, cpu_s, load, student, started, waited_s):
     """``figures/RUN.json``: what produced the committed figures."""
     import torch
+
+    from .cpu_kernel import _cpu_model
     commit, dirty = git_commit()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+    cpu = _cpu_model() or "unknown"
     rec = {"mode": "full", "command": "make reproduce FULL=1" + (f" TRAINED={student['path']}"
                                                                if student["path"] != DEFAULT_TRAINED else ""),
            "commit": commit, "uncommitted_changes": dirty, "started_utc": started,
