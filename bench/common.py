@@ -12,12 +12,8 @@ import time
 def machine_info():
     """CPU model, cores, RAM, GPU (if any), and library versions, for the top of every result file."""
     import torch
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from dbllm_lab.cpu_kernel import cpu_model
+    cpu = cpu_model() or platform.processor()
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
-from llamacpp_build import DEST, _run, binary, build, export_fp, source_dir  # noqa: E402
+from llamacpp_build import DEST, run_checked, binary, build, export_fp, source_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "llamacpp.json")
@@ -55,16 +55,17 @@ def make_ggufs(formats=FORMATS, dest=DEST):
         # convert_hf_to_gguf imports sentencepiece before it looks for tokenizer.model: installed beside, not in the venv
         deps = os.path.join(dest, "pydeps")
         if not os.path.isdir(os.path.join(deps, "sentencepiece")):
-            _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", deps, "sentencepiece"])
+            run_checked([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", deps,
+                         "sentencepiece"])
         env = {**os.environ, "PYTHONPATH": deps}
-        _run([sys.executable, os.path.join(src, "vendor", "llama.cpp", "convert_hf_to_gguf.py"), hf,
+        run_checked([sys.executable, os.path.join(src, "vendor", "llama.cpp", "convert_hf_to_gguf.py"), hf,
               "--outtype", "f32", "--outfile", f32 + ".tmp"], env=env)
         os.replace(f32 + ".tmp", f32)
     paths = {}
     for fmt in formats:
         out = gguf_path(fmt, dest)
         if fmt not in ("F32", "Q4_1-embedded") and not os.path.isfile(out):
-            p = _run([binary("llama-quantize", dest), f32, out + ".tmp", fmt, "2"])
+            p = run_checked([binary("llama-quantize", dest), f32, out + ".tmp", fmt, "2"])
             with open(out + ".log", "w") as f:
                 f.write(p.stdout + p.stderr)
             os.replace(out + ".tmp", out)
@@ -114,7 +115,7 @@ def decode_tokens_per_s(gguf, threads, tokens=64, repetitions=5, dest=DEST):
         raise ValueError(f"threads={threads!r} must be a positive integer")
     if not os.path.isfile(gguf):
         raise FileNotFoundError(f"GGUF file {gguf!r} does not exist; make it with make_ggufs()")
-    p = _run([binary("llama-bench", dest), "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads),
+    p = run_checked([binary("llama-bench", dest), "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads),
               "-r", str(repetitions), "-o", "json"])
     return parse_llama_bench(p.stdout)
 

@@ -21,7 +21,7 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
 
 
-def _run(cmd, **kw):
+def run_checked(cmd, **kw):
     """Run ``cmd``; on failure raise with its last output lines (so a broken build says why)."""
     p = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if p.returncode != 0:
@@ -70,7 +70,7 @@ def build(dest=DEST):
     os.makedirs(dest, exist_ok=True)
     t0 = time.time()
     if not glob.glob(os.path.join(dest, "llama_cpp_python-*.tar.gz")):
-        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python",
+        run_checked([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python",
               "-d", dest])
     if source_dir(dest) is None:
         sdist = sorted(glob.glob(os.path.join(dest, "llama_cpp_python-*.tar.gz")))[-1]
@@ -78,8 +78,8 @@ def build(dest=DEST):
             tar.extractall(dest)
     vendor = os.path.join(source_dir(dest), "vendor", "llama.cpp")
     t1 = time.time()
-    _run(["cmake", "-S", vendor, "-B", os.path.join(dest, "cmake"), *CMAKE_FLAGS])
-    _run(["cmake", "--build", os.path.join(dest, "cmake"), "--config", "Release", "-j2", "--target", *TOOLS])
+    run_checked(["cmake", "-S", vendor, "-B", os.path.join(dest, "cmake"), *CMAKE_FLAGS])
+    run_checked(["cmake", "--build", os.path.join(dest, "cmake"), "--config", "Release", "-j2", "--target", *TOOLS])
     info = {"build_seconds": round(time.time() - t1, 1), "download_unpack_seconds": round(t1 - t0, 1),
             "cmake_flags": CMAKE_FLAGS, "targets": list(TOOLS)}
     with open(os.path.join(dest, "build_info.json"), "w") as f:

@@ -100,7 +100,7 @@ def _source_text():
     return "\n".join(texts)
 
 
-def _cpu_model():
+def cpu_model():
     """The CPU's model name (Linux), part of the cache key: -march=native builds differ between CPUs."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -126,7 +126,7 @@ def _compile(cxx, flags, target):
 
 
 def _library_path(flags, extra):
-    key = _source_text() + " ".join(flags + extra) + platform.machine() + _cpu_model()
+    key = _source_text() + " ".join(flags + extra) + platform.machine() + cpu_model()
     return os.path.join(cache_dir(), f"cpu_kernel_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
 
 
@@ -189,7 +189,7 @@ def info(generic=False):
     """What was built: ISA of the exact path and of the integer path, OpenMP, flags, library file, CPU."""
     lib = load(generic)
     return {"isa": "avx512" if lib.dbl_isa() else "portable", "int8_isa": "avx2" if lib.dbl_int8_isa() else "portable",
-            "openmp": bool(lib.dbl_openmp()), "flags": " ".join(lib.flags), "library": lib.path, "cpu": _cpu_model()}
+            "openmp": bool(lib.dbl_openmp()), "flags": " ".join(lib.flags), "library": lib.path, "cpu": cpu_model()}
 
 
 def check_cpu_inputs(x, p1, p2, a1, a2, group_size):

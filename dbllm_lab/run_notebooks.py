@@ -120,9 +120,9 @@ def write_run_record(fig_dir, timings, wall_s, cpu_s, load, student, started, wa
     """``figures/RUN.json``: what produced the committed figures."""
     import torch
 
-    from .cpu_kernel import _cpu_model
+    from .cpu_kernel import cpu_model
     commit, dirty = git_commit()
-    cpu = _cpu_model() or "unknown"
+    cpu = cpu_model() or "unknown"
     rec = {"mode": "full", "command": "make reproduce FULL=1" + (f" TRAINED={student['path']}"
                                                                if student["path"] != DEFAULT_TRAINED else ""),
            "commit": commit, "uncommitted_changes": dirty, "started_utc": started,
