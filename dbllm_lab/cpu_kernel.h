@@ -25,3 +25,21 @@ static inline float half_to_float(uint16_t h) {
 static inline float scale(const void* a, int64_t i, int half) {
     return half ? half_to_float(((const uint16_t*)a)[i]) : ((const float*)a)[i];
 }
+
+// Building blocks shared by the matmul entry points and the lean decoder's one-call step (cpu_kernel_decode.cpp).
+// cpu_kernel_int8.cpp, the lookup path: one activation row's int8 codes q (K), group factors d (K/g) and lookup
+// tables tab (K * 8 bytes); rows 32 rb .. of y = W x from the repacked layout (cpu_kernel.repack_int8)
+void int8_prepare_row(const float* x, int64_t K, int64_t g, int8_t* q, float* d, uint8_t* tab);
+int int8_use_avx2(int portable);
+void int8_lut_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half,
+                    const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int avx2,
+                    float* y);
+// cpu_kernel_head.cpp, int8 weight rows: rows 4 b .. of y = s * (w x), one activation row x
+int int8_rows_use_avx2(int portable);
+void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N, int64_t K, int64_t b, int avx2,
+                     float* y);
+// cpu_kernel_decode.cpp
+extern "C" void dbl_add_rms_norm(float* h, const float* delta, const float* w, float eps, float* out, int64_t rows,
+                                 int64_t H);
+extern "C" void dbl_rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t stride, const float* cos,
+                         const float* sin);

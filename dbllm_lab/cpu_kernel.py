@@ -2,7 +2,8 @@
 ``cpu_kernel_int8.cpp`` and ``cpu_kernel.h`` beside this file), compiled on first use. The same library holds the
 FDB rounding in C++ (``fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU) and a matmul with int8
 weight rows (``int8_rows_matmul_cpu``, ``cpu_kernel_head.cpp``: the lean decoder's optional int8 LM head) and the
-lean decoder's fused residual-add + RMSNorm and in-place RoPE (``cpu_kernel_decode.cpp``, called by ``decode.py``).
+lean decoder's fused residual-add + RMSNorm, in-place RoPE and one-call decode step (``cpu_kernel_decode.cpp``,
+called by ``decode.py`` and ``decode_step.py``).
 
 Computes the DB-LLM inference form (method.md §1) for activations x (M x K) and packed planes p1, p2 (N x K/32
 int32 words, ``dbllm_lab.packing`` layout), scales a1, a2 (N x K/g, fp16 or fp32):
@@ -164,6 +165,7 @@ def load(generic=False):
         lib.dbl_add_rms_norm.restype = None
         lib.dbl_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
         lib.dbl_rope.restype = None
+        lib.dbl_decode_step.argtypes = [ptr] * 10 + [i64, i64, ctypes.c_float, ctypes.c_float, ptr, cint]
         lib.flags, lib.path = flags + extra, path
         return lib
     raise RuntimeError("could not compile the dbllm_lab CPU kernel:\n" + "\n".join(errors))

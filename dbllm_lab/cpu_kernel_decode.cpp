@@ -1,8 +1,14 @@
-// dbllm_lab CPU kernel, the lean decoder's small fp32 steps (dbllm_lab/decode.py): a residual add fused with the
-// RMSNorm that follows it, and RoPE in place. Each replaces several torch calls of a few microseconds apiece, which
-// add up over a decode step's 61 norms and 30 rotations (one token, 576 values: call overhead, not arithmetic).
+// dbllm_lab CPU kernel, the lean decoder's fp32 steps (dbllm_lab/decode.py): a residual add fused with the RMSNorm
+// that follows it, RoPE in place (both used by the prompt's path), and dbl_decode_step: a whole one-token decode
+// step of a LLaMA model whose projections all run the integer path, in one call (no Python or torch per op).
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "cpu_kernel.h"
 
 extern "C" {
 // Per row r of h (rows x H): h += delta (when delta is not null), then out = w * (h / sqrt(mean(h^2) + eps)),
@@ -42,5 +48,134 @@ void dbl_rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t stride, con
             }
         }
     }
+}
+}
+
+// Per layer, the pointer table of dbl_decode_step: the two norms' weights, then (w1, w2, s1, s2) of the repacked
+// integer-path layout (cpu_kernel.repack_int8) of q/k/v fused, o, gate/up fused and down
+enum { IN_NORM, POST_NORM, QKV, O = QKV + 4, GATE_UP = O + 4, DOWN = GATE_UP + 4, LAYER_PTRS = DOWN + 4 };
+// dims of dbl_decode_step
+enum { LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, GROUP, HALF, CACHE_LEN, VOCAB, NDIMS };
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Block rb of y = W x for the matrix at p (4 pointers) and a prepared activation row (tab, d)
+static inline void mat_block(const void* const* p, int half, const uint8_t* tab, const float* d, int64_t N, int64_t K,
+                             int64_t g, int64_t rb, int avx2, float* y) {
+    int8_lut_block((const uint8_t*)p[0], (const uint8_t*)p[1], p[2], p[3], half, tab, d, N, K, g, rb, avx2, y);
+}
+
+// Query head hq of the new token at position pos over the cache (K, V: its KV head's (cache_len x D) rows) and the
+// new key and value: RoPE on q and k (the rows of qkv, left as they are), softmax(q K^T * scaling) V into out.
+// The first query head of a KV group writes the rotated key and the value into cache row pos; every head uses
+// its own rotated copy for that row, so no head reads a row another is writing.
+static void attend(const float* qkv, const int64_t* dims, int64_t hq, float* K, float* V, int64_t pos,
+                   const float* cos, const float* sin, float scaling, float* qr, float* kr, float* scores, float* out) {
+    const int64_t H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM], j = hq / (H / KV);
+    const float* vnew = qkv + (H + KV + j) * D;
+    memcpy(qr, qkv + hq * D, D * sizeof(float));
+    memcpy(kr, qkv + (H + j) * D, D * sizeof(float));
+    dbl_rope(qr, 1, 1, D, D, cos, sin);
+    dbl_rope(kr, 1, 1, D, D, cos, sin);
+    if (hq % (H / KV) == 0) {
+        memcpy(K + pos * D, kr, D * sizeof(float));
+        memcpy(V + pos * D, vnew, D * sizeof(float));
+    }
+    float m = scores[pos] = dot(qr, kr, D) * scaling;
+    for (int64_t t = 0; t < pos; t++) m = fmaxf(m, scores[t] = dot(qr, K + t * D, D) * scaling);
+    float sum = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) sum += scores[t] = expf(scores[t] - m);
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        const float* v = t < pos ? V + t * D : vnew;
+        const float p = scores[t];
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+extern "C" {
+// One decode step of a LLaMA model, token `token` at position `pos` (cache rows 0 .. pos - 1 filled): embedding row,
+// then per layer x = norm(h); q, k, v = W x; RoPE (cos / sin: the position's rows, rotate_half's sign baked into
+// sin); attention over the cache (GQA), whose row pos gets k and v; h += o(attn); x = norm(h); h += down(silu(gate x)
+// * up x); finally x = norm(h). Every projection runs the integer path (int8_prepare_row, int8_lut_block) on the
+// repacked layout; norms and RoPE are dbl_add_rms_norm and dbl_rope, as the Python path calls them. out gets the
+// logits s * (codes x) when head_codes is not null (vocab values), else x (hidden values). kc, vc: (layers,
+// kv_heads, cache_len, head_dim). One parallel region: every thread keeps its own copy of the residual h and of the
+// prepared activations (cheap, no barrier), the projections' row blocks and the query heads are split among the
+// threads. Returns 0, or -1 when out of memory.
+int dbl_decode_step(const int64_t* dims, const void* const* layers, const float* embed, const float* final_norm,
+                    const int8_t* head_codes, const float* head_scales, float* kc, float* vc, const float* cos,
+                    const float* sin, int64_t token, int64_t pos, float eps, float scaling, float* out, int threads) {
+    const int64_t L = dims[LAYERS], E = dims[HIDDEN], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM],
+                  I = dims[INTER], g = dims[GROUP], CL = dims[CACHE_LEN], NQKV = (H + 2 * KV) * D;
+    const int half = (int)dims[HALF], avx2 = int8_use_avx2(0), head_avx2 = int8_rows_use_avx2(0);
+    int64_t kmax = E > H * D ? E : H * D;
+    kmax = kmax > I ? kmax : I;
+    // per thread, in floats: h (E), x (kmax), d (kmax), q and k rotated (D each), scores (pos + 1), then the bytes
+    // of tab (8 kmax) and q (kmax); rounded up to 64 bytes
+    const int64_t local = (E + 2 * kmax + 2 * D + pos + 1 + 3 * kmax + 15) / 16 * 16;
+    float* shared = (float*)malloc((NQKV + H * D + E + 3 * I) * sizeof(float));
+    float* locals = (float*)malloc(threads * local * sizeof(float));
+    if (!shared || !locals) { free(shared); free(locals); return -1; }
+    float *qkv = shared, *attn = qkv + NQKV, *y = attn + H * D, *gu = y + E, *act = gu + 2 * I;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        float* me = locals + omp_get_thread_num() * local;
+#else
+        float* me = locals;
+#endif
+        float *h = me, *x = h + E, *d = x + kmax, *qr = d + kmax, *kr = qr + D, *scores = kr + D;
+        uint8_t* tab = (uint8_t*)(scores + pos + 1);
+        int8_t* q = (int8_t*)(tab + 8 * kmax);
+        memcpy(h, embed + token * E, E * sizeof(float));
+        dbl_add_rms_norm(h, nullptr, (const float*)layers[IN_NORM], eps, x, 1, E);
+        for (int64_t l = 0; l < L; l++) {
+            const void* const* P = layers + l * LAYER_PTRS;
+            int8_prepare_row(x, E, g, q, d, tab);
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t rb = 0; rb < (NQKV + 31) / 32; rb++) mat_block(P + QKV, half, tab, d, NQKV, E, g, rb, avx2, qkv);
+            float *K = kc + l * KV * CL * D, *V = vc + l * KV * CL * D;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t hq = 0; hq < H; hq++) {
+                const int64_t off = hq / (H / KV) * CL * D;
+                attend(qkv, dims, hq, K + off, V + off, pos, cos, sin, scaling, qr, kr, scores, attn + hq * D);
+            }
+            int8_prepare_row(attn, H * D, g, q, d, tab);
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + O, half, tab, d, E, H * D, g, rb, avx2, y);
+            dbl_add_rms_norm(h, y, (const float*)P[POST_NORM], eps, x, 1, E);
+            int8_prepare_row(x, E, g, q, d, tab);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < I / 32; b++) {  // gate rows 32 b .. and the up rows beside them, then the product
+                mat_block(P + GATE_UP, half, tab, d, 2 * I, E, g, b, avx2, gu);
+                mat_block(P + GATE_UP, half, tab, d, 2 * I, E, g, b + I / 32, avx2, gu);
+                for (int64_t r = 32 * b; r < 32 * b + 32; r++) act[r] = gu[r] / (1.0f + expf(-gu[r])) * gu[I + r];
+            }
+            int8_prepare_row(act, I, g, q, d, tab);
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + DOWN, half, tab, d, E, I, g, rb, avx2, y);
+            const float* next = l + 1 < L ? (const float*)layers[(l + 1) * LAYER_PTRS + IN_NORM] : final_norm;
+            dbl_add_rms_norm(h, y, next, eps, x, 1, E);
+        }
+        if (head_codes) {
+#pragma omp for schedule(dynamic, 64)
+            for (int64_t b = 0; b < (dims[VOCAB] + 3) / 4; b++)
+                int8_rows_block(head_codes, head_scales, x, dims[VOCAB], E, b, head_avx2, out);
+        } else {
+#pragma omp single
+            memcpy(out, x, E * sizeof(float));
+        }
+    }
+    free(shared); free(locals);
+    return 0;
 }
 }

@@ -3,6 +3,7 @@
 // w: N x K int8 codes (one symmetric fp32 scale s[n] per row), x: M x K fp32 activations, kept exact (weight-only
 // quantization). A 49,152 x 576 head is 28 MB this way against 113 MB in fp32: decoding reads it once per token.
 #include <stdint.h>
+#include "cpu_kernel.h"
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(DBLLM_GENERIC)
 #include <immintrin.h>
 #define DBLLM_HEAD_X86 1
@@ -41,29 +42,38 @@ __attribute__((target("avx2,fma"))) static void rows4_avx2(const int8_t* w, cons
 }
 #endif
 
+int int8_rows_use_avx2(int portable) {
+#ifdef DBLLM_HEAD_X86
+    return !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    (void)portable;
+    return 0;
+#endif
+}
+
+// Rows 4 b .. min(N, 4 b + 4) - 1 of y = s * (w x) for one activation row x (K)
+void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N, int64_t K, int64_t b, int avx2,
+                     float* y) {
+    const int64_t n0 = 4 * b, rows = N - n0 < 4 ? N - n0 : 4;
+    float out[4];
+#ifdef DBLLM_HEAD_X86
+    if (avx2 && rows == 4) rows4_avx2(w + n0 * K, x, K, out);
+    else
+#else
+    (void)avx2;
+#endif
+    for (int64_t r = 0; r < rows; r++) out[r] = row_dot_portable(w + (n0 + r) * K, x, K);
+    for (int64_t r = 0; r < rows; r++) y[n0 + r] = out[r] * s[n0 + r];
+}
+
 extern "C" {
 // y (M x N, fp32) = x (M x K, fp32) times the int8 rows w (N x K) scaled by s (N, fp32). portable = 1 forces the
 // portable loop (tests). Rows are split over threads in blocks of 4; each block's weights serve every row of x.
 void dbl_int8_rows_matmul(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t N,
                           int64_t K, int threads, int portable) {
-#ifdef DBLLM_HEAD_X86
-    const int avx2 = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    (void)portable;
-#endif
-    const int64_t blocks = (N + 3) / 4;
+    const int avx2 = int8_rows_use_avx2(portable);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = 4 * b, rows = N - n0 < 4 ? N - n0 : 4;
-        for (int64_t m = 0; m < M; m++) {
-            float out[4];
-#ifdef DBLLM_HEAD_X86
-            if (avx2 && rows == 4) rows4_avx2(w + n0 * K, x + m * K, K, out);
-            else
-#endif
-            for (int64_t r = 0; r < rows; r++) out[r] = row_dot_portable(w + (n0 + r) * K, x + m * K, K);
-            for (int64_t r = 0; r < rows; r++) y[m * N + n0 + r] = out[r] * s[n0 + r];
-        }
-    }
+    for (int64_t b = 0; b < (N + 3) / 4; b++)
+        for (int64_t m = 0; m < M; m++) int8_rows_block(w, s, x + m * K, N, K, b, avx2, y + m * N);
 }
 }

@@ -167,7 +167,35 @@ int dbl_int8_isa(void) {
     return 0;
 #endif
 }
+}
 
+// One activation row prepared for the lookup path: its int8 codes q (K), group factors d (K/g) and tables tab
+// (K * 8 bytes)
+void int8_prepare_row(const float* x, int64_t K, int64_t g, int8_t* q, float* d, uint8_t* tab) {
+    quantize_row(x, K, g, q, d);
+    build_tables(q, K, tab);
+}
+
+// 1 when the AVX2 lookup path runs here (unless portable), else 0
+int int8_use_avx2(int portable) { return !portable && dbl_int8_isa(); }
+
+// Rows 32 rb .. min(N, 32 rb + 32) - 1 of y = W x for one prepared row (tab, d), from the repacked layout
+void int8_lut_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half,
+                    const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int avx2,
+                    float* y) {
+    float out[32];
+    const int64_t rows = N - 32 * rb < 32 ? N - 32 * rb : 32, wo = rb * (K / 8) * 32, so = rb * (K / g) * 32;
+#ifdef DBLLM_X86
+    if (avx2) lut_block_avx2(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
+    else
+#else
+    (void)avx2;
+#endif
+    lut_block_portable(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
+    memcpy(y + 32 * rb, out, rows * sizeof(float));
+}
+
+extern "C" {
 // y (M x N, fp32) from the repacked layout (cpu_kernel.repack_int8): w1, w2 (ceil(N/32) x K/8 x 32 bytes), scales
 // s1, s2 (ceil(N/32) x K/g x 32, fp16 or fp32). portable = 1 forces the portable loop. Returns 0, or -1 when out of
 // memory. The weights of a block of 32 rows are read from memory once and reused from cache for every row of x.
@@ -179,26 +207,12 @@ int dbl_matmul_int8_lut(const float* x, int64_t M, const uint8_t* w1, const uint
     float* d = (float*)malloc(M * G * sizeof(float));
     uint8_t* tab = (uint8_t*)malloc(M * K * 8);  // 32 bytes per 4 activations
     if (!q || !d || !tab) { free(q); free(d); free(tab); return -1; }
-    for (int64_t m = 0; m < M; m++) {
-        quantize_row(x + m * K, K, g, q + m * K, d + m * G);
-        build_tables(q + m * K, K, tab + m * K * 8);
-    }
-#ifdef DBLLM_X86
-    const int avx2 = !portable && dbl_int8_isa();
-#endif
+    for (int64_t m = 0; m < M; m++) int8_prepare_row(x + m * K, K, g, q + m * K, d + m * G, tab + m * K * 8);
+    const int avx2 = int8_use_avx2(portable);
 #pragma omp parallel for schedule(dynamic, 2) num_threads(threads)
-    for (int64_t rb = 0; rb < NB; rb++) {
-        float out[32];
-        const int64_t rows = N - 32 * rb < 32 ? N - 32 * rb : 32, wo = rb * (K / 8) * 32;
-        for (int64_t m = 0; m < M; m++) {
-#ifdef DBLLM_X86
-            if (avx2) lut_block_avx2(w1 + wo, w2 + wo, s1, s2, rb * G * 32, half, tab + m * K * 8, d + m * G, K, g, out);
-            else
-#endif
-            lut_block_portable(w1 + wo, w2 + wo, s1, s2, rb * G * 32, half, tab + m * K * 8, d + m * G, K, g, out);
-            memcpy(y + m * N + 32 * rb, out, rows * sizeof(float));
-        }
-    }
+    for (int64_t rb = 0; rb < NB; rb++)
+        for (int64_t m = 0; m < M; m++)
+            int8_lut_block(w1, w2, s1, s2, half, tab + m * K * 8, d + m * G, N, K, g, rb, avx2, y + m * N);
     free(q); free(d); free(tab);
     return 0;
 }

@@ -15,7 +15,8 @@ and for V, and grown only when a longer sequence comes. Linear layers that read 
 that is free: q / k / v and gate / up of packed layers on the C++ integer path share one activation quantization
 and one kernel launch (their repacked planes concatenated; the same bits as three calls, as every output row is
 computed on its own). Packed layers on the exact path call the kernel directly; ``nn.Linear`` runs ``F.linear``;
-anything else is called as a module.
+anything else is called as a module. One-token steps of an fp32 model whose projections all take the fused
+integer path run as one C++ call instead (``decode_step.NativeStep``: the same kernels, no Python per operation).
 
 ``lm_head="int8"`` (optional) replaces the fp32 LM head by int8 weight rows with per-row scales
 (``Int8LMHead``): 4x fewer bytes read per token, activations exact; its speed and perplexity cost are measured
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernel
+from . import cpu_kernel, decode_step
 from .packed_linear import CPU_PATHS, INT8_MAX_ROWS, PackedDualBinaryLinear
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -187,6 +188,7 @@ class LeanDecoder:
         self.dtype, self.device = self.embed.weight.dtype, self.embed.weight.device
         self.fast_rope = self.dtype == torch.float32 and self.device.type == "cpu" and cpu_kernel.available()
         self.k_cache = self.v_cache = self.cos = self.sin = None
+        self.native = None if decode_step.why_not(self) else decode_step.NativeStep(self)  # one-token steps
 
     def reserve(self, length):
         """Make the KV cache and rotary table hold ``length`` positions (kept when already long enough; a longer
@@ -218,6 +220,9 @@ class LeanDecoder:
         T, end = ids.shape[0], start + ids.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         self.reserve(end)
+        if T == 1 and self.native is not None:
+            logits = self.native(int(ids[0]), start)
+            return logits if all_logits else logits[0]
         mask = None
         if T > 1:  # query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)

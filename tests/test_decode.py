@@ -7,6 +7,7 @@ import torch
 
 from dbllm_lab import cpu_kernel
 from dbllm_lab.decode import Int8LMHead, LeanDecoder
+from dbllm_lab.decode_step import why_not
 from dbllm_lab.generate import greedy_generate, set_backend
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernel does not build here")
@@ -88,6 +89,60 @@ def test_embedded_two_blocks_fp_and_packed_match_hf(embedded):
     lean = greedy_generate(small, tok, "The capital of France is", 4, engine="lean")
     hf = greedy_generate(small, tok, "The capital of France is", 4, engine="hf")
     assert lean["token_ids"] == hf["token_ids"] and lean["engine"] == "lean" and lean["decode_tokens_per_s"] > 0
+
+
+def python_path_twin(model, lm_head):
+    """Two decoders of ``model``: one taking the one-call C++ step for one-token steps, one the Python path."""
+    native, python = LeanDecoder(model, lm_head=lm_head), LeanDecoder(model, lm_head=lm_head)
+    assert native.native is not None, why_not(native)
+    python.native = None
+    return native, python
+
+
+@needs_kernel
+@pytest.mark.parametrize("lm_head", ["exact", "int8"])
+def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head):
+    """The one-call C++ decode step (dbllm_lab.decode_step) against the Python path on the embedded SmolLM2 (GQA,
+    cut to 6 blocks) packed on backend 'cpu': the same integer kernel on the same bits; attention and SiLU are C++
+    loops in place of torch's, so a step's logits differ by fp32 reassociation (~3e-7 of max |logit|), unless an
+    activation lies on an int8 rounding boundary: then one code differs by 1 (measured: 2 of 12 steps, 5e-3), less
+    than the integer path's own distance from the exact fp32 forward of the same tokens. Same greedy tokens."""
+    from dbllm_lab.packed_linear import pack_model
+    from dbllm_lab.quantize import quantize_model
+    model, tok = embedded
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:6]
+    small.config.num_hidden_layers = 6
+    quantize_model(small, "fdb", group_size=64, init="clip", progress=False)
+    pack_model(small)
+    set_backend(small, "cpu")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+    native, python = python_path_twin(small, lm_head)
+    tokens, logits = native.generate(ids, 12, return_logits=True)
+    tokens_ref, logits_ref = python.generate(ids, 12, return_logits=True)
+    assert tokens == tokens_ref
+    with torch.inference_mode():  # one forward over the same tokens: the exact kernel path, fp32 head
+        exact = small(torch.cat([ids, torch.tensor(tokens[:-1])])[None]).logits[0, len(ids) - 1:]
+    scale = logits_ref.abs().amax(1)
+    rel = (logits - logits_ref).abs().amax(1) / scale
+    assert (rel <= 1e-5).float().mean() >= 0.75 and rel.max() <= ((logits_ref - exact).abs().amax(1) / scale).max()
+
+
+@needs_kernel
+def test_native_step_grows_the_cache_and_falls_back(tiny):
+    """Packed tiny on 'cpu': one token at a time with no reserve() ahead (the cache, which the C++ step indexes by
+    its length, grows on every call) gives the Python path's logits. Models it does not cover keep the Python path:
+    the exact kernel path, bf16."""
+    model = packed_tiny(tiny)
+    set_backend(model, "cpu")
+    ids = torch.arange(3, 15)
+    native, python = python_path_twin(model, "exact")
+    steps = [torch.stack([d.forward(ids[:4], 0)] + [d.forward(ids[n:n + 1], n) for n in range(4, len(ids))])
+             for d in (native, python)]
+    assert (steps[0] - steps[1]).abs().max() <= 1e-5 * steps[1].abs().max()
+    set_backend(model, "cpu-exact")
+    assert "fused integer path" in why_not(LeanDecoder(model))
+    assert "bfloat16" in why_not(LeanDecoder(tiny.to(torch.bfloat16)))
 
 
 @needs_kernel
