@@ -11,9 +11,12 @@ Per model (the packed checkpoint on backend 'cpu', the FP32 model) and thread co
   * ``linear_ms``: the 210 decoder linear layers called one by one on a random 1-token input (what HF's forward
     calls), ``lm_head_ms``: the model's LM head on one token, ``hf_rest_ms`` = hf_forward_ms - both: attention,
     norms, RoPE, residuals, cache updates and Python module calls;
-  * ``lean_ms`` / ``lean_int8_head_ms``: ``greedy_generate(engine='lean')`` per token, exact and int8 head;
-    ``lean_projections_ms``: the lean loop's projection calls alone (q/k/v and gate/up fused where packed),
-    ``int8_head_ms``: the int8 head on one token, ``lean_rest_ms`` = lean_ms - projections - exact head.
+  * ``lean_ms`` / ``lean_int8_head_ms``: ``greedy_generate(engine='lean')`` per token, exact and int8 head: the
+    one-call C++ step (``dbllm_lab.decode_step``) where it applies (``native_step``: the packed model);
+    ``python_int8_head_ms``: the same loop with the int8 head and that step switched off (the Python path: one
+    call per operation); ``lean_projections_ms``: the Python path's projection calls alone (q/k/v and gate/up fused
+    where packed), ``int8_head_ms``: the int8 head on one token, ``python_rest_ms`` = python_int8_head_ms -
+    projections - int8 head: the norms, RoPE, attention, SiLU * up and residuals as Python and torch calls.
 Components are timed apart, each as a loop of repeated calls (warm caches), so the parts are estimates that need
 not add up exactly. Perplexity (``--ppl-windows``, default the 40 dev windows of WikiText-2 test at seqlen 512): the
 packed model's final hidden states once per window, scored with the exact head and with the int8 head (the
@@ -58,6 +61,20 @@ def hf_forward_ms(model, ids, steps):
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def lean_step_ms(model, ids, tokens, native):
+    """Per-token milliseconds of ``LeanDecoder`` with the int8 head, timed as ``greedy_generate`` times it, with or
+    without the one-call C++ step."""
+    from dbllm_lab.decode import LeanDecoder
+    decoder = LeanDecoder(model, lm_head="int8")
+    if not native:
+        decoder.native = None
+    decoder.reserve(len(ids) + tokens)
+    decoder.generate(ids, 1)
+    first = []
+    decoder.generate(ids, tokens, on_first_token=lambda: first.append(time.perf_counter()))
+    return (time.perf_counter() - first[0]) / (tokens - 1) * 1e3
+
+
 def profile(model, tok, label, tokens, reps):
     """The row of one model (module docstring)."""
     from dbllm_lab.decode import Int8LMHead, LeanDecoder
@@ -69,6 +86,7 @@ def profile(model, tok, label, tokens, reps):
         lean = greedy_generate(model, tok, PROMPT, tokens, engine="lean")
         lean8 = greedy_generate(model, tok, PROMPT, tokens, engine="lean", lm_head="int8")
         forward = hf_forward_ms(model, ids, tokens)
+        python_ms = lean_step_ms(model, ids[0], tokens, native=False)
         linears = list(quantizable_linears(model).values())
         inputs = [torch.randn(1, 1, m.in_features) for m in linears]
         linear = per_call_ms(lambda: [m(x) for m, x in zip(linears, inputs)], reps)
@@ -78,6 +96,7 @@ def profile(model, tok, label, tokens, reps):
         int8_head = Int8LMHead(head.weight)
         int8_ms = per_call_ms(lambda: int8_head(h[0]), reps * 4)
         decoder = LeanDecoder(model)
+        native = decoder.native is not None
         calls = [(p, torch.randn(1, p.modules[0].in_features)) for b in decoder.blocks
                  for p in (b.qkv, b.o, b.gate_up, b.down)]
         projections = per_call_ms(lambda: [p(x) for p, x in calls], reps)
@@ -89,8 +108,9 @@ def profile(model, tok, label, tokens, reps):
             "hf_generate_overhead_ms": per_token["hf"] - forward, "linear_calls": len(linears), "linear_ms": linear,
             "lm_head_ms": head_ms, "hf_rest_ms": forward - linear - head_ms,
             "lean_ms": per_token["lean"], "lean_projection_calls": len(calls), "lean_projections_ms": projections,
-            "lean_rest_ms": per_token["lean"] - projections - head_ms,
-            "lean_int8_head_ms": per_token["lean8"], "int8_head_ms": int8_ms,
+            "lean_int8_head_ms": per_token["lean8"], "int8_head_ms": int8_ms, "native_step": native,
+            "python_int8_head_ms": python_ms, "python_int8_head_tokens_per_s": 1e3 / python_ms,
+            "python_rest_ms": python_ms - projections - int8_ms,
             "same_tokens_hf_lean": hf["token_ids"] == lean["token_ids"],
             "same_tokens_int8_head": sum(a == b for a, b in zip(hf["token_ids"], lean8["token_ids"]))}
 
@@ -146,7 +166,8 @@ def main():
     write_results(args.out, rows, settings,
                   columns=["model", "threads", "hf_tokens_per_s", "lean_tokens_per_s", "lean_int8_head_tokens_per_s",
                            "hf_generate_overhead_ms", "hf_forward_ms", "linear_ms", "lm_head_ms", "hf_rest_ms",
-                           "lean_ms", "lean_projections_ms", "lean_rest_ms", "int8_head_ms"])
+                           "lean_ms", "native_step", "python_int8_head_tokens_per_s", "python_int8_head_ms",
+                           "lean_projections_ms", "python_rest_ms", "int8_head_ms"])
 
 
 if __name__ == "__main__":
