@@ -109,8 +109,9 @@ def git_commit():
     import subprocess
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+        # figures/ is what a full run writes, so it does not count as a change to the code that ran
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures"],
+                               cwd=ROOT, capture_output=True, text=True, check=True)
         return head.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return None, None
