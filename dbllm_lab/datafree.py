@@ -1,7 +1,8 @@
 """Data-free training text written by the FP teacher (method.md §3, as LLM-QAT does).
 
 Each sample starts from a random vocabulary token; the next ``greedy_tokens`` tokens are greedy and the
-rest are sampled at ``temperature`` up to ``seqlen`` tokens. Generation is batched and uses the KV cache.
+rest are sampled at ``temperature`` up to ``seqlen`` tokens. Generation is batched, with a KV cache written in place
+and inverse-CDF sampling over chunk sums (``sample_inverse_cdf``).
 All randomness (start tokens and one uniform number per sampled position) is drawn up front from one
 seeded generator, so a sample does not depend on the batch size. Results are cached on disk under
 ``cache_dir`` (default ``data/generated``, git-ignored), keyed by model, seed, count, length and the
@@ -16,7 +17,9 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .model import decoder_layers
 from .paths import root
 
 DEFAULT_CACHE = os.path.join(root(), "data", "generated")  # the project's data/generated, wherever run from
@@ -40,27 +43,72 @@ def _check(n, seqlen, greedy_tokens, temperature, batch_size):
         raise ValueError(f"temperature={temperature!r} must be > 0")
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer written in place into buffers of the final length: the default cache concatenates, which
+    copies the whole cache at every step (quadratic in the sample length)."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.key_buffer = key_states.new_empty(b, h, self.capacity, d)
+        self.value_buffer = value_states.new_empty(b, h, self.capacity, d)
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length
+
+
+CDF_CHUNK = 256  # inverse-CDF sampling scans chunk sums, then one chunk: two short cumsums, not one over the vocabulary
+
+
+def sample_inverse_cdf(logits, uniforms, temperature=1.0):
+    """The token whose CDF interval holds ``u``: the smallest k with sum_{i<=k} p_i > u, p = softmax(logits / T)
+    (inverse-transform sampling). ``logits`` (b, V) is overwritten; ``uniforms`` (b,) in [0, 1).
+    The normalisation is folded into ``u`` (u * sum of the unnormalised weights)."""
+    b, vocab = logits.shape
+    w = logits.sub_(logits.amax(-1, keepdim=True))
+    if temperature != 1:
+        w.div_(temperature)
+    w = torch.nn.functional.pad(w.exp_(), (0, -vocab % CDF_CHUNK)).view(b, -1, CDF_CHUNK)
+    chunk_cdf = w.sum(-1).cumsum(-1)  # (b, chunks)
+    u = uniforms[:, None].to(chunk_cdf) * chunk_cdf[:, -1:]
+    chunk = torch.searchsorted(chunk_cdf, u, side="right").clamp_max(chunk_cdf.shape[1] - 1)  # (b, 1)
+    before = torch.where(chunk > 0, chunk_cdf.gather(1, (chunk - 1).clamp_min(0)), torch.zeros_like(u))
+    within = w.gather(1, chunk[:, :, None].expand(-1, -1, CDF_CHUNK)).squeeze(1).cumsum(-1)
+    k = torch.searchsorted(within, u - before, side="right").clamp_max(CDF_CHUNK - 1)
+    return (chunk * CDF_CHUNK + k).squeeze(1).clamp_max(vocab - 1)
+
+
 @torch.no_grad()
 def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
-    """Continue the (b,) start tokens to (b, 1 + uniforms.shape[1]) tokens with the KV cache."""
-    ids = start[:, None]
-    out, past, cur = [ids], None, ids
-    for j in range(uniforms.shape[1]):
-        res = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        logits = res.logits[:, -1].float()
-        if j < greedy_tokens:
-            nxt = logits.argmax(-1)
-        else:  # inverse-CDF sampling with the pre-drawn uniform of this position
-            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
-            u = uniforms[:, j:j + 1].to(cdf) * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, u).squeeze(1).clamp_max(logits.shape[-1] - 1)
-        cur = nxt[:, None]
-        out.append(cur)
-    return torch.cat(out, 1)
+    """Continue the (b,) start tokens to (b, 1 + uniforms.shape[1]) tokens with a preallocated KV cache."""
+    steps = uniforms.shape[1]
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_PreallocatedLayer(steps + 1) for _ in range(len(decoder_layers(model)))]
+    out = torch.empty(start.shape[0], steps + 1, dtype=torch.long, device=start.device)
+    out[:, 0] = cur = start
+    for j in range(steps):
+        logits = model(input_ids=cur[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = logits[:, -1].float()
+        cur = logits.argmax(-1) if j < greedy_tokens else sample_inverse_cdf(logits, uniforms[:, j], temperature)
+        out[:, j + 1] = cur
+    return out
 
 
-def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=64, cache_dir=DEFAULT_CACHE,
+def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_dir=DEFAULT_CACHE,
                      greedy_tokens=None, temperature=None, progress=True):
     """``n`` teacher-written samples of ``seqlen`` tokens as a LongTensor (n, seqlen), cached on disk.
 

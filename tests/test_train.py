@@ -30,6 +30,29 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
+def test_sample_inverse_cdf_matches_the_full_cdf():
+    """Chunked inverse-CDF sampling picks exactly the token a cumsum over the whole vocabulary picks."""
+    from dbllm_lab.datafree import sample_inverse_cdf
+    g = torch.Generator().manual_seed(0)
+    for vocab, temperature in ((300, 1.0), (1024, 0.7), (49152, 1.0)):
+        logits = 4 * torch.randn(64, vocab, generator=g, dtype=torch.float64)
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+        expected = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], side="right").squeeze(1)
+        assert torch.equal(sample_inverse_cdf(logits.clone(), u, temperature), expected)
+    peaked = torch.full((3, 500), -1e4, dtype=torch.float64)
+    peaked[0, 0], peaked[1, 257], peaked[2, 499] = 0, 0, 0  # one token holds all the mass: first, mid-chunk, last
+    assert sample_inverse_cdf(peaked, torch.tensor([0.0, 0.5, 0.999], dtype=torch.float64)).tolist() == [0, 257, 499]
+
+
+def test_generation_cache_matches_the_full_forward():
+    """Greedy generation with the preallocated KV cache equals the argmax of a full forward at every position."""
+    m = tiny_llama(vocab_size=128, seed=2)
+    a = generate_samples(m, None, n=4, seqlen=20, seed=1, cache_dir=None, progress=False, greedy_tokens=19)
+    with torch.no_grad():
+        assert torch.equal(m(a[:, :-1]).logits.argmax(-1), a[:, 1:])
+
+
 def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
     m = tiny_llama(vocab_size=128, seed=2)
     a = generate_samples(m, None, n=5, seqlen=12, seed=3, batch_size=2, cache_dir=str(tmp_path), progress=False)
