@@ -1,0 +1,96 @@
+"""Cost of the teacher-written training text (method.md §3): one set of samples, timed side by side.
+
+Two loops generate the same kind of text from the same pre-drawn start tokens and uniforms:
+
+- ``library``: ``dbllm_lab.datafree`` (KV cache written in place, inverse-CDF sampling over chunk sums), the path
+  every recipe uses;
+- ``concat-cache``: the textbook loop it replaced (transformers' default cache, which concatenates at every step,
+  and a softmax and cumsum over the whole vocabulary per token), batches of 64.
+
+Both run on one thread in this process, one after the other, and the load average is sampled during the run.
+Writes bench/results/dbllm_generation.json (+ .md); rows measured before this script stay as data.
+
+    python bench/generation_cost.py [--samples 128] [--tokens 512]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import load_results, write_results  # noqa: E402
+from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch  # noqa: E402
+from dbllm_lab.model import load_model  # noqa: E402
+from dbllm_lab.timing import LoadSampler  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dbllm_generation.json")
+
+
+@torch.no_grad()
+def concat_cache_batch(model, start, uniforms, greedy_tokens, temperature):
+    """The replaced loop: default (concatenating) cache, full-vocabulary softmax and cumsum per sampled token."""
+    out, past, cur = [start[:, None]], None, start[:, None]
+    for j in range(uniforms.shape[1]):
+        res = model(input_ids=cur, past_key_values=past, use_cache=True)
+        past, logits = res.past_key_values, res.logits[:, -1].float()
+        if j < greedy_tokens:
+            nxt = logits.argmax(-1)
+        else:
+            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+            u = uniforms[:, j:j + 1].to(cdf) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u).squeeze(1).clamp_max(logits.shape[-1] - 1)
+        cur = nxt[:, None]
+        out.append(cur)
+    return torch.cat(out, 1)
+
+
+PATHS = {"library": (_generate_batch, 128), "concat-cache": (concat_cache_batch, 64)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=128, help="one set of the recipes' text (set_size)")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    a = ap.parse_args()
+    if a.samples < 1 or a.tokens < 2:
+        raise SystemExit(f"--samples {a.samples} / --tokens {a.tokens}: need samples >= 1 and tokens >= 2")
+    torch.set_num_threads(1)
+    model, tok = load_model(None)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, min(model.config.vocab_size, len(tok)), (a.samples,), generator=g)
+    uniforms = torch.rand(a.samples, a.tokens - 1, generator=g, dtype=torch.float64)
+    rows = [r for r in load_results(OUT) if not r.get("path")]  # the rows measured before this script
+    measured = {}
+    with LoadSampler(every=10.0) as load:
+        for name in a.paths:
+            fn, batch = PATHS[name]
+            t0, c0 = time.time(), time.process_time()
+            measured[name] = torch.cat([fn(model, start[i:i + batch], uniforms[i:i + batch], GREEDY_TOKENS,
+                                           TEMPERATURE) for i in range(0, a.samples, batch)])
+            cpu = time.process_time() - c0
+            rows.append({"method": f"{name} {a.samples} x {a.tokens}", "path": name, "samples": a.samples,
+                         "tokens_per_sample": a.tokens, "batch_size": batch, "seconds": round(time.time() - t0, 1),
+                         "cpu_seconds": round(cpu, 1), "cpu_minutes_per_1k_samples": round(cpu / 60 * 1000 / a.samples, 1),
+                         "threads": 1})
+            print(rows[-1], flush=True)
+    s = load.summary()["loadavg_1min"]
+    new = [r for r in rows if r.get("path")]
+    if len(measured) == 2:
+        same = (measured["library"] == measured["concat-cache"]).all(1).float().mean().item()
+        ref = next(r for r in new if r["path"] == "concat-cache")
+        for r in new:
+            r["speedup_vs_concat_cache"] = round(ref["cpu_seconds"] / r["cpu_seconds"], 2)
+            r["samples_identical_to_concat_cache"] = round(same, 3)
+    for r in new:
+        r.update(load_average_mean=s["mean"], load_average_max=round(s["max"], 2))
+    write_results(OUT, rows, {"model": model.name_or_path, "note": (
+        "one set of samples per path from the same start tokens and uniforms, 1 thread, side by side; "
+        "rows without 'path' were measured earlier with the concatenating loop (batch 64) on another machine. "
+        "Samples differ between paths only where float rounding moves a sampled token across a CDF boundary")})
+
+
+if __name__ == "__main__":
+    main()
