@@ -22,8 +22,13 @@ def hf_greedy(model, ids, n):
     return out.sequences[0, len(ids):].tolist(), torch.cat(out.logits).float()
 
 
-def assert_matches_hf(model, ids, n, rel_tol):
-    """Lean vs HF: the prompt's logits (one forward), then n greedy steps (tokens equal, logits within tolerance)."""
+def assert_matches_hf(model, ids, n, rel_tol, int8_steps=False):
+    """Lean vs HF: the prompt's logits (one forward), then n greedy steps (tokens equal, logits within tolerance).
+
+    ``int8_steps``: the steps run the integer path, whose int8 activation codes can flip by one where an activation
+    lies on a rounding boundary and the two loops' fp32 reassociation (~3e-7) moves it across; the flip then stays in
+    the KV cache. Whether and when that happens depends on the machine, so the steps are bounded instead by the
+    integer path's own distance from the exact fp32 forward of the same tokens (the prompt still to ``rel_tol``)."""
     decoder = LeanDecoder(model)
     with torch.inference_mode():
         full_ref = model(ids[None]).logits[0].float()
@@ -32,7 +37,24 @@ def assert_matches_hf(model, ids, n, rel_tol):
     tokens_ref, logits_ref = hf_greedy(model, ids, n)
     tokens, logits = decoder.generate(ids, n, return_logits=True)
     assert tokens == tokens_ref
-    assert (logits - logits_ref).abs().max() <= rel_tol * logits_ref.abs().max()
+    if not int8_steps:
+        assert (logits - logits_ref).abs().max() <= rel_tol * logits_ref.abs().max()
+        return
+    scale = logits_ref.abs().amax(1)
+    rel = (logits - logits_ref).abs().amax(1) / scale
+    assert rel[0] <= rel_tol and rel.max() <= int8_distance_from_exact(model, ids, tokens_ref, logits_ref).max()
+
+
+def int8_distance_from_exact(model, ids, tokens, logits):
+    """Per step, max |logits - exact| / max |logits|, exact: one forward over the same tokens on 'cpu-exact'."""
+    backend = next(m for m in model.modules() if hasattr(m, "backend")).backend
+    set_backend(model, "cpu-exact")
+    try:
+        with torch.inference_mode():
+            exact = model(torch.cat([ids, torch.tensor(tokens[:-1])])[None]).logits[0, len(ids) - 1:].float()
+    finally:
+        set_backend(model, backend)
+    return (logits - exact).abs().amax(1) / logits.abs().amax(1)
 
 
 def packed_tiny(tiny):
@@ -85,7 +107,7 @@ def test_embedded_two_blocks_fp_and_packed_match_hf(embedded):
     quantize_model(small, "fdb", group_size=64, init="clip", progress=False)
     pack_model(small)
     set_backend(small, "cpu")
-    assert_matches_hf(small, ids, 4, 1e-5)
+    assert_matches_hf(small, ids, 8, 1e-5, int8_steps=True)
     lean = greedy_generate(small, tok, "The capital of France is", 4, engine="lean")
     hf = greedy_generate(small, tok, "The capital of France is", 4, engine="hf")
     assert lean["token_ids"] == hf["token_ids"] and lean["engine"] == "lean" and lean["decode_tokens_per_s"] > 0
@@ -105,8 +127,10 @@ def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head)
     """The one-call C++ decode step (dbllm_lab.decode_step) against the Python path on the embedded SmolLM2 (GQA,
     cut to 6 blocks) packed on backend 'cpu': the same integer kernel on the same bits; attention and SiLU are C++
     loops in place of torch's, so a step's logits differ by fp32 reassociation (~3e-7 of max |logit|), unless an
-    activation lies on an int8 rounding boundary: then one code differs by 1 (measured: 2 of 12 steps, 5e-3), less
-    than the integer path's own distance from the exact fp32 forward of the same tokens. Same greedy tokens."""
+    activation lies on an int8 rounding boundary: then one code differs by 1 and the difference (~3e-3) stays in the
+    KV cache, less than the integer path's own distance from the exact fp32 forward of the same tokens. When the first
+    flip comes depends on the machine (the last 2 of 12 steps on an AVX2 Zen 2, the last 6 on an AVX-512 Zen 4), so
+    only the prompt's logits are held to 1e-5. Same greedy tokens."""
     from dbllm_lab.packed_linear import pack_model
     from dbllm_lab.quantize import quantize_model
     model, tok = embedded
@@ -125,7 +149,7 @@ def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head)
         exact = small(torch.cat([ids, torch.tensor(tokens[:-1])])[None]).logits[0, len(ids) - 1:]
     scale = logits_ref.abs().amax(1)
     rel = (logits - logits_ref).abs().amax(1) / scale
-    assert (rel <= 1e-5).float().mean() >= 0.75 and rel.max() <= ((logits_ref - exact).abs().amax(1) / scale).max()
+    assert rel[0] <= 1e-5 and rel.max() <= ((logits_ref - exact).abs().amax(1) / scale).max()
 
 
 @needs_kernel
