@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_results, machine_info, write_results  # noqa: E402
+from bench.common import cpu_signature, load_results, machine_info, write_results  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
@@ -131,7 +131,8 @@ def run(names, seeds, threads, runs_dir="build/runs"):
                        **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")},
                        "wall_minutes": round((time.time() - t0) / 60, 1),
                        **measure(freeze_quantized(student), fp_row(measure, teacher, settings)),
-                       "stage1_blocks": info.get("stage1_blocks"), "date": machine_info()["date"]}
+                       "stage1_blocks": info.get("stage1_blocks"), "date": machine_info()["date"],
+                       "machine": cpu_signature()}  # rows of one JSON come from different machines
             s = load.summary()["loadavg_1min"]
             row.update({"load_average_mean": s["mean"], "load_average_max": round(s["max"], 2),
                         "load_average_samples": s["samples"]})
