@@ -189,7 +189,7 @@ def plot(fig_dir="figures"):
     for i, name in enumerate(names):
         g = df[df.recipe == name]
         ax.plot([i - 0.25, i + 0.25], [g.ppl_heldout.mean()] * 2, "-", color="tab:orange", lw=4)
-        ax.plot([i] * len(g), g.ppl_heldout, "o", color="tab:blue", ms=11)
+        ax.plot(i + 0.12 * (g.seed - g.seed.mean()), g.ppl_heldout, "o", color="tab:blue", ms=9)  # seeds side by side
     ax.axhline(fp["ppl_heldout"], color="k", ls=":")
     ax.axhline(3 * fp["ppl_heldout"], color="gray", ls="--")
     ax.text(len(names) - 0.5, fp["ppl_heldout"], " FP (Q4_1 dequantized)", va="bottom", ha="right", fontsize=8)
