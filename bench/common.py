@@ -9,23 +9,10 @@ import platform
 import time
 
 
-def cpu_signature():
-    """'AMD EPYC (family 25 model 17; avx2 avx512f avx512_vnni avx512_bf16)': virtual machines often report one
-    model name for different CPUs, so the family, model and the vector extensions that change speed say which."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
-    except OSError:
-        return platform.processor()
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    isa = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if x in info.get("flags", "").split()]
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; {' '.join(isa)})"
-
-
 def machine_info():
     """CPU model, cores, RAM, GPU (if any), and library versions, for the top of every result file."""
     import torch
-    from dbllm_lab.cpu_kernel import cpu_model
+    from dbllm_lab.cpu_kernel import cpu_model, cpu_signature
     cpu = cpu_model() or platform.processor()
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -14,7 +14,11 @@ PPL was measured, ``ppl_heldout`` derived from dev and full (every window predic
 NLL is (589 * NLL_full - 40 * NLL_dev) / 549 exactly; ``heldout_derived`` says so).
 
     python bench/dbllm_table.py --recipes best best-uniform --seeds 0 1 2   # train and measure missing rows
+    python bench/dbllm_table.py --recipes best+dad best+kd --seeds 1 --stage1-from best  # end to end on best's stage 1
     python bench/dbllm_table.py --plot                                      # redraw the figure from the JSON
+
+``--stage1-from best`` pairs a row with best's: it starts from ``build/runs/best-s{seed}/stage1`` (trained there
+first if missing; run one such process per seed at a time then) and records that in the row's ``stage1_from``.
 """
 import argparse
 import math
@@ -25,7 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cpu_signature, load_results, machine_info, write_results  # noqa: E402
+from bench.common import load_results, machine_info, write_results  # noqa: E402
+from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
@@ -103,11 +108,30 @@ def fp_row(measure, teacher, settings):
     return fp
 
 
-def run(names, seeds, threads, runs_dir="build/runs"):
-    """Train and measure every missing (recipe, seed) row."""
+STAGE1_KEYS = ("quant", "init", "text", "blockwise")  # what decides a recipe's stage 1
+
+
+def shared_stage1(name, source, seed, runs_dir):
+    """The stage-1 folder of recipe ``source`` with ``seed``, for recipe ``name`` to start from: both must have
+    the same stage 1 (``STAGE1_KEYS``), so the row's end-to-end stage is paired with ``source``'s row. None when
+    ``source`` is None. ``train.train_two_stage`` also checks the folder's manifest (``blockwise.check_folder``)."""
+    if source is None:
+        return None
+    mine, theirs = recipe(name), recipe(source)
+    diff = [k for k in STAGE1_KEYS if mine[k] != theirs[k]]
+    if diff or mine["stage"] == "e2e":
+        raise ValueError(f"--stage1-from {source}: recipe {name!r} does not share {source!r}'s stage 1 "
+                         f"(differs in {diff or ['stage: e2e has none']}); allowed: recipes with the same {STAGE1_KEYS}")
+    return os.path.join(runs_dir, f"{source}-s{seed}", "stage1")
+
+
+def run(names, seeds, threads, runs_dir="build/runs", stage1_from=None):
+    """Train and measure every missing (recipe, seed) row; with ``stage1_from`` (a recipe name) each row starts
+    from that recipe's stage 1 of the same seed (trained there first if missing) and records it in ``stage1_from``."""
     import json
     for name in names:
-        recipe(name)  # unknown names fail before the model loads
+        for seed in seeds:
+            shared_stage1(name, stage1_from, seed, runs_dir)  # unknown names and mismatches fail before the model loads
     with open(OUT) as f:
         settings = json.load(f)["settings"]
     teacher, tok = load_model(None)
@@ -122,10 +146,11 @@ def run(names, seeds, threads, runs_dir="build/runs"):
             if any(r["method"] == method or (r.get("recipe"), r.get("seed")) == (name, seed) for r in load_results(OUT)):
                 continue
             r = recipe(name)
+            stage1_dir = shared_stage1(name, stage1_from, seed, runs_dir)
             with LoadSampler(every=30.0) as load:
                 t0 = time.time()
                 student, info = train_recipe(teacher, tok, r, seed=seed,
-                                             out_dir=os.path.join(runs_dir, f"{name}-s{seed}"))
+                                             out_dir=os.path.join(runs_dir, f"{name}-s{seed}"), stage1_dir=stage1_dir)
                 row = {"method": method, "recipe": name, "seed": seed, "quant": r["quant"], "stage": r["stage"],
                        "settings": r, "threads": threads,
                        **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")},
@@ -133,6 +158,9 @@ def run(names, seeds, threads, runs_dir="build/runs"):
                        **measure(freeze_quantized(student), fp_row(measure, teacher, settings)),
                        "stage1_blocks": info.get("stage1_blocks"), "date": machine_info()["date"],
                        "machine": cpu_signature()}  # rows of one JSON come from different machines
+                if stage1_dir:
+                    row["stage1_from"] = (f"{stage1_dir}: {stage1_from} s{seed}'s stage 1 (same configuration, seed "
+                                          f"and text; check_folder verified it). Its stage-1 CPU-minutes are that run's")
             s = load.summary()["loadavg_1min"]
             row.update({"load_average_mean": s["mean"], "load_average_max": round(s["max"], 2),
                         "load_average_samples": s["samples"]})
@@ -215,11 +243,13 @@ def main(argv=None):
     ap.add_argument("--recipes", nargs="*", default=["best", "best-uniform"], help="recipe names (dbllm-lab recipes)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two rows can share the 2 cores)")
+    ap.add_argument("--stage1-from", metavar="RECIPE", help="start each row from RECIPE's stage 1 of the same seed "
+                    "(e.g. best+dad and best+kd from best: their end-to-end stage is then paired with best's row)")
     ap.add_argument("--plot", action="store_true", help="only redraw the figure from the JSON")
     a = ap.parse_args(argv)
     if not a.plot:
         torch.set_num_threads(a.threads)
-        run(a.recipes, a.seeds, a.threads)
+        run(a.recipes, a.seeds, a.threads, stage1_from=a.stage1_from)
     plot()
     for r in write_summary():
         print(r)

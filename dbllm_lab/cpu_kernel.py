@@ -101,13 +101,30 @@ def _source_text():
     return "\n".join(texts)
 
 
-def cpu_model():
-    """The CPU's model name (Linux), part of the cache key: -march=native builds differ between CPUs."""
+def _first_cpu():
+    """The first processor's fields of /proc/cpuinfo (Linux; {} elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            block = f.read().split("\n\n")[0]
     except OSError:
-        return ""
+        return {}
+    return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in block.splitlines() if ":" in ln)}
+
+
+def cpu_model():
+    """The CPU's model name (Linux), e.g. 'AMD EPYC'; "" where unknown."""
+    return _first_cpu().get("model name", "")
+
+
+def cpu_signature():
+    """'AMD EPYC (family 25 model 17; avx2 avx512f avx512_vnni avx512_bf16)': virtual machines often report one
+    model name for different CPUs, so the family, model and the vector extensions that change speed say which.
+    Part of the kernel cache key (-march=native builds differ between CPUs) and of every result row."""
+    info = _first_cpu()
+    if not info:
+        return platform.processor()
+    isa = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if x in info.get("flags", "").split()]
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; {' '.join(isa)})"
 
 
 def _compile(cxx, flags, target):
@@ -127,7 +144,7 @@ def _compile(cxx, flags, target):
 
 
 def _library_path(flags, extra):
-    key = _source_text() + " ".join(flags + extra) + platform.machine() + cpu_model()
+    key = _source_text() + " ".join(flags + extra) + platform.machine() + cpu_signature()
     return os.path.join(cache_dir(), f"cpu_kernel_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
 
 

@@ -121,7 +121,7 @@ def write_run_record(fig_dir, timings, wall_s, cpu_s, load, student, started, wa
     """``figures/RUN.json``: what produced the committed figures."""
     import torch
 
-    from .cpu_kernel import cpu_model
+    from .cpu_kernel import cpu_model, cpu_signature
     commit, dirty = git_commit()
     cpu = cpu_model() or "unknown"
     rec = {"mode": "full", "command": "make reproduce FULL=1" + (f" TRAINED={student['path']}"
@@ -130,7 +130,7 @@ def write_run_record(fig_dir, timings, wall_s, cpu_s, load, student, started, wa
            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "wall_minutes": round((wall_s - waited_s) / 60, 1), "cpu_minutes": round(cpu_s / 60, 1),
            "minutes_waiting_for_the_machine_lock": round(waited_s / 60, 1),
-           "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+           "machine": {"cpu": cpu, "cpu_signature": cpu_signature(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
            "load_during_run": load, "trained_student": student,
            "notebooks": [{"notebook": n, "seconds": round(s)} for n, s in timings]}
     path = os.path.join(fig_dir, "RUN.json")

@@ -19,11 +19,12 @@ def configs(r, seed=0):
 
 
 def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cache_dir=DEFAULT_CACHE,
-                 group_size=None, e2e_samples=None, progress=True):
+                 group_size=None, e2e_samples=None, stage1_dir=None, progress=True):
     """Train recipe dict ``r`` (``recipes.recipe(name)``, possibly edited) with ``seed``; returns (student, info).
 
     ``out_dir``: checkpoints of both stages (an existing run there resumes). ``group_size``: default the method
-    registry's. ``e2e_samples``: samples of the end-to-end stage (default: the recipe's ``text.samples``)."""
+    registry's. ``e2e_samples``: samples of the end-to-end stage (default: the recipe's ``text.samples``).
+    ``stage1_dir``: stage 1's folder when another recipe's run shares it (default ``out_dir/stage1``)."""
     bw, cfg = configs(r, seed)
     t = r["text"]
     n_all = max(t["samples"], e2e_samples or 0)
@@ -37,7 +38,7 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     group_size = METHODS[r["quant"]].group_size if group_size is None else group_size
     calib = data[:t["samples"]].reshape(-1, cfg.seqlen)[:16] if r["init"] == "gptq" else None
     student, info = train_two_stage(teacher, data[:t["samples"]], stage=r["stage"], quant=r["quant"], blockwise=bw,
-                                    config=cfg, out_dir=out_dir, init=r["init"], group_size=group_size,
+                                    config=cfg, out_dir=out_dir, stage1_dir=stage1_dir, init=r["init"], group_size=group_size,
                                     calib_windows=calib, device=device, progress=progress,
                                     e2e_data=data[:e2e_samples] if e2e_samples else None)
     info.update(generation_cpu_minutes=generation, text_from_cache=cached, group_size=group_size,

@@ -78,3 +78,24 @@ def test_existing_subcommands_kept():
     p = build_parser()
     for cmd in (["eval-ppl"], ["quantize"]):
         assert p.parse_args(cmd).command == cmd[0]
+
+
+def test_table_runner_shares_a_stage_1_only_between_recipes_with_the_same_one():
+    """bench/dbllm_table.py --stage1-from: best+dad and best+kd start from best's stage 1 of the same seed (their
+    rows are then paired with best's); a recipe with another stage 1 (text, quantizer, init, settings) is refused
+    before any model loads, naming what differs."""
+    import importlib.util
+    import os
+
+    from dbllm_lab.paths import root
+    spec = importlib.util.spec_from_file_location("dbllm_table", os.path.join(root(), "bench", "dbllm_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for name in ("best+dad", "best+kd", "best"):
+        assert table.shared_stage1(name, "best", 2, "runs") == os.path.join("runs", "best-s2", "stage1")
+    assert table.shared_stage1("best+dad", None, 2, "runs") is None
+    for name, differs in (("best-uniform", "quant"), ("best-quarter", "text"), ("paper", "text")):
+        with pytest.raises(ValueError, match=f"{name}.*{differs}"):
+            table.shared_stage1(name, "best", 0, "runs")
+    with pytest.raises(ValueError, match="not known"):
+        table.shared_stage1("best+dad", "no-such-recipe", 0, "runs")

@@ -383,3 +383,15 @@ def test_training_step_is_the_same_with_either_rounding(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(res[0][:2], res[1][:2]))
     for p, q in zip(res[0][2:], res[1][2:]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-4)
+
+
+def test_cache_key_tells_cpus_with_one_model_name_apart(monkeypatch):
+    """Virtual machines report one model name ('AMD EPYC') for different CPUs; a -march=native library built on
+    one must not be loaded on another, so the cache path follows the whole signature (family, model, ISA)."""
+    sig = C.cpu_signature()
+    assert C.cpu_model() in sig
+    here = C._library_path(["-O3"], [])
+    monkeypatch.setattr(C, "cpu_signature", lambda: sig.replace("avx512f", "") + " another model")
+    assert C._library_path(["-O3"], []) != here
+    monkeypatch.setattr(C, "cpu_signature", lambda: sig)
+    assert C._library_path(["-O3"], []) == here
