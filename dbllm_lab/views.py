@@ -22,7 +22,8 @@ LEGACY = {"best": {1: _BEST + " s1", 2: _BEST + " s2"}}
 
 FP_NOTE = "FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 file dequantized to float (not the FP16 checkpoint)"
 
-# label -> (file, row or recipe, what it is); "recipe:NAME" rows are looked up by recipe (seed 0, the others listed)
+# label -> (file, row or recipe, what it is); "recipe:NAME" rows are looked up by recipe (the lowest seed present,
+# the others listed)
 GLOSSARY = {
     "FP": ("dbllm_table.json", "fp", "the reference model: " + FP_NOTE),
     "RTN W3": ("ptq.json", "rtn-w3", "round-to-nearest 3-bit, group 64, clip search; no training"),
@@ -70,17 +71,17 @@ def recipe_rows(rows, recipe):
 
 
 def lookup(files, label, optional=False):
-    """The row behind glossary ``label`` (recipe rows: seed 0) from ``files`` = {file name: {method: row}}.
-    Missing: None when ``optional``, else KeyError naming file and row."""
+    """The row behind glossary ``label`` (recipe rows: the lowest seed present, usually 0) from ``files`` =
+    {file name: {method: row}}. Missing: None when ``optional``, else KeyError naming file and row."""
     fname, key, _ = GLOSSARY[label]
     rows = files.get(fname, {})
     if key.startswith("recipe:"):
         seeds = recipe_rows(rows, key[7:])
-        if 0 in seeds:
-            return seeds[0]
+        if seeds:
+            return seeds[min(seeds)]
         if optional:
             return None
-        raise KeyError(f"committed row of recipe {key[7:]!r} (seed 0) is missing from {fname}")
+        raise KeyError(f"committed rows of recipe {key[7:]!r} are missing from {fname}")
     if optional and key not in rows:
         return None
     return row(rows, key, fname)
@@ -101,9 +102,12 @@ def view(files, labels, optional=()):
             continue
         seeds = ""
         if key.startswith("recipe:"):
-            v = [s["ppl"] for s in recipe_rows(files[fname], key[7:]).values()]
+            rs = list(recipe_rows(files[fname], key[7:]).values())
+            v, held = [s["ppl"] for s in rs], [s["ppl_heldout"] for s in rs if s.get("ppl_heldout")]
             if len(v) > 1:
-                seeds = f"{len(v)} seeds: mean {statistics.mean(v):.1f}, range {min(v):.1f}-{max(v):.1f}"
+                seeds = f"{len(v)} seeds: dev mean {statistics.mean(v):.1f}, range {min(v):.1f}-{max(v):.1f}"
+            if len(held) > 1:
+                seeds += f"; held-out mean {statistics.mean(held):.1f} +- {statistics.stdev(held):.1f} ({len(held)} seeds)"
         out.append({"label": label, "bits": r.get("bits_per_weight"), "ppl": r["ppl"], "x_fp": r["ppl"] / fp,
                     "ppl_heldout": r.get("ppl_heldout"), "cpu_min": r.get("train_cpu_minutes"), "seeds": seeds,
                     "row": f"{fname}: {r['method']}"})
