@@ -70,6 +70,11 @@ def recipe_rows(rows, recipe):
     return dict(sorted(out.items()))
 
 
+def heldout_by_seed(rows, recipe):
+    """{seed: held-out PPL} of recipe ``recipe``'s rows that have one."""
+    return {s: r["ppl_heldout"] for s, r in recipe_rows(rows, recipe).items() if r.get("ppl_heldout")}
+
+
 def lookup(files, label, optional=False):
     """The row behind glossary ``label`` (recipe rows: the lowest seed present, usually 0) from ``files`` =
     {file name: {method: row}}. Missing: None when ``optional``, else KeyError naming file and row."""
@@ -102,8 +107,8 @@ def view(files, labels, optional=()):
             continue
         seeds = ""
         if key.startswith("recipe:"):
-            rs = list(recipe_rows(files[fname], key[7:]).values())
-            v, held = [s["ppl"] for s in rs], [s["ppl_heldout"] for s in rs if s.get("ppl_heldout")]
+            v = [s["ppl"] for s in recipe_rows(files[fname], key[7:]).values()]
+            held = list(heldout_by_seed(files[fname], key[7:]).values())
             if len(v) > 1:
                 seeds = f"{len(v)} seeds: dev mean {statistics.mean(v):.1f}, range {min(v):.1f}-{max(v):.1f}"
             if len(held) > 1:
