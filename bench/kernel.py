@@ -100,6 +100,15 @@ def cuda_graph_ms(fns, warmup, rep):
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / len(fns)
 
 
+def copy_GBps(gib=2, warmup=25, rep=200):
+    """The device's memory ceiling: a device-to-device copy of ``gib`` GiB, bytes read + written / median time."""
+    import triton
+    src = torch.randn(gib * 2**28, device="cuda")  # 4-byte floats
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=warmup, rep=rep, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
 def bench_cuda(shape, M, planes, args):
     import triton
     from torch.nn import functional as F
@@ -170,6 +179,8 @@ def main():
         tag = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
         args.out = os.path.join(results, f"kernel_{tag}.json")
 
+    ceiling = copy_GBps()
+    print(f"device-to-device copy: {ceiling:.0f} GB/s (the byte ceiling)", flush=True)
     data = weights_for(args.shapes, args.group_size, not args.no_embedded_weights)
     rows, how = [], None
     for shape in args.shapes:
@@ -180,6 +191,7 @@ def main():
             row = {"shape": f"{shape[0]}x{shape[1]}", "out": shape[0], "in": shape[1], "batch": M,
                    "weights": source, **sp, "bits_per_weight": K.bits_per_weight(args.group_size),
                    **bench_cuda(shape, M, (b1, b2, a1, a2), args)}
+            row["kernel_fraction_of_copy_GBps"] = row["kernel_GBps"] / ceiling
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     settings = {"device": device, "device_name": torch.cuda.get_device_name(0),
@@ -187,12 +199,13 @@ def main():
                 "quantizer": how, "torch_threads": torch.get_num_threads(),
                 "triton": getattr(K.triton, "__version__", None), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
                 "bandwidth_limit": "speedup over fp16 <= 16 / bits_per_weight (memory-bound decode)"}
-    settings.update({"timer": "triton.testing.do_bench median, L2 flushed per rep, CUDA graph of "
+    settings.update({"copy_GBps": ceiling, "copy": "torch copy_ of 2 GiB fp32, read + write bytes / median time",
+                     "timer": "triton.testing.do_bench median, L2 flushed per rep, CUDA graph of "
                               f"{args.copies} launches on distinct weight copies (per-op time)",
                      "activation_dtype": args.dtype, "warmup_ms": args.warmup, "rep_ms": args.rep,
                      "baseline": "torch F.linear with dense fp16/bf16 weight"})
     cols = ["shape", "batch", "path", "kernel_ms", "fp16_ms", "kernel_GBps", "fp16_GBps", "speedup_vs_fp16",
-            "speedup_limit", "kernel_eager_ms", "ones_b1", "ones_b2", "max_rel_err_vs_reference"]
+            "speedup_limit", "kernel_fraction_of_copy_GBps", "kernel_eager_ms", "ones_b1", "ones_b2", "max_rel_err_vs_reference"]
     write_results(args.out, rows, settings, columns=cols)
 
 

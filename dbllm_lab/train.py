@@ -174,7 +174,7 @@ def train(student, data, teacher=None, config=None, out_dir=None, resume=True, t
     "cpu_seconds", "peak_rss_gib", "steps_done", "completed"}.
     """
     cfg = (config or TrainConfig()).validate()
-    windows = to_windows(data, cfg.seqlen)
+    windows = to_windows(data, cfg.seqlen).to(next(student.parameters()).device)
     n = len(windows)
     if cfg.loss != "ce" and teacher is None and teacher_logits is None:
         raise ValueError(f"loss={cfg.loss!r} needs the FP teacher (teacher=) or cached teacher_logits=")
@@ -353,6 +353,8 @@ def train_two_stage(teacher, data, stage="both", quant="fdb", blockwise=None, co
         # stage1_cpu_minutes: whole blocks (targets, statistics, stream passes); stages checkpointed before blocks
         # recorded that count only their optimiser steps (stage1_cpu_counts says which)
         whole = all("block_cpu_seconds" in b for b in r["blocks"])
+        if device != "cpu":  # stage 1 streams the blocks back to the CPU; the models run whole on the device
+            teacher.to(device), student.to(device)
         info.update(stage1_cpu_minutes=round(sum(b["block_cpu_seconds" if whole else "cpu_seconds"]
                                                  for b in r["blocks"]) / 60, 2),
                     stage1_optimiser_cpu_minutes=round(r["cpu_seconds"] / 60, 2),

@@ -99,3 +99,24 @@ def test_table_runner_shares_a_stage_1_only_between_recipes_with_the_same_one():
             table.shared_stage1(name, "best", 0, "runs")
     with pytest.raises(ValueError, match="not known"):
         table.shared_stage1("best+dad", "no-such-recipe", 0, "runs")
+
+
+def test_device_runner_refuses_bad_input_before_loading_the_model():
+    """bench/train_device.py: an unknown recipe, a recipe that does not share --stage1-from's stage 1, and (on a
+    machine without CUDA) --device cuda fail at once with the bad value and what is allowed."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from dbllm_lab.paths import root
+    spec = importlib.util.spec_from_file_location("train_device", os.path.join(root(), "bench", "train_device.py"))
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    with pytest.raises(ValueError, match="recipe 'nope' is not known; recipes:"):
+        runner.main(["--recipes", "nope", "--device", "cpu"])
+    with pytest.raises(ValueError, match="does not share 'best'"):
+        runner.main(["--recipes", "best-uniform", "--stage1-from", "best", "--device", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            runner.main(["--recipes", "best"])
