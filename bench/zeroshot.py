@@ -15,7 +15,7 @@ Trained rows come from packed checkpoints (``dbllm-lab train ... --save DIR``): 
 row named NAME. Its packed layers are dequantized once into dense ``nn.Linear`` weights for scoring
 (``zeroshot.dense_weights``: the same w_hat, torch's matmul instead of the bit-plane kernel, which is slower here).
 
-Sizes: ``--docs N`` (the default, N = 1000, "at size" in issue 35) scores the first N documents of each task and
+Sizes: ``--docs N`` (the default, N = 1000, "at size") scores the first N documents of each task and
 takes a split whole where it holds under 1.5 N rows (ARC-Challenge 1,172 and WinoGrande 1,267); ``--limit N``
 scores the first N of every task (quick mode); ``--full`` the full splits (PIQA 1,838, ARC-Easy 2,376,
 ARC-Challenge 1,172, HellaSwag 10,042, WinoGrande 1,267). Every row records its documents per task (``n``), each
@@ -261,7 +261,7 @@ def main():
                         "dequantized to float32 (not the bf16 Hugging Face weights); checkpoint rows: packed layers "
                         "dequantized to dense weights for scoring; CPU minutes are process CPU time on a shared "
                         "2-core machine",
-                "older_rows": "rows scored on the first 100 documents per task (before issue 35) were dropped; "
+                "older_rows": "rows scored on the first 100 documents per task (before scoring at size) were dropped; "
                               "they are in git: git show c8ed8d5:bench/results/zeroshot.json"}
     calib = None
     for name in todo:

@@ -46,7 +46,7 @@ SHA256 = {
 }
 # the project's data/zeroshot/ (a clone or an editable install); a non-editable install has none
 SHIPPED_DIR = os.path.join(PROJECT_ROOT, "data", "zeroshot") if PROJECT_ROOT else None
-# "at size" (issue 35): the first AT_SIZE documents of each task; a split under 1.5 x AT_SIZE rows is taken whole
+# "at size": the first AT_SIZE documents of each task; a split under 1.5 x AT_SIZE rows is taken whole
 AT_SIZE = 1000
 # keys of lm-eval's task config that task_config changes (everything else is lm-eval's own definition)
 DATA_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split",
