@@ -93,7 +93,7 @@ def main(argv=None):
             row = {"method": method, "recipe": name, "seed": seed, "train_wall_seconds": round(wall, 1),
                    "process_cpu_minutes": round((time.process_time() - c0) / 60, 2),
                    **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")},
-                   "stage1_wall_seconds": round(sum(b["seconds"] for b in info.get("stage1_blocks") or []), 1),
+                   "stage1_optimiser_seconds": round(sum(b["seconds"] for b in info.get("stage1_blocks") or []), 1),
                    "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
                    if args.device.startswith("cuda") else None,
                    **measure(freeze_quantized(student).to(args.device), tok, args.device, args.max_windows)}
