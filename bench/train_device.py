@@ -1,4 +1,5 @@
-"""Recipes trained on a GPU: wall time per phase, peak GPU memory and dev / held-out / full PPL, per (recipe, seed).
+"""Recipes trained on a GPU: training wall time (text included), peak GPU memory and dev / held-out / full PPL, per
+(recipe, seed).
 
     python bench/train_device.py --recipes best best+dad best+kd --seeds 0 1 2 --stage1-from best --deadline-minutes 8
 

@@ -120,3 +120,26 @@ def test_device_runner_refuses_bad_input_before_loading_the_model():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             runner.main(["--recipes", "best"])
+
+
+@pytest.mark.slow
+def test_device_runner_end_to_end_on_the_cpu(tmp_path):
+    """bench/train_device.py --device cpu with the quick recipe (a few minutes): an FP row and a trained row are
+    written, with the training's wall time and a perplexity far above FP's (a toy) but finite."""
+    import importlib.util
+    import json
+    import math
+    import os
+
+    from dbllm_lab.paths import root
+    spec = importlib.util.spec_from_file_location("train_device", os.path.join(root(), "bench", "train_device.py"))
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    out = tmp_path / "train_cpu.json"
+    runner.main(["--recipes", "quick", "--seeds", "0", "--device", "cpu", "--max-windows", "2",
+                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fp", "quick s0"}
+    fp, q = rows["fp"]["ppl"], rows["quick s0"]["ppl"]
+    assert math.isfinite(q) and q > 2 * fp, (fp, q)
+    assert rows["quick s0"]["train_wall_seconds"] > 0 and rows["quick s0"]["gpu_peak_gib"] is None
