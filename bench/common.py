@@ -6,6 +6,7 @@ Every result table is one JSON file: {"machine": {...}, "settings": {...}, "rows
 import json
 import os
 import platform
+import re
 import time
 
 
@@ -29,6 +30,12 @@ def machine_info():
     except ImportError:
         pass
     return info
+
+
+def gpu_tag():
+    """The CUDA device's name as a file-name tag (``NVIDIA H200`` -> ``nvidia_h200``), for result files per GPU."""
+    import torch
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
 
 
 def _fmt(v):

@@ -32,7 +32,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") not in 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import write_results  # noqa: E402
+from common import gpu_tag, write_results  # noqa: E402
 
 from dbllm_lab import kernel as K, quant  # noqa: E402
 from dbllm_lab.packed_linear import PackedDualBinaryLinear  # noqa: E402
@@ -176,8 +176,7 @@ def main():
     device = "cuda"
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if args.out is None:
-        tag = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
-        args.out = os.path.join(results, f"kernel_{tag}.json")
+        args.out = os.path.join(results, f"kernel_{gpu_tag()}.json")
 
     ceiling = copy_GBps()
     print(f"device-to-device copy: {ceiling:.0f} GB/s (the byte ceiling)", flush=True)

@@ -14,14 +14,13 @@ only while less than ``--deadline-minutes`` have passed, so a fixed lease ends w
 """
 import argparse
 import os
-import re
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_results, machine_info, write_results  # noqa: E402
+from bench.common import gpu_tag, load_results, write_results  # noqa: E402
 from bench.dbllm_table import row_name, shared_stage1  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import perplexity  # noqa: E402
@@ -62,8 +61,7 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device is visible; the CPU table is bench/dbllm_table.py")
     name_of_device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    out = args.out or os.path.join("bench", "results",
-                                   "train_" + re.sub(r"[^a-z0-9]+", "_", name_of_device.lower()).strip("_") + ".json")
+    out = args.out or os.path.join("bench", "results", f"train_{gpu_tag() if args.device.startswith('cuda') else 'cpu'}.json")
     start = time.time()
     t0 = synced_time(args.device)
     teacher, tok = load_model(None, device=args.device)
@@ -101,7 +99,7 @@ def main(argv=None):
             if stage1_dir and name != args.stage1_from:
                 row["stage1_from"] = f"{args.stage1_from} s{seed} (this table)"
             rows.append(row)
-            write_results(out, rows, {**settings, "machine": machine_info()})
+            write_results(out, rows, settings)  # write_results records the machine
             print({k: row[k] for k in ("method", "train_wall_seconds", "ppl_dev", "ppl_heldout")}, flush=True)
             del student
     print(f"total {round((time.time() - start) / 60, 2)} min")
