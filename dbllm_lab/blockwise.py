@@ -42,7 +42,8 @@ from .calib import block_forward, capture_block0_inputs
 from .data import to_windows
 from .layers import learnable_layers, learnable_state, param_groups, trainable_parameters
 from .model import decoder_layers
-from .runtime import adamw, atomic_save, check_min_lr_ratio, cosine_lr, load_checkpoint, peak_rss_gib
+from .runtime import (PRECISIONS, adamw, atomic_save, autocast, check_min_lr_ratio, cosine_lr, load_checkpoint,
+                      peak_rss_gib)
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -71,6 +72,8 @@ class BlockwiseConfig:
                                    # shorter optimiser steps for the same tokens
     window_offset: int = 0         # > 0: join the samples into one stream and cut the windows from this token on,
                                    # so that every window starts mid-sample, as evaluation windows start mid-text
+    precision: str = "fp32"        # "bf16": every block pass of stage 1 (targets, training steps, streams) under
+                                   # bf16 autocast; weights, optimiser state, streams kept and the loss in fp32
 
     def validate(self):
         if self.loss not in LOSSES:
@@ -95,6 +98,8 @@ class BlockwiseConfig:
         if not self.sink_weight >= 0:
             raise ValueError(f"sink_weight={self.sink_weight!r} must be >= 0")
         check_min_lr_ratio(self.min_lr_ratio)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; use one of {PRECISIONS}")
         return self
 
 
@@ -149,14 +154,14 @@ def error_stats(out, y, sink_ratio=20.0):
             "max_quant": top["quant"][0], "max_quant_pos": top["quant"][1], "max_quant_channel": top["quant"][2]}
 
 
-def _run(block, xs, kwargs, device, batch=8):
-    """``block`` on every sample of the stream ``xs``, in batches: the output stream."""
-    with torch.no_grad():
+def _run(block, xs, kwargs, device, batch=8, precision="fp32"):
+    """``block`` on every sample of the stream ``xs``, in batches: the output stream (in the dtype of ``xs``)."""
+    with torch.no_grad(), autocast(precision, torch.device(device).type):
         out = None
         for i in range(0, len(xs), batch):
             y = block_forward(block, torch.cat(xs[i:i + batch]).to(device), kwargs)
             if out is None:
-                out = torch.empty(len(xs), *y.shape[1:], dtype=y.dtype, device=xs[0].device)
+                out = torch.empty(len(xs), *y.shape[1:], dtype=xs[0].dtype, device=xs[0].device)
             out[i:i + len(y)] = y
     return list(out.split(1))
 
@@ -190,8 +195,9 @@ def train_block(block, x_in, y, kwargs, cfg, seed, device="cpu", progress=True, 
             idx = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
             x = torch.cat([x_in[j] for j in idx]).to(device)
             t = torch.cat([y[j] for j in idx]).to(device)
-            loss = reconstruction_loss(block_forward(block, x, kwargs), t, cfg.loss, cfg.sink_ratio,
-                                       cfg.sink_weight)
+            with autocast(cfg.precision, x.device.type):
+                out = block_forward(block, x, kwargs)
+            loss = reconstruction_loss(out.float(), t, cfg.loss, cfg.sink_ratio, cfg.sink_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -291,7 +297,7 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
         b0 = c0 if i == 0 else time.process_time()  # block 0 also pays for capturing the inputs
         path = os.path.join(out_dir, f"block_{i:03d}.pt") if out_dir else None
         tb.to(device), sb.to(device)
-        y = _run(tb, x_fp, kwargs, device)
+        y = _run(tb, x_fp, kwargs, device, precision=cfg.precision)
         trained = not (path and os.path.isfile(path))
         if not trained:
             ck = load_checkpoint(path)
@@ -303,19 +309,20 @@ def blockwise_reconstruct(teacher, student, windows, config=None, out_dir=None, 
         else:
             x_in = x_q if cfg.inputs == "quant" else x_fp
             m = cfg.stats_samples or len(y)
-            before = error_stats(_run(sb, x_in[:m], kwargs, device), y[:m], cfg.sink_ratio)
+            before = error_stats(_run(sb, x_in[:m], kwargs, device, precision=cfg.precision), y[:m],
+                                 cfg.sink_ratio)
             _drop_caches(sb)
             bt, bc = time.time(), time.process_time()
             losses = train_block(sb, x_in, y, kwargs, cfg, seed=cfg.seed * 1000 + i, device=device,
                                  progress=progress, desc=f"block {i}")
             seconds, cpu_seconds = time.time() - bt, time.process_time() - bc
-            out = _run(sb, x_in, kwargs, device)
+            out = _run(sb, x_in, kwargs, device, precision=cfg.precision)
             _drop_caches(sb)
             row = {"block": i, "before": before, "after": error_stats(out[:m], y[:m], cfg.sink_ratio),
                    "loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses), "seconds": seconds,
                    "cpu_seconds": cpu_seconds}
         if not (trained and cfg.inputs == "quant"):  # else the trained block's output on x_q is ``out`` already
-            out = _run(sb, x_q, kwargs, device)
+            out = _run(sb, x_q, kwargs, device, precision=cfg.precision)
             _drop_caches(sb)
         x_q = out
         if trained:  # cpu_seconds: the optimiser steps; block_cpu_seconds: the whole block (its targets, the

@@ -111,7 +111,7 @@ def cmd_generate_data(args):
 
 # `dbllm-lab train` flags that set a recipe field: {flag dest: (recipe section, field)}; "" is the top level
 BW_FLAGS = ("epochs", "batch_size", "lr", "lr_latent", "train_latent", "loss", "inputs", "stats_samples",
-            "train_norms", "lr_norm", "seqlen", "window_offset", "min_lr_ratio")
+            "train_norms", "lr_norm", "seqlen", "window_offset", "min_lr_ratio", "precision")
 E2E_FLAGS = ("loss", "gamma", "steps", "seqlen", "batch_size", "grad_accum", "lr", "lr_latent", "train_latent",
              "train_norms", "lr_norm", "precision", "warmup", "ckpt_every")
 TRAIN_FLAGS = {"quant": ("", "quant"), "stage": ("", "stage"), "init": ("", "init"), "n": ("text", "samples"),

@@ -28,6 +28,11 @@ RECIPES = {
         "quant": "fdb", "init": "clip", "stage": "blockwise",
         "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
     },
+    "best-bf16": {
+        "purpose": "best's text and settings with stage 1's block passes under bf16 autocast (AVX-512 BF16, AMX, GPUs)",
+        "quant": "fdb", "init": "clip", "stage": "blockwise",
+        "text": BEST_TEXT, "blockwise": {**BEST_STAGE1, "precision": "bf16"}, "e2e": {},
+    },
     "best-uniform": {
         "purpose": "the learnable uniform 2-bit grid (2.28 bits) with exactly best's stage 1 and text",
         "quant": "uniform", "init": "clip", "stage": "blockwise",

@@ -1,4 +1,5 @@
-"""What every training job here shares: its optimiser, atomic checkpoint writes and its peak memory."""
+"""What every training job here shares: its optimiser, precision, atomic checkpoint writes and its peak memory."""
+import contextlib
 import math
 import os
 import resource
@@ -11,6 +12,17 @@ def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision, device_type="cpu"):
+    """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
+    (bench/train_speed.py wraps whole training calls) stays in force."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def cosine_lr(step, steps, min_lr_ratio, warmup=0):

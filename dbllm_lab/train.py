@@ -16,7 +16,6 @@ configuration raises a ValueError that names the differing fields.
     cfg = TrainConfig(loss="dad", gamma=1.0, steps=200, seqlen=128, batch_size=4, lr=1e-3)
     result = train(student, windows, teacher=teacher, config=cfg, out_dir="checkpoints/dad")
 """
-import contextlib
 import copy
 import csv
 import json
@@ -36,10 +35,10 @@ from .layers import (DualBinaryLinear, FakeQuantLinear, learnable_layers, learna
                      trainable_parameters)
 from .model import set_module
 from .quant import GROUP_SIZE
-from .runtime import adamw, atomic_save, check_min_lr_ratio, cosine_lr, load_checkpoint, peak_rss_gib
+from .runtime import (PRECISIONS, adamw, atomic_save, autocast, check_min_lr_ratio, cosine_lr, load_checkpoint,
+                      peak_rss_gib)
 
 CHECKPOINT = "checkpoint.pt"
-PRECISIONS = ("fp32", "bf16")
 # Fields that do not change the loss curve; a resumed run may change them.
 NOT_IDENTITY = ("ckpt_every", "log_every")
 
@@ -91,14 +90,6 @@ class TrainConfig:
 
     def identity(self):
         return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
-
-
-def autocast(precision, device_type="cpu"):
-    """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
-    (bench/train_speed.py wraps whole training calls) stays in force."""
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def numpy_rng_state():

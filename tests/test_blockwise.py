@@ -246,3 +246,24 @@ def test_window_offset_cuts_a_stream_that_starts_mid_sample(setup, tmp_path):
             BlockwiseConfig(window_offset=bad).validate()
     with pytest.raises(ValueError, match=f"window_offset={length} must be smaller than the sample length"):
         stage1_windows(data, BlockwiseConfig(window_offset=length))
+
+
+def test_bf16_stage1_trains_close_to_fp32_and_keeps_fp32_streams(setup):
+    """precision="bf16" runs the block passes under autocast: every block still ends below its init error, the
+    result differs from fp32's (autocast is really on) but stays near it, and the parameters stay fp32."""
+    teacher, data = setup
+    cfg = dict(epochs=3, lr=1e-3, lr_latent=1e-3)
+    errs = {}
+    for precision in ("fp32", "bf16"):
+        student, _ = build_student(teacher, group_size=32, progress=False)
+        init = block_errors(teacher, student, data)
+        r = blockwise_reconstruct(teacher, student, data, BlockwiseConfig(**cfg, precision=precision),
+                                  progress=False)
+        errs[precision] = [b["rel_err_ordinary"] for b in block_errors(teacher, student, data)]
+        assert r["completed"] and all(a < b["rel_err_ordinary"] for a, b in zip(errs[precision], init))
+        assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert errs["bf16"] != errs["fp32"]
+    for a, b in zip(errs["bf16"], errs["fp32"]):
+        assert a == pytest.approx(b, rel=0.1)
+    with pytest.raises(ValueError, match="precision='fp16'.*'fp32', 'bf16'"):
+        BlockwiseConfig(precision="fp16").validate()
