@@ -200,7 +200,8 @@ def write_summary():
 
 
 def plot(fig_dir="figures"):
-    """Held-out PPL of every seed of every recipe, against FP and 3x FP; PNG + the CSV behind it."""
+    """Held-out PPL of every seed of every recipe, against FP and 3x FP, each recipe labelled with its mean budget
+    (text included); PNG + the CSV behind it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,7 +213,7 @@ def plot(fig_dir="figures"):
                         "total_cpu_minutes": r.get("total_cpu_minutes")}
                        for r in rows if r.get("recipe")])
     fp = next(r for r in rows if r["method"] == "fp")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     names = list(dict.fromkeys(df.recipe)) if len(df) else []
     for i, name in enumerate(names):
         g = df[df.recipe == name]
@@ -222,14 +223,17 @@ def plot(fig_dir="figures"):
     ax.axhline(3 * fp["ppl_heldout"], color="gray", ls="--")
     ax.text(len(names) - 0.5, fp["ppl_heldout"], " FP (Q4_1 dequantized)", va="bottom", ha="right", fontsize=8)
     ax.text(len(names) - 0.5, 3 * fp["ppl_heldout"], " 3x FP", va="bottom", ha="right", fontsize=8)
-    ax.set_xticks(range(len(names)), names)
+    budget = df.groupby("recipe").total_cpu_minutes.mean() if len(df) else {}
+    ax.set_xticks(range(len(names)), [f"{n}\n{budget[n]:.0f} CPU-min" if budget[n] == budget[n] else n
+                                      for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_yscale("log")
     ax.set_ylim(0.85 * fp["ppl_heldout"], 1.15 * max([3 * fp["ppl_heldout"], *df.get("ppl_heldout", [])]))
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks([30, 45, 60, 90, 120])
-    ax.set(ylabel="WikiText-2 PPL, held-out windows 41-589", title="Recipes: each seed (dots) and their mean (bar)")
+    ax.set(ylabel="WikiText-2 PPL, held-out windows 41-589",
+           title="Recipes: each seed (dots), their mean (bar), budget with the text")
     fig.tight_layout()
     os.makedirs(fig_dir, exist_ok=True)
     fig.savefig(os.path.join(fig_dir, "dbllm_recipes.png"), dpi=110)

@@ -48,9 +48,8 @@ def truncated(model, blocks):
 
 def stage1(teacher_k, student0, data, precision, fused, seqlen):
     student = copy.deepcopy(student0)
-    with autocast(precision):
-        cfg = BlockwiseConfig(epochs=1, fused_adamw=fused, seqlen=seqlen)
-        r = blockwise_reconstruct(teacher_k, student, data, cfg, progress=False)
+    cfg = BlockwiseConfig(epochs=1, fused_adamw=fused, seqlen=seqlen, precision=precision)
+    r = blockwise_reconstruct(teacher_k, student, data, cfg, progress=False)
     steps = sum(b["steps"] for b in r["blocks"])
     cpu = sum(b["cpu_seconds"] for b in r["blocks"])
     return {"stage1_wall_s_per_step": sum(b["seconds"] for b in r["blocks"]) / steps,

@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def autocast(precision, device_type="cpu"):
     """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
-    (bench/train_speed.py wraps whole training calls) stays in force."""
+    (bench/train_speed.py wraps whole end-to-end training calls) stays in force."""
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
