@@ -221,8 +221,8 @@ def plot(fig_dir="figures"):
         ax.plot(i + 0.12 * (g.seed - g.seed.mean()), g.ppl_heldout, "o", color="tab:blue", ms=9)  # seeds side by side
     ax.axhline(fp["ppl_heldout"], color="k", ls=":")
     ax.axhline(3 * fp["ppl_heldout"], color="gray", ls="--")
-    ax.text(len(names) - 0.5, fp["ppl_heldout"], " FP (Q4_1 dequantized)", va="bottom", ha="right", fontsize=8)
-    ax.text(len(names) - 0.5, 3 * fp["ppl_heldout"], " 3x FP", va="bottom", ha="right", fontsize=8)
+    for y, label in ((fp["ppl_heldout"], "FP\n(Q4_1\ndequantized)"), (3 * fp["ppl_heldout"], "3x FP")):
+        ax.text(1.01, y, label, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)  # off the data
     budget = df.groupby("recipe").total_cpu_minutes.mean() if len(df) else {}
     ax.set_xticks(range(len(names)), [f"{n}\n{budget[n]:.0f} CPU-min" if budget[n] == budget[n] else n
                                       for n in names], fontsize=8)
