@@ -29,7 +29,7 @@ RECIPES = {
         "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
     },
     "best-bf16": {
-        "purpose": "best's text and settings with stage 1's block passes under bf16 autocast (AVX-512 BF16, AMX, GPUs)",
+        "purpose": "best's text and settings with stage 1's block passes under bf16 autocast (fp32 weights and evaluation)",
         "quant": "fdb", "init": "clip", "stage": "blockwise",
         "text": BEST_TEXT, "blockwise": {**BEST_STAGE1, "precision": "bf16"}, "e2e": {},
     },
