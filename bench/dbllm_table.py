@@ -224,7 +224,7 @@ def plot(fig_dir="figures"):
     for y, label in ((fp["ppl_heldout"], "FP\n(Q4_1\ndequantized)"), (3 * fp["ppl_heldout"], "3x FP")):
         ax.text(1.01, y, label, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)  # off the data
     budget = df.groupby("recipe").total_cpu_minutes.mean() if len(df) else {}
-    ax.set_xticks(range(len(names)), [f"{n}\n{budget[n]:.0f} CPU-min" if budget[n] == budget[n] else n
+    ax.set_xticks(range(len(names)), [f"{n}\n{budget[n]:.0f} CPU-min" if pd.notna(budget[n]) else n
                                       for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_yscale("log")

@@ -42,8 +42,8 @@ from .calib import block_forward, capture_block0_inputs
 from .data import to_windows
 from .layers import learnable_layers, learnable_state, param_groups, trainable_parameters
 from .model import decoder_layers
-from .runtime import (PRECISIONS, adamw, atomic_save, autocast, check_min_lr_ratio, cosine_lr, load_checkpoint,
-                      peak_rss_gib)
+from .runtime import (adamw, atomic_save, autocast, check_min_lr_ratio, check_precision, cosine_lr,
+                      load_checkpoint, peak_rss_gib)
 
 LOSSES = ("split", "relative", "mse")
 INPUTS = ("quant", "fp")
@@ -98,8 +98,7 @@ class BlockwiseConfig:
         if not self.sink_weight >= 0:
             raise ValueError(f"sink_weight={self.sink_weight!r} must be >= 0")
         check_min_lr_ratio(self.min_lr_ratio)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not supported; use one of {PRECISIONS}")
+        check_precision(self.precision)
         return self
 
 

@@ -17,6 +17,11 @@ def atomic_save(obj, path):
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_precision(value):
+    if value not in PRECISIONS:
+        raise ValueError(f"precision={value!r} is not supported; use one of {PRECISIONS}")
+
+
 def autocast(precision, device_type="cpu"):
     """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
     (bench/train_speed.py wraps whole end-to-end training calls) stays in force."""

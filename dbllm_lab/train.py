@@ -35,8 +35,8 @@ from .layers import (DualBinaryLinear, FakeQuantLinear, learnable_layers, learna
                      trainable_parameters)
 from .model import set_module
 from .quant import GROUP_SIZE
-from .runtime import (PRECISIONS, adamw, atomic_save, autocast, check_min_lr_ratio, cosine_lr, load_checkpoint,
-                      peak_rss_gib)
+from .runtime import (adamw, atomic_save, autocast, check_min_lr_ratio, check_precision, cosine_lr,
+                      load_checkpoint, peak_rss_gib)
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that do not change the loss curve; a resumed run may change them.
@@ -84,8 +84,7 @@ class TrainConfig:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
         check_min_lr_ratio(self.min_lr_ratio)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not supported; use one of {PRECISIONS}")
+        check_precision(self.precision)
         return self
 
     def identity(self):
