@@ -1,16 +1,20 @@
 """Cost of the teacher-written training text (method.md §3): one set of samples, timed side by side.
 
-Two loops generate the same kind of text from the same pre-drawn start tokens and uniforms:
+Three loops generate the same kind of text from the same pre-drawn start tokens and uniforms:
 
 - ``library``: ``dbllm_lab.datafree`` (KV cache written in place, inverse-CDF sampling over chunk sums), the path
   every recipe uses;
-- ``concat-cache``: the textbook loop it replaced (transformers' default cache, which concatenates at every step,
-  and a softmax and cumsum over the whole vocabulary per token), batches of 64.
+- ``library-bf16``: the same loop on a bf16 copy of the teacher (``precision="bf16"``, the copy's cost included);
+- ``concat-cache``: the textbook loop the library replaced (transformers' default cache, which concatenates at every
+  step, and a softmax and cumsum over the whole vocabulary per token), batches of 64.
 
-Both run on one thread in this process, one after the other, and the load average is sampled during the run.
+All run on one thread in this process, one after the other, and the load average is sampled during the run.
+Each path's text is then scored by the fp32 teacher (``teacher_nll``: its mean NLL per sampled token on the first
+``--nll-samples`` samples, with the standard error over samples): text drawn from the teacher's own distribution
+scores about its entropy, so a precision that distorted the sampling would show as a different NLL.
 Writes bench/results/dbllm_generation.json (+ .md); rows measured before this script stay as data.
 
-    python bench/generation_cost.py [--samples 128] [--tokens 512]
+    python bench/generation_cost.py [--samples 128] [--tokens 512] [--paths library library-bf16 concat-cache]
 """
 import argparse
 import os
@@ -21,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import load_results, write_results  # noqa: E402
-from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch  # noqa: E402
+from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch, generation_model  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
 
@@ -46,7 +50,22 @@ def concat_cache_batch(model, start, uniforms, greedy_tokens, temperature):
     return torch.cat(out, 1)
 
 
-PATHS = {"library": (_generate_batch, 128), "concat-cache": (concat_cache_batch, 64)}
+PATHS = {"library": (_generate_batch, 128, "fp32"), "library-bf16": (_generate_batch, 128, "bf16"),
+         "concat-cache": (concat_cache_batch, 64, "fp32")}  # name: (loop, batch size, precision)
+
+
+@torch.no_grad()
+def teacher_nll(model, samples, greedy_tokens, batch=8):
+    """The fp32 teacher's NLL per sampled token (positions after the greedy ones), mean over samples, and the
+    standard error of that mean over samples."""
+    per_sample = []
+    for i in range(0, samples.shape[0], batch):
+        x = samples[i:i + batch]
+        logp = torch.log_softmax(model(input_ids=x[:, :-1]).logits.float(), -1)
+        nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)[:, greedy_tokens:]
+        per_sample += nll.mean(1).tolist()
+    v = torch.tensor(per_sample, dtype=torch.float64)
+    return round(v.mean().item(), 4), round((v.std() / len(v) ** 0.5).item(), 4)
 
 
 def main():
@@ -54,9 +73,13 @@ def main():
     ap.add_argument("--samples", type=int, default=128, help="one set of the recipes' text (set_size)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    ap.add_argument("--nll-samples", type=int, default=32, help="samples per path the teacher scores (teacher_nll)")
     a = ap.parse_args()
-    if a.samples < 1 or a.tokens < 2:
-        raise SystemExit(f"--samples {a.samples} / --tokens {a.tokens}: need samples >= 1 and tokens >= 2")
+    if a.samples < 1 or a.tokens <= GREEDY_TOKENS + 1:
+        raise SystemExit(f"--samples {a.samples} / --tokens {a.tokens}: need samples >= 1 and tokens > "
+                         f"{GREEDY_TOKENS + 1} (the greedy tokens and at least one sampled one)")
+    if not 1 <= a.nll_samples <= a.samples:
+        raise SystemExit(f"--nll-samples {a.nll_samples}: must be in [1, --samples={a.samples}]")
     torch.set_num_threads(1)
     model, tok = load_model(None)
     g = torch.Generator().manual_seed(0)
@@ -66,28 +89,33 @@ def main():
     measured = {}
     with LoadSampler(every=10.0) as load:
         for name in a.paths:
-            fn, batch = PATHS[name]
+            fn, batch, precision = PATHS[name]
             t0, c0 = time.time(), time.process_time()
-            measured[name] = torch.cat([fn(model, start[i:i + batch], uniforms[i:i + batch], GREEDY_TOKENS,
+            writer = generation_model(model, precision)
+            measured[name] = torch.cat([fn(writer, start[i:i + batch], uniforms[i:i + batch], GREEDY_TOKENS,
                                            TEMPERATURE) for i in range(0, a.samples, batch)])
             cpu = time.process_time() - c0
-            rows.append({"method": f"{name} {a.samples} x {a.tokens}", "path": name, "samples": a.samples,
-                         "tokens_per_sample": a.tokens, "batch_size": batch, "seconds": round(time.time() - t0, 1),
-                         "cpu_seconds": round(cpu, 1), "cpu_minutes_per_1k_samples": round(cpu / 60 * 1000 / a.samples, 1),
-                         "threads": 1})
+            del writer
+            rows.append({"method": f"{name} {a.samples} x {a.tokens}", "path": name, "precision": precision,
+                         "samples": a.samples, "tokens_per_sample": a.tokens, "batch_size": batch,
+                         "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu, 1),
+                         "cpu_minutes_per_1k_samples": round(cpu / 60 * 1000 / a.samples, 1), "threads": 1})
             print(rows[-1], flush=True)
     s = load.summary()["loadavg_1min"]
     new = [r for r in rows if r.get("path")]
-    if len(measured) == 2:
-        same = (measured["library"] == measured["concat-cache"]).all(1).float().mean().item()
-        ref = next(r for r in new if r["path"] == "concat-cache")
-        for r in new:
-            r["speedup_vs_concat_cache"] = round(ref["cpu_seconds"] / r["cpu_seconds"], 2)
-            r["samples_identical_to_concat_cache"] = round(same, 3)
     for r in new:
+        x = measured[r["path"]]
+        r["teacher_nll"], r["teacher_nll_se"] = teacher_nll(model, x[:a.nll_samples], GREEDY_TOKENS)
+        for ref_name in ("concat-cache", "library"):
+            if ref_name in measured and ref_name != r["path"]:
+                ref = next(q for q in new if q["path"] == ref_name)
+                r[f"speedup_vs_{ref_name.replace('-', '_')}"] = round(ref["cpu_seconds"] / r["cpu_seconds"], 2)
+                same = (x == measured[ref_name]).all(1).float().mean().item()
+                r[f"samples_identical_to_{ref_name.replace('-', '_')}"] = round(same, 3)
         r.update(load_average_mean=s["mean"], load_average_max=round(s["max"], 2))
     write_results(OUT, rows, {"model": model.name_or_path, "note": (
-        "one set of samples per path from the same start tokens and uniforms, 1 thread, side by side; "
+        "one set of samples per path from the same start tokens and uniforms, 1 thread, side by side (load "
+        "sampled during generation only; teacher_nll is scored after it); "
         "rows without 'path' were measured earlier with the concatenating loop (batch 64) on another machine. "
         "Samples differ between paths only where float rounding moves a sampled token across a CDF boundary")})
 

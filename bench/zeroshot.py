@@ -6,6 +6,7 @@ different --only may run at once (rows are merged into the file under a lock on 
 
     python bench/zeroshot.py [--docs 1000 | --limit 100 | --full] [--only fp rtn-w2g64 fdb-init arb-rc]
     python bench/zeroshot.py --only --checkpoint "best s0=build/models/best"
+    python bench/zeroshot.py --only --run best-uniform:1          # a trained run folder (build/runs/best-uniform-s1)
     python bench/zeroshot.py --only fp --tasks hellaswag & python bench/zeroshot.py --only fp --tasks piqa,...
 
 A row may be scored in parts side by side (``--tasks`` subsets, each process on one core): the parts are merged
@@ -14,6 +15,10 @@ into one row as they land (``raw`` keeps lm-eval's per-task results; ``partial``
 Trained rows come from packed checkpoints (``dbllm-lab train ... --save DIR``): ``--checkpoint NAME=DIR`` adds a
 row named NAME. Its packed layers are dequantized once into dense ``nn.Linear`` weights for scoring
 (``zeroshot.dense_weights``: the same w_hat, torch's matmul instead of the bit-plane kernel, which is slower here).
+Students that have no packed format (the uniform grid) come from their training run folder: ``--run RECIPE:SEED``
+rebuilds the student from ``build/runs/{RECIPE}-s{SEED}`` through ``run_recipe.train_recipe``, which resumes a
+finished run from its checkpoints without training, freezes its w_hat and scores it as the row ``"RECIPE sSEED"``
+(the name ``bench/dbllm_table.py`` gives the same run's perplexity row).
 
 Sizes: ``--docs N`` (the default, N = 1000, "at size") scores the first N documents of each task and
 takes a split whole where it holds under 1.5 N rows (ARC-Challenge 1,172 and WinoGrande 1,267); ``--limit N``
@@ -26,6 +31,7 @@ of chance; the CPU time of quantizing and of evaluating. The mean is over the fi
 import argparse
 import copy
 import fcntl
+import glob
 import json
 import os
 import resource
@@ -195,6 +201,43 @@ def parse_checkpoints(specs):
     return out
 
 
+def parse_runs(specs, runs_dir="build/runs"):
+    """{row name: (recipe, seed, folder)} from ``RECIPE:SEED`` specs; the folder must hold a finished stage 1."""
+    from dbllm_lab.recipes import recipe
+    out = {}
+    for spec in specs:
+        name, sep, seed = spec.rpartition(":")
+        if not sep or not seed.isdigit():
+            raise SystemExit(f"--run {spec!r}: expected RECIPE:SEED, e.g. best-uniform:1")
+        r = recipe(name)  # an unknown recipe fails here, naming the known ones
+        if r["stage"] != "blockwise":
+            raise SystemExit(f"--run {spec!r}: only stage-1 recipes are rebuilt from their folder; "
+                             f"{name!r} has stage {r['stage']!r}")
+        folder = os.path.join(runs_dir, f"{name}-s{seed}")
+        if not os.path.isdir(os.path.join(folder, "stage1")):
+            raise SystemExit(f"--run {spec!r}: {folder}/stage1 does not exist; train it first "
+                             f"(dbllm-lab train --recipe {name} --seed {seed})")
+        out[f"{name} s{seed}"] = (name, int(seed), folder)
+    return out
+
+
+def student_from_run(base, tok, name, seed, folder):
+    """The trained student of a finished run folder, frozen to plain w_hat layers, and its bits per weight.
+    Fails rather than train when the folder's stage 1 is incomplete."""
+    from dbllm_lab.recipes import recipe
+    from dbllm_lab.run_recipe import train_recipe
+    from dbllm_lab.train import freeze_quantized
+    r = recipe(name)
+    blocks = len(glob.glob(os.path.join(folder, "stage1", "block_*.pt")))
+    if blocks != base.config.num_hidden_layers:
+        raise SystemExit(f"{folder}/stage1 holds {blocks} of {base.config.num_hidden_layers} blocks: finish the "
+                         f"run first (dbllm-lab train --recipe {name} --seed {seed})")
+    student, info = train_recipe(copy.deepcopy(base), tok, r, seed=seed, out_dir=folder, progress=False)
+    model = freeze_quantized(student)
+    bits = next(m.bits_per_weight for m in model.modules() if hasattr(m, "bits_per_weight"))
+    return model, bits
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)")
@@ -210,6 +253,9 @@ def main():
                     help="built-in rows to run (none: only the --checkpoint rows)")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                     help="add a row for a packed checkpoint folder (e.g. a trained FDB+DAD or KD student)")
+    ap.add_argument("--run", action="append", default=[], metavar="RECIPE:SEED",
+                    help="add a row for a finished stage-1 run folder, build/runs/RECIPE-sSEED (e.g. the uniform grid, "
+                         "which has no packed format)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the output file")
@@ -235,8 +281,9 @@ def main():
     for t in tasks:  # a missing file fails before any model work
         zeroshot.task_file(t, args.data_dir)
     ckpts = parse_checkpoints(args.checkpoint)
-    names = list(args.only) + list(ckpts)  # rows already in the file are skipped (resumable)
-    order = list(ROWS) + list(ckpts)
+    runs = parse_runs(args.run)
+    names = list(args.only) + list(ckpts) + list(runs)  # rows already in the file are skipped (resumable)
+    order = list(ROWS) + list(ckpts) + list(runs)
 
     existing = load_results(args.out)
     mixed = [r["method"] for r in existing if not covers(r, tasks, limit) and r["method"] not in names]
@@ -259,7 +306,7 @@ def main():
                         "it, acc for WinoGrande); its stderr is sqrt(sum of squared task stderrs) / 5",
                 "note": "accuracies and stderr in %; FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 model "
                         "dequantized to float32 (not the bf16 Hugging Face weights); checkpoint rows: packed layers "
-                        "dequantized to dense weights for scoring; CPU minutes are process CPU time on a shared "
+                        "dequantized to dense weights for scoring; run rows (--run): the run folder's frozen w_hat; CPU minutes are process CPU time on a shared "
                         "2-core machine",
                 "older_rows": "rows scored on the first 100 documents per task (before scoring at size) were dropped; "
                               "they are in git: git show c8ed8d5:bench/results/zeroshot.json"}
@@ -273,6 +320,8 @@ def main():
             model = load_quantized(ckpts[name], base_model=copy.deepcopy(base))
             bits = fdb_bits_per_weight(2, model.quant_header["group_size"])
             print(f"{zeroshot.dense_weights(model)} packed layers dequantized to dense weights", flush=True)
+        elif name in runs:
+            model, bits = student_from_run(base, tok, *runs[name])
         elif ROWS[name] is None:
             model, bits = base, 16.0
         else:
@@ -288,7 +337,7 @@ def main():
         raw = {"tasks": res["tasks"], "bits": bits, "seconds": res["seconds"],
                "cpu_seconds": round(time.process_time() - c1, 1), "quant_cpu_s": round(quant_cpu, 1),
                "quant_s": round(quant_s, 1), "command": " ".join(["python"] + sys.argv)}
-        row = build_row(name, raw, limit, ckpts.get(name))
+        row = build_row(name, raw, limit, ckpts.get(name) or (runs[name][2] if name in runs else None))
         print({k: row[k] for k in ("method", "mean", "mean_norm", "row_cpu_min", "eval_s")}, flush=True)
         save_row(args.out, row, settings, order)
         if model is not base:

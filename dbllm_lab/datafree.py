@@ -1,7 +1,10 @@
 """Data-free training text written by the FP teacher (method.md §3, as LLM-QAT does).
 
 Each sample starts from a random vocabulary token; the next ``greedy_tokens`` tokens are greedy and the
-rest are sampled at ``temperature`` up to ``seqlen`` tokens. Generation is batched, with a KV cache written in place
+rest are sampled at ``temperature`` up to ``seqlen`` tokens. ``precision="bf16"`` writes the text with a bf16 copy
+of the teacher (weights, activations and KV cache in bf16; logits and sampling in fp32): the same sampling
+procedure on slightly rounded logits, so a sample follows the fp32 one until a rounding moves a sampled token
+across a CDF boundary, and the text is a different draw from (nearly) the same distribution. Generation is batched, with a KV cache written in place
 and inverse-CDF sampling over chunk sums (``sample_inverse_cdf``).
 All randomness (start tokens and one uniform number per sampled position) is drawn up front from one
 seeded generator, so a sample does not depend on the batch size. Results are cached on disk under
@@ -10,6 +13,7 @@ generation settings, so notebooks and benchmarks reuse them.
 
 ``corpus_samples`` is the option of training on real text instead (never the split you evaluate on).
 """
+import copy
 import json
 import os
 import re
@@ -21,14 +25,17 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .model import decoder_layers
 from .paths import root
+from .runtime import check_precision
 
 DEFAULT_CACHE = os.path.join(root(), "data", "generated")  # the project's data/generated, wherever run from
 GREEDY_TOKENS, TEMPERATURE = 4, 1.0  # method.md §3: a few greedy tokens, then sampling at temperature 1
 
 
-def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature):
+def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision="fp32"):
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(model, "name_or_path", "") or type(model).__name__))
-    return os.path.join(cache_dir, f"{name}_seed{seed}_n{n}_len{seqlen}_greedy{greedy_tokens}_t{temperature:g}.pt")
+    suffix = "" if precision == "fp32" else f"_{precision}"  # fp32 text keeps the names it was cached under
+    return os.path.join(cache_dir, f"{name}_seed{seed}_n{n}_len{seqlen}_greedy{greedy_tokens}_t{temperature:g}"
+                                   f"{suffix}.pt")
 
 
 def _check(n, seqlen, greedy_tokens, temperature, batch_size):
@@ -108,17 +115,24 @@ def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
     return out
 
 
+def generation_model(model, precision="fp32"):
+    """The model that writes the text: ``model`` itself for "fp32", a bf16 copy of it for "bf16"."""
+    check_precision(precision)
+    return model if precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+
+
 def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_dir=DEFAULT_CACHE,
-                     greedy_tokens=None, temperature=None, progress=True):
+                     greedy_tokens=None, temperature=None, precision="fp32", progress=True):
     """``n`` teacher-written samples of ``seqlen`` tokens as a LongTensor (n, seqlen), cached on disk.
 
     ``tokenizer`` is only used for its vocabulary size (start tokens avoid ids beyond it); ``cache_dir=None``
-    disables the cache.
+    disables the cache. ``precision``: "fp32" or "bf16" (``generation_model``).
     """
     greedy_tokens = GREEDY_TOKENS if greedy_tokens is None else greedy_tokens
     temperature = TEMPERATURE if temperature is None else temperature
     _check(n, seqlen, greedy_tokens, temperature, batch_size)
-    path = _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature) if cache_dir else None
+    check_precision(precision)
+    path = _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision) if cache_dir else None
     if path and os.path.isfile(path):
         data = torch.load(path)
         if data.shape == (n, seqlen):
@@ -133,10 +147,12 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_
     t0, c0 = time.time(), time.process_time()
     was_training = model.training
     model.eval()
+    writer = generation_model(model, precision)
     chunks = []
-    for i in tqdm(range(0, n, batch_size), desc=f"generate {n}x{seqlen}", disable=not progress):
-        chunks.append(_generate_batch(model, start[i:i + batch_size].to(device), uniforms[i:i + batch_size],
+    for i in tqdm(range(0, n, batch_size), desc=f"generate {n}x{seqlen} ({precision})", disable=not progress):
+        chunks.append(_generate_batch(writer, start[i:i + batch_size].to(device), uniforms[i:i + batch_size],
                                       greedy_tokens, temperature).cpu())
+    del writer
     model.train(was_training)
     data = torch.cat(chunks).long()
     if path:
@@ -145,6 +161,7 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_
         os.replace(path + ".tmp", path)
         cost = {"cpu_seconds": round(time.process_time() - c0, 1), "seconds": round(time.time() - t0, 1),
                 "threads": torch.get_num_threads(), "batch_size": batch_size, "device": str(device),
+                "precision": precision,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         with open(path + ".json.tmp", "w") as f:
             json.dump(cost, f)
@@ -155,10 +172,12 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_
 SEED_STRIDE = 1000  # set k of text seed s is generated with seed s * SEED_STRIDE + k (< SEED_STRIDE ** 2)
 
 
-def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, progress=True):
+def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32",
+                 progress=True):
     """A recipe's training text: the first ``samples`` samples of ``tokens`` tokens from sets of ``set_size``
     (``generate_samples``, each cached), set k generated with seed ``seed * SEED_STRIDE + k``. A larger pool extends
-    a smaller one of the same seed; seed 0 with sets of 128 is the pool of the committed table rows."""
+    a smaller one of the same seed; seed 0 with sets of 128 is the pool of the committed table rows. ``precision``
+    is the teacher's while it writes ("fp32" or "bf16": ``generation_model``)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_STRIDE:
         raise ValueError(f"seed={seed!r} must be an integer in [0, {SEED_STRIDE}) (seeds from "
                          f"{SEED_STRIDE ** 2} on are kept for held-out text)")
@@ -167,24 +186,26 @@ def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_
     if sets > SEED_STRIDE:
         raise ValueError(f"samples={samples} needs {sets} sets of {set_size}; at most {SEED_STRIDE} are allowed")
     return torch.cat([generate_samples(model, tokenizer, set_size, tokens, seed=seed * SEED_STRIDE + k,
-                                       cache_dir=cache_dir, progress=progress) for k in range(sets)])[:samples]
+                                       cache_dir=cache_dir, precision=precision, progress=progress)
+                      for k in range(sets)])[:samples]
 
 
-def _set_paths(cache_dir, model, samples, tokens, seed, set_size):
-    return [_cache_path(cache_dir, model, set_size, tokens, seed * SEED_STRIDE + k, GREEDY_TOKENS, TEMPERATURE)
-            for k in range(-(-samples // set_size))]
+def _set_paths(cache_dir, model, samples, tokens, seed, set_size, precision):
+    return [_cache_path(cache_dir, model, set_size, tokens, seed * SEED_STRIDE + k, GREEDY_TOKENS, TEMPERATURE,
+                        precision) for k in range(-(-samples // set_size))]
 
 
-def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE):
+def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32"):
     """Whether every set ``teacher_text`` would read is already in the cache."""
-    return bool(cache_dir) and all(map(os.path.isfile, _set_paths(cache_dir, model, samples, tokens, seed, set_size)))
+    return bool(cache_dir) and all(map(os.path.isfile, _set_paths(cache_dir, model, samples, tokens, seed, set_size,
+                                                                  precision)))
 
 
-def text_cpu_minutes(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE):
+def text_cpu_minutes(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32"):
     """CPU-minutes it took to generate the cached sets of this text (recorded beside each set when it was
     written), or None when a set has no record: a budget counts the text whether or not it came from the cache."""
     total = 0.0
-    for path in _set_paths(cache_dir, model, samples, tokens, seed, set_size):
+    for path in _set_paths(cache_dir, model, samples, tokens, seed, set_size, precision):
         if not os.path.isfile(path + ".json"):
             return None
         with open(path + ".json") as f:

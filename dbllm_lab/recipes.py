@@ -7,6 +7,7 @@ A recipe says everything ``dbllm-lab train --recipe NAME`` needs to build a W2 s
 - ``text``: the teacher-written training text (method.md §3): ``samples`` of ``tokens`` tokens, generated in sets
   of ``set_size`` samples, set k of seed s with generation seed ``s * 1000 + k`` (``datafree.teacher_text``), so a
   seed changes the text as well as the training order, and seed 0 is the pool the committed table rows used;
+  an optional ``precision`` ("fp32" unless set, or "bf16") is the teacher's while it writes;
 - ``blockwise`` / ``e2e``: overrides of ``BlockwiseConfig`` / ``TrainConfig`` fields (their defaults otherwise);
 - ``purpose``: one line for ``dbllm-lab recipes``; ``result``: the recipe name the results JSON files its rows under.
 

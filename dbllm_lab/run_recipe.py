@@ -1,6 +1,6 @@
 """One recipe, end to end: the teacher writes the training text, then the two-stage training runs.
 
-``train_recipe`` is what ``dbllm-lab train --recipe NAME`` and ``bench/recipe_table.py`` both call, so a table row
+``train_recipe`` is what ``dbllm-lab train --recipe NAME`` and ``bench/dbllm_table.py`` both call, so a table row
 and a user's run are the same computation. Its budget counts the training text too: CPU-minutes (process time, all
 threads) of generation, of building the W2 student, of stage 1 and of stage 2, and their total.
 """
@@ -9,11 +9,28 @@ import time
 from .blockwise import BlockwiseConfig
 from .datafree import DEFAULT_CACHE, teacher_text, text_cpu_minutes, text_is_cached
 from .quantize import METHODS
+from .runtime import check_precision
 from .train import TrainConfig, train_two_stage
 
 
+TEXT_KEYS = ("samples", "tokens", "set_size", "precision")  # a recipe's ``text`` section; precision is optional
+
+
+def text_options(t, seed, cache_dir):
+    """``teacher_text``'s keyword arguments for a recipe's ``text`` section ``t`` (its precision only where set, so
+    the one default is teacher_text's)."""
+    return dict(seed=seed, set_size=t["set_size"], cache_dir=cache_dir, **({"precision": t["precision"]}
+                                                                           if "precision" in t else {}))
+
+
 def configs(r, seed=0):
-    """(BlockwiseConfig, TrainConfig) of recipe dict ``r`` with ``seed`` (the training order of both stages)."""
+    """(BlockwiseConfig, TrainConfig) of recipe dict ``r`` with ``seed`` (the training order of both stages); the
+    text section is checked too, so that a bad value fails before any model loads."""
+    unknown = sorted(set(r["text"]) - set(TEXT_KEYS))
+    if unknown:
+        raise ValueError(f"text section: unknown keys {unknown}; allowed: {list(TEXT_KEYS)}")
+    if "precision" in r["text"]:
+        check_precision(r["text"]["precision"])
     return (BlockwiseConfig(**{**r["blockwise"], "seed": seed}).validate(),
             TrainConfig(**{**r["e2e"], "seed": seed}).validate())
 
@@ -28,13 +45,13 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     bw, cfg = configs(r, seed)
     t = r["text"]
     n_all = max(t["samples"], e2e_samples or 0)
-    cached = text_is_cached(teacher, n_all, t["tokens"], seed, t["set_size"], cache_dir)
+    text = text_options(t, seed, cache_dir)
+    cached = text_is_cached(teacher, n_all, t["tokens"], **text)
     c0 = time.process_time()
-    data = teacher_text(teacher, tokenizer, n_all, t["tokens"], seed=seed, set_size=t["set_size"],
-                        cache_dir=cache_dir, progress=progress)
+    data = teacher_text(teacher, tokenizer, n_all, t["tokens"], progress=progress, **text)
     generation = round((time.process_time() - c0) / 60, 2)
     if cached:  # what generating it cost when it was written (None where that was not recorded)
-        generation = text_cpu_minutes(teacher, n_all, t["tokens"], seed, t["set_size"], cache_dir)
+        generation = text_cpu_minutes(teacher, n_all, t["tokens"], **text)
     group_size = METHODS[r["quant"]].group_size if group_size is None else group_size
     calib = data[:t["samples"]].reshape(-1, cfg.seqlen)[:16] if r["init"] == "gptq" else None
     student, info = train_two_stage(teacher, data[:t["samples"]], stage=r["stage"], quant=r["quant"], blockwise=bw,

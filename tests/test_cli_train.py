@@ -31,6 +31,24 @@ def test_train_takes_the_recipe_and_flags_override_it():
     assert (mine["blockwise"]["min_lr_ratio"], mine["text"]["samples"], mine["quant"]) == (0.1, 64, "uniform")
     assert (mine["e2e"]["lr"], mine["blockwise"]["train_latent"], mine["e2e"]["seqlen"]) == (3e-3, False, 256)
     assert RECIPES["best"]["blockwise"]["min_lr_ratio"] == 0.01  # the recipe itself is not edited
+    text16 = train_recipe_of(build_parser().parse_args(["train", "--recipe", "best", "--text-precision", "bf16"]))
+    assert text16["text"] == {**RECIPES["best"]["text"], "precision": "bf16"} and "precision" not in r["text"]
+
+
+def test_recipe_text_section_is_checked_before_any_model_loads(capsys):
+    from dbllm_lab.recipes import recipe
+    from dbllm_lab.run_recipe import configs, text_options
+    r = recipe("best")
+    assert "precision" not in text_options(r["text"], 0, None)  # teacher_text's own default applies
+    r["text"]["precision"] = "fp16"
+    with pytest.raises(ValueError, match=r"precision='fp16'.*\('fp32', 'bf16'\)"):
+        configs(r)
+    r["text"] = {**recipe("best")["text"], "temperature": 0.7}
+    with pytest.raises(ValueError, match=r"unknown keys \['temperature'\]; allowed"):
+        configs(r)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--text-precision", "fp16"])
+    assert "invalid choice: 'fp16' (choose from 'fp32', 'bf16')" in capsys.readouterr().err
 
 
 def test_best_recipe_is_the_committed_best_row():

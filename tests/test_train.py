@@ -82,6 +82,31 @@ def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
         generate_samples(m, None, n=2, seqlen=1, cache_dir=None)
 
 
+def test_bf16_text_is_written_by_a_bf16_copy_and_cached_apart(tmp_path):
+    """precision="bf16": the greedy tokens are the argmax of the teacher's bf16 copy over the whole prefix, the
+    teacher itself stays fp32, and the text is cached under its own name with its precision and cost beside it."""
+    from dbllm_lab.datafree import generation_model, teacher_text, text_cpu_minutes, text_is_cached
+    m = tiny_llama(vocab_size=128, seed=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    a = generate_samples(m, None, n=4, seqlen=16, seed=1, cache_dir=str(tmp_path), progress=False, greedy_tokens=15,
+                         precision="bf16")
+    copy16 = generation_model(m, "bf16")
+    assert next(copy16.parameters()).dtype == torch.bfloat16 and generation_model(m, "fp32") is m
+    with torch.no_grad():
+        assert torch.equal(copy16(a[:, :-1]).logits.float().argmax(-1), a[:, 1:])
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith("_bf16.pt")
+    assert json.load(open(tmp_path / files[1]))["precision"] == "bf16"
+    t = teacher_text(m, None, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), precision="bf16", progress=False)
+    assert t.shape == (5, 12)
+    assert text_is_cached(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), precision="bf16")
+    assert not text_is_cached(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path))  # fp32 text is another file
+    assert text_cpu_minutes(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), precision="bf16") >= 0
+    with pytest.raises(ValueError, match=r"precision='fp16'.*\('fp32', 'bf16'\)"):
+        generate_samples(m, None, n=2, seqlen=4, cache_dir=None, precision="fp16")
+
+
 def test_corpus_option_refuses_the_test_split():
     with pytest.raises(ValueError, match="test split"):
         corpus_samples(None, 2, 8, dataset="wikitext2", split="test")
