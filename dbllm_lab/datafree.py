@@ -2,9 +2,9 @@
 
 Each sample starts from a random vocabulary token; the next ``greedy_tokens`` tokens are greedy and the
 rest are sampled at ``temperature`` up to ``seqlen`` tokens. ``precision="bf16"`` writes the text with a bf16 copy
-of the teacher (weights, activations and KV cache in bf16; logits and sampling in fp32): the same sampling
-procedure on slightly rounded logits, so a sample follows the fp32 one until a rounding moves a sampled token
-across a CDF boundary, and the text is a different draw from (nearly) the same distribution. Generation is batched, with a KV cache written in place
+of the teacher (``generation_model``: weights and activations in bf16; the KV cache, attention, logits and sampling
+in fp32): the same sampling procedure on slightly rounded logits, so a sample follows the fp32 one until a rounding
+moves a sampled token across a CDF boundary, and the text is a different draw from (nearly) the same distribution. Generation is batched, with a KV cache written in place
 and inverse-CDF sampling over chunk sums (``sample_inverse_cdf``).
 All randomness (start tokens and one uniform number per sampled position) is drawn up front from one
 seeded generator, so a sample does not depend on the batch size. Results are cached on disk under
@@ -21,7 +21,9 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .model import decoder_layers
 from .paths import root
@@ -51,8 +53,9 @@ def _check(n, seqlen, greedy_tokens, temperature, batch_size):
 
 
 class _PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer written in place into buffers of the final length: the default cache concatenates, which
-    copies the whole cache at every step (quadratic in the sample length)."""
+    """A KV-cache layer written in place into fp32 buffers of the final length: the default cache concatenates, which
+    copies the whole cache at every step (quadratic in the sample length). A bf16 model's keys and values are
+    stored in fp32 too, for ``sdpa_fp32``."""
 
     def __init__(self, capacity):
         super().__init__()
@@ -60,8 +63,8 @@ class _PreallocatedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
-        self.key_buffer = key_states.new_empty(b, h, self.capacity, d)
-        self.value_buffer = value_states.new_empty(b, h, self.capacity, d)
+        self.key_buffer = key_states.new_empty(b, h, self.capacity, d, dtype=torch.float32)
+        self.value_buffer = value_states.new_empty(b, h, self.capacity, d, dtype=torch.float32)
         self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -115,10 +118,28 @@ def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
     return out
 
 
+def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in fp32 and returned in the query's dtype. On the CPU, torch's fused
+    attention for one query token over a long bf16 cache is several times slower than in fp32
+    (bench/generation_cost.py), while bf16 matmuls are faster: a bf16 writer keeps its attention in fp32."""
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                          None if attention_mask is None else attention_mask.float()
+                                          if attention_mask.is_floating_point() else attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register("sdpa_fp32", sdpa_fp32)
+
+
 def generation_model(model, precision="fp32"):
-    """The model that writes the text: ``model`` itself for "fp32", a bf16 copy of it for "bf16"."""
+    """The model that writes the text: ``model`` itself for "fp32"; for "bf16" a bf16 copy of it whose attention
+    runs in fp32 (``sdpa_fp32``, over the fp32 cache of ``_PreallocatedLayer``)."""
     check_precision(precision)
-    return model if precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+    if precision == "fp32":
+        return model
+    writer = copy.deepcopy(model).to(torch.bfloat16)
+    writer.set_attn_implementation("sdpa_fp32")
+    return writer
 
 
 def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_dir=DEFAULT_CACHE,

@@ -83,8 +83,8 @@ def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
 
 
 def test_bf16_text_is_written_by_a_bf16_copy_and_cached_apart(tmp_path):
-    """precision="bf16": the greedy tokens are the argmax of the teacher's bf16 copy over the whole prefix, the
-    teacher itself stays fp32, and the text is cached under its own name with its precision and cost beside it."""
+    """precision="bf16": the greedy tokens are the argmax of the teacher's bf16 copy (fp32 attention) over the whole
+    prefix, the teacher itself stays fp32, and the text is cached under its own name with its precision and cost beside it."""
     from dbllm_lab.datafree import generation_model, teacher_text, text_cpu_minutes, text_is_cached
     m = tiny_llama(vocab_size=128, seed=2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -92,6 +92,11 @@ def test_bf16_text_is_written_by_a_bf16_copy_and_cached_apart(tmp_path):
                          precision="bf16")
     copy16 = generation_model(m, "bf16")
     assert next(copy16.parameters()).dtype == torch.bfloat16 and generation_model(m, "fp32") is m
+    assert copy16.config._attn_implementation == "sdpa_fp32"  # bf16 matmuls, fp32 attention over an fp32 cache
+    fp32_attn = copy.deepcopy(m)
+    fp32_attn.set_attn_implementation("sdpa_fp32")  # on fp32 inputs it is transformers' sdpa, exactly
+    with torch.no_grad():
+        assert m.config._attn_implementation == "sdpa" and torch.equal(fp32_attn(a).logits, m(a).logits)
     with torch.no_grad():
         assert torch.equal(copy16(a[:, :-1]).logits.float().argmax(-1), a[:, 1:])
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in m.state_dict().items())
