@@ -15,10 +15,8 @@ into one row as they land (``raw`` keeps lm-eval's per-task results; ``partial``
 Trained rows come from packed checkpoints (``dbllm-lab train ... --save DIR``): ``--checkpoint NAME=DIR`` adds a
 row named NAME. Its packed layers are dequantized once into dense ``nn.Linear`` weights for scoring
 (``zeroshot.dense_weights``: the same w_hat, torch's matmul instead of the bit-plane kernel, which is slower here).
-Students that have no packed format (the uniform grid) come from their training run folder: ``--run RECIPE:SEED``
-rebuilds the student from ``build/runs/{RECIPE}-s{SEED}`` through ``run_recipe.train_recipe``, which resumes a
-finished run from its checkpoints without training, freezes its w_hat and scores it as the row ``"RECIPE sSEED"``
-(the name ``bench/dbllm_table.py`` gives the same run's perplexity row).
+Students without a packed format (the uniform grid) come from their run folder: ``--run RECIPE:SEED`` scores
+``run_recipe.finished_student`` of ``build/runs/RECIPE-sSEED`` as row ``"RECIPE sSEED"`` (dbllm_table.py's name).
 
 Sizes: ``--docs N`` (the default, N = 1000, "at size") scores the first N documents of each task and
 takes a split whole where it holds under 1.5 N rows (ARC-Challenge 1,172 and WinoGrande 1,267); ``--limit N``
@@ -31,7 +29,6 @@ of chance; the CPU time of quantizing and of evaluating. The mean is over the fi
 import argparse
 import copy
 import fcntl
-import glob
 import json
 import os
 import resource
@@ -47,6 +44,7 @@ from common import add_calib_args, calib_note, calib_windows, load_results, writ
 from dbllm_lab import zeroshot  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.quantize import quantize_model  # noqa: E402
+from dbllm_lab.run_recipe import finished_student, run_folder  # noqa: E402
 
 # row name -> quantize_model arguments (None: the FP model); "arb-rc" is calibrated like bench/arb_table.py
 ROWS = {"fp": None,
@@ -60,28 +58,10 @@ def pct(x):
     return None if x is None else round(100 * x, 2)
 
 
-def docs_label(tasks):
-    """'1000 / 1000 / 1172 / 1000 / 1267 (whole: arc_challenge, winogrande)': documents scored per task."""
-    whole = [t for t, r in tasks.items() if r["n"] == r["n_split"]]
-    label = " / ".join(str(r["n"]) for r in tasks.values())
-    return label + (f" (whole: {', '.join(whole)})" if whole and len(whole) < len(tasks) else
-                    " (whole splits)" if whole else "")
-
-
-def near_chance(tasks):
-    """Cells whose accuracy lies within 2 standard errors of the chance level of the scored documents."""
-    out = []
-    for t, r in tasks.items():
-        for metric in ("acc", "acc_norm"):
-            if r.get(metric) is not None and abs(r[metric] - r["chance"]) < 2 * r[metric + "_stderr"]:
-                out.append(f"{t} {metric}")
-    return out
-
-
 def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
     """One result row: per task acc / acc_norm with stderr (in %), the means, display columns, times."""
     tasks = res["tasks"]
-    row = {"method": name, "bits_per_weight": bits, "docs_per_task": docs_label(tasks)}
+    row = {"method": name, "bits_per_weight": bits, "docs_per_task": zeroshot.docs_label(tasks)}
     for metric in ("acc", "acc_norm"):
         for t, r in tasks.items():
             if r.get(metric) is not None:
@@ -97,7 +77,7 @@ def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
     chance = {t: pct(r["chance"]) for t, r in tasks.items()}
     mean_chance = round(sum(chance.values()) / len(chance), 2)
     mean_near = abs(row["mean_acc"] - mean_chance) < 2 * row["mean_acc_stderr"]
-    row.update(chance=chance, mean_chance=mean_chance, near_chance=near_chance(tasks) + ["mean acc"] * mean_near,
+    row.update(chance=chance, mean_chance=mean_chance, near_chance=zeroshot.near_chance(tasks) + ["mean acc"] * mean_near,
                data={t: r["data"]["sha256"] for t, r in tasks.items()},
                data_shipped=all(r["data"]["shipped"] for r in tasks.values()))
     row.update(n={t: r["n"] for t, r in tasks.items()}, task_versions=res["task_versions"],
@@ -142,17 +122,6 @@ def merge_parts(old, row):
     return build_row(row["method"], raw, limit, row["checkpoint"])
 
 
-# SmolLM2-135M-Instruct's model card, "Evaluation / Instruction model" (lighteval, zero-shot), read offline from a
-# stored copy of the card's README: published numbers to compare the FP row with, not measured here
-MODEL_CARD = {"source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (README, Evaluation: "
-                        "Instruction model)",
-              "values": {"hellaswag": 40.9, "arc_average": 37.3, "piqa": 66.3},
-              "note": "lighteval, zero-shot, on the Hugging Face weights (FP here is the GGUF Q4_1 copy, "
-                      "dequantized); lighteval's prompts and normalisation differ from lm-eval's, so the comparison "
-                      "is indicative; ARC (Average) is the mean of ARC-Easy and ARC-Challenge; the card gives no "
-                      "WinoGrande number for the Instruct model"}
-
-
 def table_notes(rows):
     """Settings derived from the rows: near-chance cells per row and the FP row against the model card."""
     notes = {"near_chance": {r["method"]: r.get("near_chance") for r in rows},
@@ -163,7 +132,7 @@ def table_notes(rows):
     for m in ours:  # None where the FP row lacks the task (not scored yet)
         arc = [fp.get(f"{t}_{m}") for t in ("arc_easy", "arc_challenge")]
         ours[m]["arc_average"] = None if None in arc else round(sum(arc) / 2, 2)
-    notes["fp_vs_model_card"] = {**MODEL_CARD, "fp_acc": ours["acc"], "fp_acc_norm": ours["acc_norm"],
+    notes["fp_vs_model_card"] = {**zeroshot.MODEL_CARD, "fp_acc": ours["acc"], "fp_acc_norm": ours["acc_norm"],
                                  "fp_n": fp.get("n")}
     return notes
 
@@ -201,41 +170,19 @@ def parse_checkpoints(specs):
     return out
 
 
-def parse_runs(specs, runs_dir="build/runs"):
-    """{row name: (recipe, seed, folder)} from ``RECIPE:SEED`` specs; the folder must hold a finished stage 1."""
-    from dbllm_lab.recipes import recipe
+def parse_runs(specs):
+    """{row name: (recipe, seed)} from ``RECIPE:SEED`` specs, each run folder checked before the model loads."""
     out = {}
     for spec in specs:
         name, sep, seed = spec.rpartition(":")
         if not sep or not seed.isdigit():
             raise SystemExit(f"--run {spec!r}: expected RECIPE:SEED, e.g. best-uniform:1")
-        r = recipe(name)  # an unknown recipe fails here, naming the known ones
-        if r["stage"] != "blockwise":
-            raise SystemExit(f"--run {spec!r}: only stage-1 recipes are rebuilt from their folder; "
-                             f"{name!r} has stage {r['stage']!r}")
-        folder = os.path.join(runs_dir, f"{name}-s{seed}")
-        if not os.path.isdir(os.path.join(folder, "stage1")):
-            raise SystemExit(f"--run {spec!r}: {folder}/stage1 does not exist; train it first "
-                             f"(dbllm-lab train --recipe {name} --seed {seed})")
-        out[f"{name} s{seed}"] = (name, int(seed), folder)
+        try:
+            run_folder(name, int(seed))
+        except ValueError as e:
+            raise SystemExit(f"--run {spec!r}: {e}") from None
+        out[f"{name} s{seed}"] = (name, int(seed))
     return out
-
-
-def student_from_run(base, tok, name, seed, folder):
-    """The trained student of a finished run folder, frozen to plain w_hat layers, and its bits per weight.
-    Fails rather than train when the folder's stage 1 is incomplete."""
-    from dbllm_lab.recipes import recipe
-    from dbllm_lab.run_recipe import train_recipe
-    from dbllm_lab.train import freeze_quantized
-    r = recipe(name)
-    blocks = len(glob.glob(os.path.join(folder, "stage1", "block_*.pt")))
-    if blocks != base.config.num_hidden_layers:
-        raise SystemExit(f"{folder}/stage1 holds {blocks} of {base.config.num_hidden_layers} blocks: finish the "
-                         f"run first (dbllm-lab train --recipe {name} --seed {seed})")
-    student, info = train_recipe(copy.deepcopy(base), tok, r, seed=seed, out_dir=folder, progress=False)
-    model = freeze_quantized(student)
-    bits = next(m.bits_per_weight for m in model.modules() if hasattr(m, "bits_per_weight"))
-    return model, bits
 
 
 def main():
@@ -321,7 +268,8 @@ def main():
             bits = fdb_bits_per_weight(2, model.quant_header["group_size"])
             print(f"{zeroshot.dense_weights(model)} packed layers dequantized to dense weights", flush=True)
         elif name in runs:
-            model, bits = student_from_run(base, tok, *runs[name])
+            model = finished_student(base, tok, *runs[name])
+            bits = next(m.bits_per_weight for m in model.modules() if hasattr(m, "bits_per_weight"))
         elif ROWS[name] is None:
             model, bits = base, 16.0
         else:
@@ -337,7 +285,7 @@ def main():
         raw = {"tasks": res["tasks"], "bits": bits, "seconds": res["seconds"],
                "cpu_seconds": round(time.process_time() - c1, 1), "quant_cpu_s": round(quant_cpu, 1),
                "quant_s": round(quant_s, 1), "command": " ".join(["python"] + sys.argv)}
-        row = build_row(name, raw, limit, ckpts.get(name) or (runs[name][2] if name in runs else None))
+        row = build_row(name, raw, limit, ckpts.get(name) or (run_folder(*runs[name]) if name in runs else None))
         print({k: row[k] for k in ("method", "mean", "mean_norm", "row_cpu_min", "eval_s")}, flush=True)
         save_row(args.out, row, settings, order)
         if model is not base:

@@ -4,13 +4,17 @@
 and a user's run are the same computation. Its budget counts the training text too: CPU-minutes (process time, all
 threads) of generation, of building the W2 student, of stage 1 and of stage 2, and their total.
 """
+import copy
+import glob
+import os
 import time
 
 from .blockwise import BlockwiseConfig
 from .datafree import DEFAULT_CACHE, teacher_text, text_cpu_minutes, text_is_cached
 from .quantize import METHODS
+from .recipes import recipe
 from .runtime import check_precision
-from .train import TrainConfig, train_two_stage
+from .train import TrainConfig, freeze_quantized, train_two_stage
 
 
 TEXT_KEYS = ("samples", "tokens", "set_size", "precision")  # a recipe's ``text`` section; precision is optional
@@ -62,3 +66,32 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
                 total_cpu_minutes=None if generation is None else
                 round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
     return student, info
+
+
+def run_folder(name, seed, runs_dir="build/runs"):
+    """``{runs_dir}/{name}-s{seed}``, where ``dbllm-lab train --recipe NAME --seed SEED`` trains, checked to hold the
+    stage 1 of a stage-1 recipe; a ValueError names what is wrong before any model loads."""
+    r = recipe(name)  # an unknown name fails here, naming the known ones
+    if r["stage"] != "blockwise":
+        raise ValueError(f"recipe {name!r} has stage {r['stage']!r}; only stage-1 recipes ('blockwise') are rebuilt "
+                         f"from their folder")
+    folder = os.path.join(runs_dir, f"{name}-s{seed}")
+    if not os.path.isdir(os.path.join(folder, "stage1")):
+        raise ValueError(f"{folder}/stage1 does not exist; train it first (dbllm-lab train --recipe {name} "
+                         f"--seed {seed})")
+    return folder
+
+
+def finished_student(teacher, tokenizer, name, seed, runs_dir="build/runs"):
+    """The student of a finished stage-1 run (``run_folder``), rebuilt by ``train_recipe``, which resumes the run
+    from its checkpoints without training, and frozen to plain w_hat layers (``train.freeze_quantized``). Students
+    without a packed format (the uniform grid) are measured this way. An incomplete stage 1 is an error, not a
+    training run."""
+    folder = run_folder(name, seed, runs_dir)
+    blocks, n = len(glob.glob(os.path.join(folder, "stage1", "block_*.pt"))), teacher.config.num_hidden_layers
+    if blocks != n:
+        raise ValueError(f"{folder}/stage1 holds {blocks} of {n} blocks: finish the run first "
+                         f"(dbllm-lab train --recipe {name} --seed {seed})")
+    student, _ = train_recipe(copy.deepcopy(teacher), tokenizer, recipe(name), seed=seed, out_dir=folder,
+                              progress=False)
+    return freeze_quantized(student)

@@ -297,3 +297,32 @@ def mean_accuracy(per_task, metric="acc"):
         vals.append(r[m])
         ses.append(r[m + "_stderr"])
     return sum(vals) / len(vals), sum(s * s for s in ses) ** 0.5 / len(ses)
+
+
+def docs_label(tasks):
+    """'1000 / 1000 / 1172 / 1000 / 1267 (whole: arc_challenge, winogrande)': documents scored per task."""
+    whole = [t for t, r in tasks.items() if r["n"] == r["n_split"]]
+    label = " / ".join(str(r["n"]) for r in tasks.values())
+    return label + (f" (whole: {', '.join(whole)})" if whole and len(whole) < len(tasks) else
+                    " (whole splits)" if whole else "")
+
+
+def near_chance(tasks):
+    """Cells whose accuracy lies within 2 standard errors of the chance level of the scored documents."""
+    out = []
+    for t, r in tasks.items():
+        for metric in ("acc", "acc_norm"):
+            if r.get(metric) is not None and abs(r[metric] - r["chance"]) < 2 * r[metric + "_stderr"]:
+                out.append(f"{t} {metric}")
+    return out
+
+
+# SmolLM2-135M-Instruct's model card, "Evaluation / Instruction model" (lighteval, zero-shot), read offline from a
+# stored copy of the card's README: published numbers to compare the FP row with, not measured here
+MODEL_CARD = {"source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (README, Evaluation: "
+                        "Instruction model)",
+              "values": {"hellaswag": 40.9, "arc_average": 37.3, "piqa": 66.3},
+              "note": "lighteval, zero-shot, on the Hugging Face weights (FP here is the GGUF Q4_1 copy, "
+                      "dequantized); lighteval's prompts and normalisation differ from lm-eval's, so the comparison "
+                      "is indicative; ARC (Average) is the mean of ARC-Easy and ARC-Challenge; the card gives no "
+                      "WinoGrande number for the Instruct model"}

@@ -161,3 +161,25 @@ def test_device_runner_end_to_end_on_the_cpu(tmp_path):
     fp, q = rows["fp"]["ppl"], rows["quick s0"]["ppl"]
     assert math.isfinite(q) and q > 2 * fp, (fp, q)
     assert rows["quick s0"]["train_wall_seconds"] > 0 and rows["quick s0"]["gpu_peak_gib"] is None
+
+
+def test_finished_run_folders_are_checked_before_any_work(tmp_path):
+    """run_recipe.run_folder / finished_student (bench/zeroshot.py --run): a recipe with an end-to-end stage, a
+    missing folder and an incomplete stage 1 are errors naming what is wrong, never a training run."""
+    from types import SimpleNamespace
+
+    from dbllm_lab.run_recipe import finished_student, run_folder
+    with pytest.raises(ValueError, match="stage 'both'; only stage-1 recipes"):
+        run_folder("best+dad", 1, str(tmp_path))
+    with pytest.raises(ValueError, match="recipe 'nope' is not known"):
+        run_folder("nope", 1, str(tmp_path))
+    with pytest.raises(ValueError, match=r"best-uniform-s3/stage1 does not exist; train it first"):
+        run_folder("best-uniform", 3, str(tmp_path))
+    stage1 = tmp_path / "best-uniform-s3" / "stage1"
+    stage1.mkdir(parents=True)
+    for k in range(2):
+        (stage1 / f"block_{k:03d}.pt").write_bytes(b"")
+    assert run_folder("best-uniform", 3, str(tmp_path)) == str(tmp_path / "best-uniform-s3")
+    teacher = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=30))
+    with pytest.raises(ValueError, match="holds 2 of 30 blocks: finish the run first"):
+        finished_student(teacher, None, "best-uniform", 3, str(tmp_path))
