@@ -34,7 +34,7 @@ from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
-from dbllm_lab.recipes import recipe  # noqa: E402
+from dbllm_lab.recipes import RECIPES, recipe  # noqa: E402
 from dbllm_lab.run_recipe import train_recipe  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
@@ -213,8 +213,8 @@ def plot(fig_dir="figures"):
                         "total_cpu_minutes": r.get("total_cpu_minutes")}
                        for r in rows if r.get("recipe")])
     fp = next(r for r in rows if r["method"] == "fp")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = list(dict.fromkeys(df.recipe)) if len(df) else []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = sorted(set(df.recipe), key=list(RECIPES).index) if len(df) else []  # recipes.py's order
     for i, name in enumerate(names):
         g = df[df.recipe == name]
         ax.plot([i - 0.25, i + 0.25], [g.ppl_heldout.mean()] * 2, "-", color="tab:orange", lw=4)
@@ -224,7 +224,8 @@ def plot(fig_dir="figures"):
     for y, label in ((fp["ppl_heldout"], "FP\n(Q4_1\ndequantized)"), (3 * fp["ppl_heldout"], "3x FP")):
         ax.text(1.01, y, label, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)  # off the data
     budget = df.groupby("recipe").total_cpu_minutes.mean() if len(df) else {}
-    ax.set_xticks(range(len(names)), [f"{n}\n{budget[n]:.0f} CPU-min" if pd.notna(budget[n]) else n
+    label = {n: n.replace("+", "\n+") for n in names}  # long names break before "+"
+    ax.set_xticks(range(len(names)), [f"{label[n]}\n{budget[n]:.0f} CPU-min" if pd.notna(budget[n]) else label[n]
                                       for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_yscale("log")

@@ -44,6 +44,11 @@ RECIPES = {
         "quant": "fdb", "init": "clip", "stage": "blockwise",
         "text": {**BEST_TEXT, "samples": 128}, "blockwise": BEST_STAGE1, "e2e": {},
     },
+    "best-quarter+bf16-text": {
+        "purpose": "best-quarter with its text written by a bf16 copy of the teacher: does cheaper text cost quality?",
+        "quant": "fdb", "init": "clip", "stage": "blockwise",
+        "text": {**BEST_TEXT, "samples": 128, "precision": "bf16"}, "blockwise": BEST_STAGE1, "e2e": {},
+    },
     "best+dad": {
         "purpose": "best's stage 1, then 150 gentle end-to-end DAD steps on 512-token windows",
         "quant": "fdb", "init": "clip", "stage": "both",
