@@ -77,7 +77,8 @@ def table_row(name, res, bits, limit, quant_cpu_s, quant_s):
     chance = {t: pct(r["chance"]) for t, r in tasks.items()}
     mean_chance = round(sum(chance.values()) / len(chance), 2)
     mean_near = abs(row["mean_acc"] - mean_chance) < 2 * row["mean_acc_stderr"]
-    row.update(chance=chance, mean_chance=mean_chance, near_chance=zeroshot.near_chance(tasks) + ["mean acc"] * mean_near,
+    row.update(chance=chance, mean_chance=mean_chance,
+               near_chance=zeroshot.near_chance(tasks) + ["mean acc"] * mean_near,
                data={t: r["data"]["sha256"] for t, r in tasks.items()},
                data_shipped=all(r["data"]["shipped"] for r in tasks.values()))
     row.update(n={t: r["n"] for t, r in tasks.items()}, task_versions=res["task_versions"],
@@ -253,8 +254,8 @@ def main():
                         "it, acc for WinoGrande); its stderr is sqrt(sum of squared task stderrs) / 5",
                 "note": "accuracies and stderr in %; FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 model "
                         "dequantized to float32 (not the bf16 Hugging Face weights); checkpoint rows: packed layers "
-                        "dequantized to dense weights for scoring; run rows (--run): the run folder's frozen w_hat; CPU minutes are process CPU time on a shared "
-                        "2-core machine",
+                        "dequantized to dense weights for scoring; run rows (--run): the run folder's frozen w_hat; "
+                        "CPU minutes are process CPU time on a shared 2-core machine",
                 "older_rows": "rows scored on the first 100 documents per task (before scoring at size) were dropped; "
                               "they are in git: git show c8ed8d5:bench/results/zeroshot.json"}
     calib = None

@@ -115,7 +115,8 @@ BW_FLAGS = ("epochs", "batch_size", "lr", "lr_latent", "train_latent", "loss", "
 E2E_FLAGS = ("loss", "gamma", "steps", "seqlen", "batch_size", "grad_accum", "lr", "lr_latent", "train_latent",
              "train_norms", "lr_norm", "precision", "warmup", "ckpt_every")
 TRAIN_FLAGS = {"quant": ("", "quant"), "stage": ("", "stage"), "init": ("", "init"), "n": ("text", "samples"),
-               "gen_len": ("text", "tokens"), "text_precision": ("text", "precision"), **{f"bw_{f}": ("blockwise", f) for f in BW_FLAGS},
+               "gen_len": ("text", "tokens"), "text_precision": ("text", "precision"),
+               **{f"bw_{f}": ("blockwise", f) for f in BW_FLAGS},
                **{("train_seqlen" if f == "seqlen" else f): ("e2e", f) for f in E2E_FLAGS}}
 
 
@@ -248,7 +249,7 @@ def cmd_generate(args):
 
 def build_parser():
     from .blockwise import BlockwiseConfig
-    from .datafree import DEFAULT_CACHE
+    from .datafree import DEFAULT_CACHE, TEXT_PRECISION
     from .decode import LM_HEADS
     from .generate import DEFAULT_ENGINE, DEFAULT_LM_HEAD, ENGINES
     from .recipes import RECIPES
@@ -303,7 +304,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set-size", type=int, default=128, help="samples per seeded set (datafree.teacher_text)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the teacher's precision while it writes")
+    p.add_argument("--precision", default=TEXT_PRECISION, choices=PRECISIONS,
+                   help="the teacher's precision while it writes")
     p.set_defaults(func=cmd_generate_data)
 
     p = sub.add_parser("train", help="a W2 student trained by a named recipe (`dbllm-lab recipes`), text included; "
@@ -327,7 +329,7 @@ def build_parser():
     p.add_argument("--n", type=int, default=None, help=f"training samples (default: {r})")
     p.add_argument("--gen-len", type=int, default=None, help=f"tokens per training sample (default: {r})")
     p.add_argument("--text-precision", default=None, choices=PRECISIONS,
-                   help=f"the teacher's precision while it writes the text (default: {r}, else 'fp32')")
+                   help=f"the teacher's precision while it writes the text (default: {r}, else {TEXT_PRECISION!r})")
     for prefix, cls, names in (("bw-", BlockwiseConfig, BW_FLAGS), ("", TrainConfig, E2E_FLAGS)):
         stage = "block-wise" if prefix else "end-to-end"
         for f in names:

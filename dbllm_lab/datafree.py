@@ -4,8 +4,9 @@ Each sample starts from a random vocabulary token; the next ``greedy_tokens`` to
 rest are sampled at ``temperature`` up to ``seqlen`` tokens. ``precision="bf16"`` writes the text with a bf16 copy
 of the teacher (``generation_model``: weights and activations in bf16; the KV cache, attention, logits and sampling
 in fp32): the same sampling procedure on slightly rounded logits, so a sample follows the fp32 one until a rounding
-moves a sampled token across a CDF boundary, and the text is a different draw from (nearly) the same distribution. Generation is batched, with a KV cache written in place
-and inverse-CDF sampling over chunk sums (``sample_inverse_cdf``).
+moves a sampled token across a CDF boundary, and the text is a different draw from (nearly) the same distribution.
+Generation is batched, with a KV cache written in place and inverse-CDF sampling over chunk sums
+(``sample_inverse_cdf``).
 All randomness (start tokens and one uniform number per sampled position) is drawn up front from one
 seeded generator, so a sample does not depend on the batch size. Results are cached on disk under
 ``cache_dir`` (default ``data/generated``, git-ignored), keyed by model, seed, count, length and the
@@ -31,9 +32,10 @@ from .runtime import check_precision
 
 DEFAULT_CACHE = os.path.join(root(), "data", "generated")  # the project's data/generated, wherever run from
 GREEDY_TOKENS, TEMPERATURE = 4, 1.0  # method.md §3: a few greedy tokens, then sampling at temperature 1
+TEXT_PRECISION = "fp32"  # the teacher's precision while it writes, unless a recipe sets "bf16"
 
 
-def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision="fp32"):
+def _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision=TEXT_PRECISION):
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(model, "name_or_path", "") or type(model).__name__))
     suffix = "" if precision == "fp32" else f"_{precision}"  # fp32 text keeps the names it was cached under
     return os.path.join(cache_dir, f"{name}_seed{seed}_n{n}_len{seqlen}_greedy{greedy_tokens}_t{temperature:g}"
@@ -131,7 +133,7 @@ def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register("sdpa_fp32", sdpa_fp32)
 
 
-def generation_model(model, precision="fp32"):
+def generation_model(model, precision=TEXT_PRECISION):
     """The model that writes the text: ``model`` itself for "fp32"; for "bf16" a bf16 copy of it whose attention
     runs in fp32 (``sdpa_fp32``, over the fp32 cache of ``_PreallocatedLayer``)."""
     check_precision(precision)
@@ -143,7 +145,7 @@ def generation_model(model, precision="fp32"):
 
 
 def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_dir=DEFAULT_CACHE,
-                     greedy_tokens=None, temperature=None, precision="fp32", progress=True):
+                     greedy_tokens=None, temperature=None, precision=TEXT_PRECISION, progress=True):
     """``n`` teacher-written samples of ``seqlen`` tokens as a LongTensor (n, seqlen), cached on disk.
 
     ``tokenizer`` is only used for its vocabulary size (start tokens avoid ids beyond it); ``cache_dir=None``
@@ -153,7 +155,7 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_
     temperature = TEMPERATURE if temperature is None else temperature
     _check(n, seqlen, greedy_tokens, temperature, batch_size)
     check_precision(precision)
-    path = _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision) if cache_dir else None
+    path = cache_dir and _cache_path(cache_dir, model, n, seqlen, seed, greedy_tokens, temperature, precision)
     if path and os.path.isfile(path):
         data = torch.load(path)
         if data.shape == (n, seqlen):
@@ -193,8 +195,8 @@ def generate_samples(model, tokenizer, n, seqlen, seed=0, batch_size=128, cache_
 SEED_STRIDE = 1000  # set k of text seed s is generated with seed s * SEED_STRIDE + k (< SEED_STRIDE ** 2)
 
 
-def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32",
-                 progress=True):
+def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE,
+                 precision=TEXT_PRECISION, progress=True):
     """A recipe's training text: the first ``samples`` samples of ``tokens`` tokens from sets of ``set_size``
     (``generate_samples``, each cached), set k generated with seed ``seed * SEED_STRIDE + k``. A larger pool extends
     a smaller one of the same seed; seed 0 with sets of 128 is the pool of the committed table rows. ``precision``
@@ -216,13 +218,13 @@ def _set_paths(cache_dir, model, samples, tokens, seed, set_size, precision):
                         precision) for k in range(-(-samples // set_size))]
 
 
-def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32"):
+def text_is_cached(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision=TEXT_PRECISION):
     """Whether every set ``teacher_text`` would read is already in the cache."""
     return bool(cache_dir) and all(map(os.path.isfile, _set_paths(cache_dir, model, samples, tokens, seed, set_size,
                                                                   precision)))
 
 
-def text_cpu_minutes(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision="fp32"):
+def text_cpu_minutes(model, samples, tokens, seed=0, set_size=128, cache_dir=DEFAULT_CACHE, precision=TEXT_PRECISION):
     """CPU-minutes it took to generate the cached sets of this text (recorded beside each set when it was
     written), or None when a set has no record: a budget counts the text whether or not it came from the cache."""
     total = 0.0
