@@ -25,7 +25,7 @@ from dbllm_lab.datafree import SEED_STRIDE, generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, window_nll  # noqa: E402
 from dbllm_lab.recipes import recipe  # noqa: E402
-from dbllm_lab.run_recipe import train_recipe  # noqa: E402
+from dbllm_lab.run_recipe import RUNS_DIR, run_path, train_recipe  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
 POSITION_OUT = "bench/results/dbllm_position_ppl.json"
@@ -45,9 +45,9 @@ def parse_row(spec):
     return name, int(seed)
 
 
-def rebuild(teacher, tok, name, seed, runs_dir="build/runs"):
+def rebuild(teacher, tok, name, seed, runs_dir=RUNS_DIR):
     """The trained student of a finished row, loaded from its checkpoints (frozen for fast evaluation)."""
-    out_dir = os.path.join(runs_dir, f"{name}-s{seed}")
+    out_dir = run_path(name, seed, runs_dir)
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir} does not exist: run `python bench/dbllm_table.py --recipes {name} "
                                 f"--seeds {seed}` first")

@@ -35,7 +35,7 @@ from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
 from dbllm_lab.recipes import RECIPES, recipe  # noqa: E402
-from dbllm_lab.run_recipe import train_recipe  # noqa: E402
+from dbllm_lab.run_recipe import RUNS_DIR, run_path, train_recipe  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
@@ -122,10 +122,10 @@ def shared_stage1(name, source, seed, runs_dir):
     if diff or mine["stage"] == "e2e":
         raise ValueError(f"--stage1-from {source}: recipe {name!r} does not share {source!r}'s stage 1 "
                          f"(differs in {diff or ['stage: e2e has none']}); allowed: recipes with the same {STAGE1_KEYS}")
-    return os.path.join(runs_dir, f"{source}-s{seed}", "stage1")
+    return os.path.join(run_path(source, seed, runs_dir), "stage1")
 
 
-def run(names, seeds, threads, runs_dir="build/runs", stage1_from=None):
+def run(names, seeds, threads, runs_dir=RUNS_DIR, stage1_from=None):
     """Train and measure every missing (recipe, seed) row; with ``stage1_from`` (a recipe name) each row starts
     from that recipe's stage 1 of the same seed (trained there first if missing) and records it in ``stage1_from``."""
     import json
@@ -150,7 +150,7 @@ def run(names, seeds, threads, runs_dir="build/runs", stage1_from=None):
             with LoadSampler(every=30.0) as load:
                 t0 = time.time()
                 student, info = train_recipe(teacher, tok, r, seed=seed,
-                                             out_dir=os.path.join(runs_dir, f"{name}-s{seed}"), stage1_dir=stage1_dir)
+                                             out_dir=run_path(name, seed, runs_dir), stage1_dir=stage1_dir)
                 row = {"method": method, "recipe": name, "seed": seed, "quant": r["quant"], "stage": r["stage"],
                        "settings": r, "threads": threads,
                        **{k: v for k, v in info.items() if k not in ("stage1_blocks", "stage2_curve")},

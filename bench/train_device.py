@@ -25,7 +25,7 @@ from bench.dbllm_table import row_name, shared_stage1  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import perplexity  # noqa: E402
 from dbllm_lab.recipes import recipe  # noqa: E402
-from dbllm_lab.run_recipe import train_recipe  # noqa: E402
+from dbllm_lab.run_recipe import run_path, train_recipe  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv=None):
                 torch.cuda.reset_peak_memory_stats()
             t0, c0 = synced_time(args.device), time.process_time()
             student, info = train_recipe(teacher, tok, recipe(name), seed=seed, device=args.device,
-                                         out_dir=os.path.join(args.runs_dir, f"{name}-s{seed}"),
+                                         out_dir=run_path(name, seed, args.runs_dir),
                                          stage1_dir=stage1_dir, progress=False)
             wall = synced_time(args.device) - t0
             row = {"method": method, "recipe": name, "seed": seed, "train_wall_seconds": round(wall, 1),

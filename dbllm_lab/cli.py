@@ -143,7 +143,7 @@ def cmd_train(args):
     import os
 
     import torch
-    from .run_recipe import configs, train_recipe
+    from .run_recipe import configs, run_path, train_recipe
     from .train import freeze_quantized
     r = train_recipe_of(args)
     configs(r, args.seed)  # bad values fail before the model loads
@@ -154,7 +154,7 @@ def cmd_train(args):
     from .recipes import recipe
     custom = "" if r == recipe(args.recipe) else "-custom-" + hashlib.sha256(
         json.dumps(r, sort_keys=True).encode()).hexdigest()[:8]  # flags changed it: another run folder
-    out_dir = args.out_dir or os.path.join("build", "runs", f"{args.recipe}{custom}-s{args.seed}")
+    out_dir = args.out_dir or run_path(args.recipe + custom, args.seed)
     from .model import load_model
     teacher, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     student, info = train_recipe(teacher, tok, r, seed=args.seed, out_dir=out_dir, device=args.device,

@@ -68,21 +68,30 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     return student, info
 
 
-def run_folder(name, seed, runs_dir="build/runs"):
-    """``{runs_dir}/{name}-s{seed}``, where ``dbllm-lab train --recipe NAME --seed SEED`` trains, checked to hold the
+RUNS_DIR = "build/runs"
+
+
+def run_path(name, seed, runs_dir=RUNS_DIR):
+    """``{runs_dir}/{name}-s{seed}``: the one spelling of a run's folder, where recipe ``name`` trains with ``seed``
+    and a killed run resumes (``dbllm-lab train``, ``bench/dbllm_table.py``, ``bench/train_device.py``)."""
+    return os.path.join(runs_dir, f"{name}-s{seed}")
+
+
+def run_folder(name, seed, runs_dir=RUNS_DIR):
+    """``run_path(name, seed)``, where ``dbllm-lab train --recipe NAME --seed SEED`` trains, checked to hold the
     stage 1 of a stage-1 recipe; a ValueError names what is wrong before any model loads."""
     r = recipe(name)  # an unknown name fails here, naming the known ones
     if r["stage"] != "blockwise":
         raise ValueError(f"recipe {name!r} has stage {r['stage']!r}; only stage-1 recipes ('blockwise') are rebuilt "
                          f"from their folder")
-    folder = os.path.join(runs_dir, f"{name}-s{seed}")
+    folder = run_path(name, seed, runs_dir)
     if not os.path.isdir(os.path.join(folder, "stage1")):
         raise ValueError(f"{folder}/stage1 does not exist; train it first (dbllm-lab train --recipe {name} "
                          f"--seed {seed})")
     return folder
 
 
-def finished_student(teacher, tokenizer, name, seed, runs_dir="build/runs"):
+def finished_student(teacher, tokenizer, name, seed, runs_dir=RUNS_DIR):
     """The student of a finished stage-1 run (``run_folder``), rebuilt by ``train_recipe``, which resumes the run
     from its checkpoints without training, and frozen to plain w_hat layers (``train.freeze_quantized``). Students
     without a packed format (the uniform grid) are measured this way. An incomplete stage 1 is an error, not a

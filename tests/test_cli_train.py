@@ -168,7 +168,8 @@ def test_finished_run_folders_are_checked_before_any_work(tmp_path):
     missing folder and an incomplete stage 1 are errors naming what is wrong, never a training run."""
     from types import SimpleNamespace
 
-    from dbllm_lab.run_recipe import finished_student, run_folder
+    from dbllm_lab.run_recipe import finished_student, run_folder, run_path
+    assert run_path("best", 1) == "build/runs/best-s1"  # the one spelling every runner uses (POSIX paths)
     with pytest.raises(ValueError, match="stage 'both'; only stage-1 recipes"):
         run_folder("best+dad", 1, str(tmp_path))
     with pytest.raises(ValueError, match="recipe 'nope' is not known"):
