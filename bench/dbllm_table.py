@@ -172,9 +172,16 @@ def run(names, seeds, threads, runs_dir=RUNS_DIR, stage1_from=None):
 SUMMARY = "bench/results/dbllm_recipes.json"
 
 
+def machines(rows):
+    """'AMD EPYC x2, Intel Xeon Processor x1': the CPUs a recipe's seeds ran on (CPU-minutes depend on it)."""
+    from collections import Counter
+    names = Counter(r["machine"].split(" (")[0].replace("(R)", "") if r.get("machine") else "unrecorded" for r in rows)
+    return ", ".join(f"{n} x{k}" for n, k in sorted(names.items()))
+
+
 def write_summary():
     """Per recipe, over its seeds: held-out PPL mean, sd, min and max, its ratio to FP, bits per weight and the
-    budget with the text; FP first. The README's headline table."""
+    budget with the text, and the machines it was measured on; FP first. The README's headline table."""
     import statistics
     rows = complete_rows(load_results(OUT))
     fp = next(r for r in rows if r["method"] == "fp")
@@ -191,7 +198,7 @@ def write_summary():
                     "ppl_heldout_min": min(held), "ppl_heldout_max": max(held),
                     "heldout_over_fp": statistics.mean(held) / fp["ppl_heldout"],
                     "total_cpu_minutes_mean": statistics.mean(budget) if budget else None,
-                    "total_cpu_minutes_max": max(budget) if budget else None})
+                    "total_cpu_minutes_max": max(budget) if budget else None, "machines": machines(mine)})
     write_results(SUMMARY, out, {"model": "smollm2-135m", "dataset": "wikitext2", "split": "test", "seqlen": SEQLEN,
                                  "windows": "held out: 41-589 (ppl_dev: mean over seeds on windows 1-40)",
                                  "note": "rows: bench/results/dbllm_table.json (those with a recipe); sd over seeds; "

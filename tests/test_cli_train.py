@@ -117,6 +117,9 @@ def test_table_runner_shares_a_stage_1_only_between_recipes_with_the_same_one():
             table.shared_stage1(name, "best", 0, "runs")
     with pytest.raises(ValueError, match="not known"):
         table.shared_stage1("best+dad", "no-such-recipe", 0, "runs")
+    rows = [{"machine": "AMD EPYC (family 25 model 17; avx2)"}, {"machine": "Intel(R) Xeon(R) Processor (family 6)"},
+            {"machine": "AMD EPYC (family 25 model 17; avx2)"}, {}]  # the summary's machines column
+    assert table.machines(rows) == "AMD EPYC x2, Intel Xeon Processor x1, unrecorded x1"
 
 
 def test_device_runner_refuses_bad_input_before_loading_the_model():
