@@ -206,6 +206,15 @@ def write_summary():
     return out
 
 
+def first_sink_misfire(row):
+    """The first stage-1 block whose trained stream fires an attention sink where FP has none (``sink_misfires``
+    on the block's statistics windows, after training), and that block's ordinary-token error; None when none does."""
+    blocks = [b for b in row.get("stage1_blocks") or [] if isinstance(b.get("after"), dict)]
+    first = next((b for b in blocks if b["after"].get("sink_misfires")), None)
+    return {"first_sink_misfire_block": first["block"] if first else None,
+            "its_rel_err_ordinary": round(first["after"]["rel_err_ordinary"], 3) if first else None}
+
+
 def plot(fig_dir="figures"):
     """Held-out PPL of every seed of every recipe, against FP and 3x FP, each recipe labelled with its mean budget
     (text included); PNG + the CSV behind it."""
@@ -217,8 +226,10 @@ def plot(fig_dir="figures"):
     rows = complete_rows(load_results(OUT))
     df = pd.DataFrame([{"recipe": r["recipe"], "seed": r["seed"], "ppl_heldout": r["ppl_heldout"],
                         "ppl_dev": r["ppl_dev"], "bits_per_weight": r["bits_per_weight"],
-                        "total_cpu_minutes": r.get("total_cpu_minutes")}
+                        "total_cpu_minutes": r.get("total_cpu_minutes"), **first_sink_misfire(r)}
                        for r in rows if r.get("recipe")])
+    if len(df):
+        df["first_sink_misfire_block"] = df["first_sink_misfire_block"].astype("Int64")
     fp = next(r for r in rows if r["method"] == "fp")
     fig, ax = plt.subplots(figsize=(8, 4))
     names = sorted(set(df.recipe), key=list(RECIPES).index) if len(df) else []  # recipes.py's order
