@@ -263,7 +263,9 @@ def test_bf16_stage1_trains_close_to_fp32_and_keeps_fp32_streams(setup):
         assert r["completed"] and all(a < b["rel_err_ordinary"] for a, b in zip(errs[precision], init))
         assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert errs["bf16"] != errs["fp32"]
+    # bf16 matmuls differ by CPU (AVX-512 BF16 on an AMD EPYC, AMX on a Xeon) and the gap compounds over blocks:
+    # at most 10% on the EPYC and 15% (block 2) on the Xeon with AMX
     for a, b in zip(errs["bf16"], errs["fp32"]):
-        assert a == pytest.approx(b, rel=0.1)
+        assert a == pytest.approx(b, rel=0.2)
     with pytest.raises(ValueError, match="precision='fp16'.*'fp32', 'bf16'"):
         BlockwiseConfig(precision="fp16").validate()
