@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_results, machine_info, write_results  # noqa: E402
+from bench.common import cpu_name, load_results, machine_info, write_results  # noqa: E402
 from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
@@ -175,7 +175,7 @@ SUMMARY = "bench/results/dbllm_recipes.json"
 def machines(rows):
     """'AMD EPYC x2, Intel Xeon Processor x1': the CPUs a recipe's seeds ran on (CPU-minutes depend on it)."""
     from collections import Counter
-    names = Counter(r["machine"].split(" (")[0].replace("(R)", "") if r.get("machine") else "unrecorded" for r in rows)
+    names = Counter(cpu_name(r["machine"]) if r.get("machine") else "unrecorded" for r in rows)
     return ", ".join(f"{n} x{k}" for n, k in sorted(names.items()))
 
 

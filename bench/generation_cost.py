@@ -12,11 +12,13 @@ All run on one thread in this process, one after the other, and the load average
 Each path's text is then scored by the fp32 teacher (``teacher_nll``: its mean NLL per sampled token on the first
 ``--nll-samples`` samples, with the standard error over samples): text drawn from the teacher's own distribution
 scores about its entropy, so a precision that distorted the sampling would show as a different NLL.
-Writes bench/results/dbllm_generation.json (+ .md); rows measured before this script stay as data.
+Writes bench/results/dbllm_generation.json (+ .md): each row names its CPU (``machine``, also in its method), a run
+replaces only the rows of its own CPU, and rows measured before this script stay as data.
 
     python bench/generation_cost.py [--samples 128] [--tokens 512] [--paths library library-bf16 concat-cache]
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,7 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_results, write_results  # noqa: E402
+from bench.common import cpu_name, load_results, write_results  # noqa: E402
+from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
 from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch, generation_model  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
@@ -68,6 +71,20 @@ def teacher_nll(model, samples, greedy_tokens, batch=8):
     return round(v.mean().item(), 4), round((v.std() / len(v) ** 0.5).item(), 4)
 
 
+def machine_rows():
+    """The JSON's rows, each path row with its ``machine``: rows written before rows named it ran on the CPU the file
+    names (one run wrote them all) and get it, in their method too."""
+    if not os.path.isfile(OUT):
+        return []
+    with open(OUT) as f:
+        file_machine = json.load(f)["machine"].get("cpu_signature")
+    rows = load_results(OUT)
+    for r in rows:
+        if r.get("path") and not r.get("machine"):
+            r.update(machine=file_machine, method=f"{r['method']} ({cpu_name(file_machine)})")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128, help="one set of the recipes' text (set_size)")
@@ -85,8 +102,9 @@ def main():
     g = torch.Generator().manual_seed(0)
     start = torch.randint(0, min(model.config.vocab_size, len(tok)), (a.samples,), generator=g)
     uniforms = torch.rand(a.samples, a.tokens - 1, generator=g, dtype=torch.float64)
-    rows = [r for r in load_results(OUT) if not r.get("path")]  # the rows measured before this script
-    measured = {}
+    machine = cpu_signature()
+    rows = [r for r in machine_rows() if not r.get("path") or r["machine"] != machine]  # other CPUs' rows stay
+    new, measured = [], {}
     with LoadSampler(every=10.0) as load:
         for name in a.paths:
             fn, batch, precision = PATHS[name]
@@ -96,13 +114,13 @@ def main():
                                            TEMPERATURE) for i in range(0, a.samples, batch)])
             cpu = time.process_time() - c0
             del writer
-            rows.append({"method": f"{name} {a.samples} x {a.tokens}", "path": name, "precision": precision,
-                         "samples": a.samples, "tokens_per_sample": a.tokens, "batch_size": batch,
-                         "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu, 1),
-                         "cpu_minutes_per_1k_samples": round(cpu / 60 * 1000 / a.samples, 1), "threads": 1})
-            print(rows[-1], flush=True)
+            new.append({"method": f"{name} {a.samples} x {a.tokens} ({cpu_name(machine)})", "path": name,
+                        "machine": machine, "precision": precision,
+                        "samples": a.samples, "tokens_per_sample": a.tokens, "batch_size": batch,
+                        "seconds": round(time.time() - t0, 1), "cpu_seconds": round(cpu, 1),
+                        "cpu_minutes_per_1k_samples": round(cpu / 60 * 1000 / a.samples, 1), "threads": 1})
+            print(new[-1], flush=True)
     s = load.summary()["loadavg_1min"]
-    new = [r for r in rows if r.get("path")]
     for r in new:
         x = measured[r["path"]]
         r["teacher_nll"], r["teacher_nll_se"] = teacher_nll(model, x[:a.nll_samples], GREEDY_TOKENS)
@@ -113,7 +131,7 @@ def main():
                 same = (x == measured[ref_name]).all(1).float().mean().item()
                 r[f"samples_identical_to_{ref_name.replace('-', '_')}"] = round(same, 3)
         r.update(load_average_mean=s["mean"], load_average_max=round(s["max"], 2))
-    write_results(OUT, rows, {"model": model.name_or_path, "note": (
+    write_results(OUT, rows + new, {"model": model.name_or_path, "note": (
         "one set of samples per path from the same start tokens and uniforms, 1 thread, side by side (load "
         "sampled during generation only; teacher_nll is scored after it); "
         "rows without 'path' were measured earlier with the concatenating loop (batch 64) on another machine. "
