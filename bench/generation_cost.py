@@ -18,7 +18,6 @@ replaces only the rows of its own CPU, and rows measured before this script stay
     python bench/generation_cost.py [--samples 128] [--tokens 512] [--paths library library-bf16 concat-cache]
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -71,20 +70,6 @@ def teacher_nll(model, samples, greedy_tokens, batch=8):
     return round(v.mean().item(), 4), round((v.std() / len(v) ** 0.5).item(), 4)
 
 
-def machine_rows():
-    """The JSON's rows, each path row with its ``machine``: rows written before rows named it ran on the CPU the file
-    names (one run wrote them all) and get it, in their method too."""
-    if not os.path.isfile(OUT):
-        return []
-    with open(OUT) as f:
-        file_machine = json.load(f)["machine"].get("cpu_signature")
-    rows = load_results(OUT)
-    for r in rows:
-        if r.get("path") and not r.get("machine"):
-            r.update(machine=file_machine, method=f"{r['method']} ({cpu_name(file_machine)})")
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128, help="one set of the recipes' text (set_size)")
@@ -103,7 +88,7 @@ def main():
     start = torch.randint(0, min(model.config.vocab_size, len(tok)), (a.samples,), generator=g)
     uniforms = torch.rand(a.samples, a.tokens - 1, generator=g, dtype=torch.float64)
     machine = cpu_signature()
-    rows = [r for r in machine_rows() if not r.get("path") or r["machine"] != machine]  # other CPUs' rows stay
+    rows = [r for r in load_results(OUT) if not r.get("path") or r["machine"] != machine]  # other CPUs' rows stay
     new, measured = [], {}
     with LoadSampler(every=10.0) as load:
         for name in a.paths:
