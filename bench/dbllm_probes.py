@@ -1,8 +1,8 @@
 """Probes of trained recipe rows: where a student's perplexity goes, and what stage 1 costs in memory.
 
-Each probe takes rows of ``bench/dbllm_table.py`` by recipe and seed (``best:1``), rebuilds the student from its
-checkpoints under ``build/runs/{recipe}-s{seed}`` (``train_recipe`` resumes; nothing is trained again when the run
-finished) and writes its own JSON, keeping rows measured before.
+Each probe takes rows of ``bench/dbllm_table.py`` by recipe and seed (``best:1``), rebuilds the student of a finished
+stage-1 run from its checkpoints under ``build/runs/{recipe}-s{seed}`` (``run_recipe.finished_student``: nothing is
+trained again) and writes its own JSON, keeping rows measured before.
 
     python bench/dbllm_probes.py --position-ppl best:1 best-uniform:1   # PPL by position in the dev windows
     python bench/dbllm_probes.py --stream-errors best:1                 # per-block errors on unseen text
@@ -24,9 +24,7 @@ from dbllm_lab.blockwise import BlockwiseConfig, block_errors  # noqa: E402
 from dbllm_lab.datafree import SEED_STRIDE, generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, window_nll  # noqa: E402
-from dbllm_lab.recipes import recipe  # noqa: E402
-from dbllm_lab.run_recipe import RUNS_DIR, run_path, train_recipe  # noqa: E402
-from dbllm_lab.train import freeze_quantized  # noqa: E402
+from dbllm_lab.run_recipe import finished_student, parse_run, run_folder  # noqa: E402
 
 POSITION_OUT = "bench/results/dbllm_position_ppl.json"
 STREAM_OUT = "bench/results/dbllm_stream_errors.json"
@@ -36,34 +34,16 @@ HELDOUT_SEED = SEED_STRIDE ** 2  # a generation seed no recipe's text uses (data
 HELDOUT_SAMPLES, STREAM_WINDOWS = 64, 8
 
 
-def parse_row(spec):
-    """'best:1' -> ('best', 1); a clear error otherwise."""
-    name, _, seed = spec.partition(":")
-    recipe(name)
-    if not seed.isdigit():
-        raise ValueError(f"row {spec!r}: write RECIPE:SEED, e.g. best:1")
-    return name, int(seed)
-
-
-def rebuild(teacher, tok, name, seed, runs_dir=RUNS_DIR):
-    """The trained student of a finished row, loaded from its checkpoints (frozen for fast evaluation)."""
-    out_dir = run_path(name, seed, runs_dir)
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"{out_dir} does not exist: run `python bench/dbllm_table.py --recipes {name} "
-                                f"--seeds {seed}` first")
-    student, _ = train_recipe(teacher, tok, recipe(name), seed=seed, out_dir=out_dir, progress=False)
-    return freeze_quantized(student)
-
-
-def position_ppl(specs):
-    """PPL on the dev windows by the position of the predicted token (POSITION_RANGES), FP included."""
+def position_ppl(runs):
+    """PPL on the dev windows by the position of the predicted token (POSITION_RANGES), FP included; ``runs``:
+    (recipe, seed) pairs."""
     teacher, tok = load_model(None)
     windows = eval_windows(teacher, tok, seqlen=512, max_windows=DEV_WINDOWS)
-    todo = [("fp", teacher)] + [(f"{n} s{s}", (n, s)) for n, s in map(parse_row, specs)]
+    todo = [("fp", teacher)] + [(f"{n} s{s}", (n, s)) for n, s in runs]
     names = {m for m, _ in todo}
     rows = [r for r in load_results(POSITION_OUT) if r["method"] not in names]
     for method, model in todo:
-        model = model if method == "fp" else rebuild(teacher, tok, *model)
+        model = model if method == "fp" else finished_student(teacher, tok, *model)
         total, n = window_nll(model, windows, per_position=True, desc=method)
         for lo, hi in POSITION_RANGES:
             nll = float(total[lo - 1:hi - 1].sum()) / (n * (hi - lo))
@@ -73,7 +53,7 @@ def position_ppl(specs):
                                        "ranges": "positions of the predicted tokens, 0-based, [lo, hi]"})
 
 
-def stream_errors(specs, gen_len=512):
+def stream_errors(runs, gen_len=512):
     """Per block, ``blockwise.block_errors`` (the model as it runs) on text no row trained on: teacher-written
     samples (seed HELDOUT_SEED), whole and from their middle on, and the first STREAM_WINDOWS dev windows."""
     teacher, tok = load_model(None)
@@ -81,8 +61,8 @@ def stream_errors(specs, gen_len=512):
     texts = {"teacher-written, held out": held, "teacher-written, held out, from mid-text": held[:, gen_len // 2:],
              "wikitext-2 dev windows": eval_windows(teacher, tok, seqlen=512, max_windows=STREAM_WINDOWS)}
     rows = load_results(STREAM_OUT)
-    for name, seed in map(parse_row, specs):
-        model = rebuild(teacher, tok, name, seed)
+    for name, seed in runs:
+        model = finished_student(teacher, tok, name, seed)
         rows = [r for r in rows if r["method"] != f"{name} s{seed}"]
         for text, windows in texts.items():
             rows += [{"method": f"{name} s{seed}", "text": text, "windows": list(windows.shape), **r}
@@ -153,15 +133,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--_probe-blocks", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    try:  # every named run is checked before any model loads
+        runs = [parse_run(spec) for spec in a.position_ppl or a.stream_errors or []]
+        for name, seed in runs:
+            run_folder(name, seed)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(a.threads)
     if a._probe_blocks:
         print(json.dumps(memory_probe(a._probe_blocks, a.quick)))
     elif a.memory_flatness:
         memory_flatness(a.quick)
     elif a.position_ppl:
-        position_ppl(a.position_ppl)
+        position_ppl(runs)
     elif a.stream_errors:
-        stream_errors(a.stream_errors)
+        stream_errors(runs)
     else:
         ap.error("name a probe: --position-ppl, --stream-errors or --memory-flatness")
 

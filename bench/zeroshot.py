@@ -44,7 +44,7 @@ from common import add_calib_args, calib_note, calib_windows, load_results, writ
 from dbllm_lab import zeroshot  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.quantize import quantize_model  # noqa: E402
-from dbllm_lab.run_recipe import finished_student, run_folder  # noqa: E402
+from dbllm_lab.run_recipe import finished_student, parse_run, run_folder  # noqa: E402
 
 # row name -> quantize_model arguments (None: the FP model); "arb-rc" is calibrated like bench/arb_table.py
 ROWS = {"fp": None,
@@ -175,14 +175,12 @@ def parse_runs(specs):
     """{row name: (recipe, seed)} from ``RECIPE:SEED`` specs, each run folder checked before the model loads."""
     out = {}
     for spec in specs:
-        name, sep, seed = spec.rpartition(":")
-        if not sep or not seed.isdigit():
-            raise SystemExit(f"--run {spec!r}: expected RECIPE:SEED, e.g. best-uniform:1")
         try:
-            run_folder(name, int(seed))
+            name, seed = parse_run(spec)
+            run_folder(name, seed)
         except ValueError as e:
-            raise SystemExit(f"--run {spec!r}: {e}") from None
-        out[f"{name} s{seed}"] = (name, int(seed))
+            raise SystemExit(f"--run: {e}") from None
+        out[f"{name} s{seed}"] = (name, seed)
     return out
 
 

@@ -77,6 +77,16 @@ def run_path(name, seed, runs_dir=RUNS_DIR):
     return os.path.join(runs_dir, f"{name}-s{seed}")
 
 
+def parse_run(spec):
+    """``"best:1"`` -> ``("best", 1)``: a run named ``RECIPE:SEED`` on a command line (``bench/zeroshot.py --run``,
+    ``bench/dbllm_probes.py``); a ValueError names the bad spec, or the known recipes."""
+    name, sep, seed = spec.rpartition(":")
+    if not sep or not seed.isdigit():
+        raise ValueError(f"{spec!r}: expected RECIPE:SEED, e.g. best:1")
+    recipe(name)
+    return name, int(seed)
+
+
 def run_folder(name, seed, runs_dir=RUNS_DIR):
     """``run_path(name, seed)``, where ``dbllm-lab train --recipe NAME --seed SEED`` trains, checked to hold the
     stage 1 of a stage-1 recipe; a ValueError names what is wrong before any model loads."""

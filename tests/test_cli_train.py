@@ -166,6 +166,30 @@ def test_device_runner_end_to_end_on_the_cpu(tmp_path):
     assert rows["quick s0"]["train_wall_seconds"] > 0 and rows["quick s0"]["gpu_peak_gib"] is None
 
 
+def test_run_specs_have_one_parser_and_clear_errors(capsys):
+    """run_recipe.parse_run is the one RECIPE:SEED parser (bench/zeroshot.py --run, bench/dbllm_probes.py); bad
+    specs and missing run folders fail before any model loads, naming the spec."""
+    import importlib.util
+
+    from dbllm_lab.paths import root
+    from dbllm_lab.run_recipe import parse_run
+    assert parse_run("best:1") == ("best", 1) and parse_run("best+bf16-text:12") == ("best+bf16-text", 12)
+    for bad in ("best", "best:", "best:-1", "best:x", ":1"):
+        with pytest.raises(ValueError, match="expected RECIPE:SEED" if bad != ":1" else "recipe '' is not known"):
+            parse_run(bad)
+    with pytest.raises(ValueError, match="recipe 'nope' is not known"):
+        parse_run("nope:1")
+    spec = importlib.util.spec_from_file_location("dbllm_probes", f"{root()}/bench/dbllm_probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+    with pytest.raises(SystemExit):
+        probes.main(["--position-ppl", "best:x"])
+    assert "'best:x': expected RECIPE:SEED" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probes.main(["--stream-errors", "best:987"])
+    assert "build/runs/best-s987/stage1 does not exist" in capsys.readouterr().err
+
+
 def test_finished_run_folders_are_checked_before_any_work(tmp_path):
     """run_recipe.run_folder / finished_student (bench/zeroshot.py --run): a recipe with an end-to-end stage, a
     missing folder and an incomplete stage 1 are errors naming what is wrong, never a training run."""
