@@ -6,19 +6,14 @@ it is missing: a claim about a committed row fails loudly instead of silently dr
 measured yet (the end-to-end stages on the best recipe) are ``optional`` and shown as "not measured yet".
 
 Named recipes (``dbllm_lab.recipes``) file their rows as ``f"{recipe} s{seed}"`` with fields ``recipe`` and
-``seed``; rows trained before the recipes had names keep their long names, listed in ``LEGACY``.
+``seed``; rows trained before the recipes had names keep their long names and no ``recipe`` field (the settings'
+seeds of the training order only, on one text), so they are never counted as a recipe's seeds.
 """
 import json
 import os
 import statistics
 
 from .paths import bench_result
-
-# rows of bench/results/dbllm_table.json trained with best's settings before recipes had names and not marked with
-# a recipe field: recipe -> {seed: row}. Seed 0 of best and best-uniform carry ``recipe`` / ``seed`` in the JSON.
-# These two are seeds of the training order only (seed 0's text), not recipe seeds (which change the text too).
-_BEST = "fdb blockwise n512 len512 1ep fused off64 min0.01"
-LEGACY = {"best": {1: _BEST + " s1", 2: _BEST + " s2"}}
 
 FP_NOTE = "FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 file dequantized to float (not the FP16 checkpoint)"
 
@@ -62,12 +57,8 @@ def row(rows, method, source="the results file"):
 
 
 def recipe_rows(rows, recipe):
-    """{seed: row} of recipe ``recipe``: rows with field ``recipe`` plus the legacy rows named in ``LEGACY``."""
-    out = {int(r.get("seed", 0)): r for r in rows.values() if r.get("recipe") == recipe}
-    for seed, name in LEGACY.get(recipe, {}).items():
-        if name in rows and seed not in out:
-            out[seed] = rows[name]
-    return dict(sorted(out.items()))
+    """{seed: row} of recipe ``recipe``: the rows with field ``recipe`` (the runner's, ``bench/dbllm_table.py``)."""
+    return dict(sorted((int(r["seed"]), r) for r in rows.values() if r.get("recipe") == recipe))
 
 
 def heldout_by_seed(rows, recipe):
