@@ -187,7 +187,7 @@ def write_summary():
     fp = next(r for r in rows if r["method"] == "fp")
     out = [{"method": "fp (Q4_1 dequantized)", "seeds": None, "bits_per_weight": 16.0, "ppl_dev": fp["ppl_dev"],
             "ppl_heldout_mean": fp["ppl_heldout"], "heldout_over_fp": 1.0}]
-    for name in dict.fromkeys(r["recipe"] for r in rows if r.get("recipe")):
+    for name in sorted({r["recipe"] for r in rows if r.get("recipe")}, key=list(RECIPES).index):  # recipes.py's order
         mine = sorted((r for r in rows if r.get("recipe") == name and r.get("ppl_heldout")), key=lambda r: r["seed"])
         held = [r["ppl_heldout"] for r in mine]
         budget = [r["total_cpu_minutes"] for r in mine if r.get("total_cpu_minutes") is not None]
