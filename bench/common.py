@@ -54,11 +54,6 @@ def markdown_table(rows, columns=None):
     return "\n".join(lines) + "\n"
 
 
-def cpu_name(signature):
-    """'Intel(R) Xeon(R) Processor (family 6 ...)' -> 'Intel Xeon Processor': a CPU signature's short name."""
-    return signature.split(" (")[0].replace("(R)", "")
-
-
 def write_results(path_json, rows, settings, columns=None):
     """Write {machine, settings, rows} to ``path_json`` atomically and the rows as markdown beside it."""
     os.makedirs(os.path.dirname(os.path.abspath(path_json)), exist_ok=True)

@@ -29,8 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cpu_name, load_results, machine_info, write_results  # noqa: E402
-from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
+from bench.common import load_results, machine_info, write_results  # noqa: E402
+from dbllm_lab.cpu_kernel import cpu_name, cpu_signature  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402

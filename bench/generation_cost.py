@@ -25,8 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cpu_name, load_results, write_results  # noqa: E402
-from dbllm_lab.cpu_kernel import cpu_signature  # noqa: E402
+from bench.common import load_results, write_results  # noqa: E402
+from dbllm_lab.cpu_kernel import cpu_name, cpu_signature  # noqa: E402
 from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch, generation_model  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402

@@ -127,6 +127,11 @@ def cpu_signature():
     return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; {' '.join(isa)})"
 
 
+
+def cpu_name(signature):
+    """'Intel(R) Xeon(R) Processor (family 6 ...)' -> 'Intel Xeon Processor': a ``cpu_signature``'s short name."""
+    return signature.split(" (")[0].replace("(R)", "")
+
 def _compile(cxx, flags, target):
     """Compile ``SOURCES`` into ``target`` atomically; returns None or the compiler's error text."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
