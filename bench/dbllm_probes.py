@@ -24,7 +24,7 @@ from dbllm_lab.blockwise import BlockwiseConfig, block_errors  # noqa: E402
 from dbllm_lab.datafree import SEED_STRIDE, generate_samples  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, window_nll  # noqa: E402
-from dbllm_lab.run_recipe import finished_student, parse_run, run_folder  # noqa: E402
+from dbllm_lab.run_recipe import finished_student, parse_run, run_folder, run_name  # noqa: E402
 
 POSITION_OUT = "bench/results/dbllm_position_ppl.json"
 STREAM_OUT = "bench/results/dbllm_stream_errors.json"
@@ -39,7 +39,7 @@ def position_ppl(runs):
     (recipe, seed) pairs."""
     teacher, tok = load_model(None)
     windows = eval_windows(teacher, tok, seqlen=512, max_windows=DEV_WINDOWS)
-    todo = [("fp", teacher)] + [(f"{n} s{s}", (n, s)) for n, s in runs]
+    todo = [("fp", teacher)] + [(run_name(n, s), (n, s)) for n, s in runs]
     names = {m for m, _ in todo}
     rows = [r for r in load_results(POSITION_OUT) if r["method"] not in names]
     for method, model in todo:
@@ -63,9 +63,9 @@ def stream_errors(runs, gen_len=512):
     rows = load_results(STREAM_OUT)
     for name, seed in runs:
         model = finished_student(teacher, tok, name, seed)
-        rows = [r for r in rows if r["method"] != f"{name} s{seed}"]
+        rows = [r for r in rows if r["method"] != run_name(name, seed)]
         for text, windows in texts.items():
-            rows += [{"method": f"{name} s{seed}", "text": text, "windows": list(windows.shape), **r}
+            rows += [{"method": run_name(name, seed), "text": text, "windows": list(windows.shape), **r}
                      for r in block_errors(teacher, model, windows)]
     write_results(STREAM_OUT, rows, {"heldout_seed": HELDOUT_SEED, "heldout_samples": HELDOUT_SAMPLES,
                                      "gen_len": gen_len, "wikitext_windows": STREAM_WINDOWS,

@@ -35,16 +35,12 @@ from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import DEV_WINDOWS, eval_windows, perplexity  # noqa: E402
 from dbllm_lab.recipes import RECIPES, recipe  # noqa: E402
-from dbllm_lab.run_recipe import RUNS_DIR, run_path, train_recipe  # noqa: E402
+from dbllm_lab.run_recipe import RUNS_DIR, run_name, run_path, train_recipe  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
 OUT = "bench/results/dbllm_table.json"
 SEQLEN, FULL_WINDOWS = 512, 589  # WikiText-2 test at seqlen 512 has 589 windows (SmolLM2's tokenizer)
-
-
-def row_name(name, seed):
-    return f"{name} s{seed}"
 
 
 def complete_rows(rows):
@@ -142,7 +138,7 @@ def run(names, seeds, threads, runs_dir=RUNS_DIR, stage1_from=None):
     fp_row(measure, teacher, settings)
     for name in names:
         for seed in seeds:
-            method = row_name(name, seed)
+            method = run_name(name, seed)
             if any(r["method"] == method or (r.get("recipe"), r.get("seed")) == (name, seed) for r in load_results(OUT)):
                 continue
             r = recipe(name)

@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import gpu_tag, load_results, write_results  # noqa: E402
-from bench.dbllm_table import row_name, shared_stage1  # noqa: E402
+from bench.dbllm_table import shared_stage1  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.ppl import perplexity  # noqa: E402
 from dbllm_lab.recipes import recipe  # noqa: E402
-from dbllm_lab.run_recipe import run_path, train_recipe  # noqa: E402
+from dbllm_lab.run_recipe import run_name, run_path, train_recipe  # noqa: E402
 from dbllm_lab.train import freeze_quantized  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
         write_results(out, rows, settings)
     for seed in args.seeds:
         for name in args.recipes:
-            method = row_name(name, seed)
+            method = run_name(name, seed)
             if any(r["method"] == method for r in rows):
                 continue
             if args.deadline_minutes is not None and (time.time() - start) / 60 > args.deadline_minutes:

@@ -44,7 +44,7 @@ from common import add_calib_args, calib_note, calib_windows, load_results, writ
 from dbllm_lab import zeroshot  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.quantize import quantize_model  # noqa: E402
-from dbllm_lab.run_recipe import finished_student, parse_run, run_folder  # noqa: E402
+from dbllm_lab.run_recipe import finished_student, parse_run, run_folder, run_name  # noqa: E402
 
 # row name -> quantize_model arguments (None: the FP model); "arb-rc" is calibrated like bench/arb_table.py
 ROWS = {"fp": None,
@@ -180,7 +180,7 @@ def parse_runs(specs):
             run_folder(name, seed)
         except ValueError as e:
             raise SystemExit(f"--run: {e}") from None
-        out[f"{name} s{seed}"] = (name, seed)
+        out[run_name(name, seed)] = (name, seed)
     return out
 
 

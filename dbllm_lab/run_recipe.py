@@ -77,6 +77,12 @@ def run_path(name, seed, runs_dir=RUNS_DIR):
     return os.path.join(runs_dir, f"{name}-s{seed}")
 
 
+def run_name(name, seed):
+    """``"best s1"``: the one spelling of a run's row name in the results JSON files (``bench/dbllm_table.py``,
+    ``bench/zeroshot.py``, ``bench/dbllm_probes.py``), beside its folder ``run_path(name, seed)``."""
+    return f"{name} s{seed}"
+
+
 def parse_run(spec):
     """``"best:1"`` -> ``("best", 1)``: a run named ``RECIPE:SEED`` on a command line (``bench/zeroshot.py --run``,
     ``bench/dbllm_probes.py``); a ValueError names the bad spec, or the known recipes."""

@@ -5,8 +5,8 @@ A view row that a notebook relies on is looked up with :func:`row`, which raises
 it is missing: a claim about a committed row fails loudly instead of silently dropping out. Rows that may not be
 measured yet (the end-to-end stages on the best recipe) are ``optional`` and shown as "not measured yet".
 
-Named recipes (``dbllm_lab.recipes``) file their rows as ``f"{recipe} s{seed}"`` with fields ``recipe`` and
-``seed``; rows trained before the recipes had names keep their long names and no ``recipe`` field (the settings'
+Named recipes (``dbllm_lab.recipes``) file their rows as ``run_recipe.run_name(recipe, seed)``, with fields
+``recipe`` and ``seed``; rows trained before the recipes had names keep their long names and no ``recipe`` field (the settings'
 seeds of the training order only, on one text), so they are never counted as a recipe's seeds.
 """
 import json
@@ -14,6 +14,7 @@ import os
 import statistics
 
 from .paths import bench_result
+from .run_recipe import run_name
 
 FP_NOTE = "FP = the embedded SmolLM2-135M-Instruct GGUF Q4_1 file dequantized to float (not the FP16 checkpoint)"
 
@@ -141,4 +142,4 @@ def trained_label(path):
         recipe = json.load(f).get("recipe") or {}
     if "name" not in recipe:
         return "trained (recipe not recorded)"
-    return f"trained {recipe['name']} s{recipe.get('seed', 0)}"
+    return f"trained {run_name(recipe['name'], recipe.get('seed', 0))}"

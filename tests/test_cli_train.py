@@ -166,14 +166,19 @@ def test_device_runner_end_to_end_on_the_cpu(tmp_path):
     assert rows["quick s0"]["train_wall_seconds"] > 0 and rows["quick s0"]["gpu_peak_gib"] is None
 
 
-def test_run_specs_have_one_parser_and_clear_errors(capsys):
-    """run_recipe.parse_run is the one RECIPE:SEED parser (bench/zeroshot.py --run, bench/dbllm_probes.py); bad
-    specs and missing run folders fail before any model loads, naming the spec."""
+def test_run_specs_have_one_parser_and_clear_errors(capsys, tmp_path):
+    """run_recipe.parse_run is the one RECIPE:SEED parser (bench/zeroshot.py --run, bench/dbllm_probes.py) and
+    run_name the one row name; bad specs and missing run folders fail before any model loads, naming the spec."""
     import importlib.util
+    import json
 
+    from dbllm_lab import views
     from dbllm_lab.paths import root
-    from dbllm_lab.run_recipe import parse_run
+    from dbllm_lab.run_recipe import parse_run, run_name
     assert parse_run("best:1") == ("best", 1) and parse_run("best+bf16-text:12") == ("best+bf16-text", 12)
+    assert run_name(*parse_run("best+bf16-text:12")) == "best+bf16-text s12"
+    (tmp_path / "quant_config.json").write_text(json.dumps({"recipe": {"name": "best", "seed": 2}}))
+    assert views.trained_label(str(tmp_path)) == f"trained {run_name('best', 2)}" == "trained best s2"
     for bad in ("best", "best:", "best:-1", "best:x", ":1"):
         with pytest.raises(ValueError, match="expected RECIPE:SEED" if bad != ":1" else "recipe '' is not known"):
             parse_run(bad)
