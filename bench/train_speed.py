@@ -28,7 +28,7 @@ from dbllm_lab.datafree import generate_samples  # noqa: E402
 from dbllm_lab import quant  # noqa: E402
 from dbllm_lab.model import decoder_layers, load_model  # noqa: E402
 from dbllm_lab.recipes import recipe  # noqa: E402
-from dbllm_lab.train import TrainConfig, autocast, build_student, to_windows, train  # noqa: E402
+from dbllm_lab.train import TrainConfig, build_student, to_windows, train  # noqa: E402
 
 # (precision, torch threads, cached teacher logits, FDB rounding and scale gradients in C++, fused AdamW, stage-1
 # window: 0 = whole 256-token samples)
@@ -58,7 +58,7 @@ def stage1(teacher_k, student0, data, precision, fused, seqlen):
             "stage1_rel_err_after": [b["after"]["rel_err_ordinary"] for b in r["blocks"]]}
 
 
-def stage2(teacher, student0, data, precision, cfg, warmup, cached):
+def stage2(teacher, student0, data, cfg, warmup, cached):
     student = copy.deepcopy(student0)
     logits, cache_s = None, 0.0
     if cached:  # every window's teacher logits computed once, before training (timed separately)
@@ -66,9 +66,8 @@ def stage2(teacher, student0, data, precision, cfg, warmup, cached):
         with torch.no_grad():
             logits = torch.cat([teacher(w[None]).logits.float() for w in to_windows(data, cfg.seqlen)])
         cache_s = time.time() - t0
-    with autocast(precision):
-        r = train(student, data, teacher=None if cached else teacher, config=cfg, teacher_logits=logits,
-                  progress=False)
+    r = train(student, data, teacher=None if cached else teacher, config=cfg, teacher_logits=logits,
+              progress=False)
     h = r["history"]
     n = len(h) - warmup
     return {"stage2_wall_s_per_step": (h[-1]["seconds"] - h[warmup - 1]["seconds"]) / n,
@@ -88,6 +87,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.steps <= a.warmup:
         raise ValueError(f"--steps {a.steps} must exceed --warmup {a.warmup}")
+    load_start, t_start = [round(x, 2) for x in os.getloadavg()], time.time()
     teacher, tok = load_model(a.model)
     data = generate_samples(teacher, tok, 128, 256, seed=0, batch_size=64)[:a.samples]
     student0, _ = build_student(teacher, progress=False)
@@ -105,7 +105,8 @@ def main(argv=None):
                "precision": precision, "threads": threads, "cached_teacher_logits": cached, "fdb_round_cpp": cpp,
                "fused_adamw": fused, "stage1_seqlen": seqlen or data.shape[1]}
         row.update(stage1(teacher_k, student0_k, data, precision, fused, seqlen))
-        row.update(stage2(teacher, student0, data, precision, replace(cfg, fused_adamw=fused), a.warmup, cached))
+        row.update(stage2(teacher, student0, data, replace(cfg, fused_adamw=fused, precision=precision), a.warmup,
+                          cached))
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, list)},
               flush=True)
@@ -119,9 +120,12 @@ def main(argv=None):
                                                                              ref["stage1_rel_err_after"])))
         r["stage2_max_loss_change"] = max(abs(x - y) / y for x, y in zip(r["stage2_losses"], ref["stage2_losses"]))
     write_results(a.out, rows, {"model": a.model, "samples": a.samples, "sample_len": 256, "stage1_blocks": a.blocks,
-                                "stage1": "BlockwiseConfig defaults, 1 epoch", "stage2": vars(cfg),
+                                "stage1": "BlockwiseConfig defaults, 1 epoch",
+                                "stage2": {**vars(cfg), "precision": "each row's (TrainConfig.precision)"},
                                 "stage2_timed_steps": a.steps - a.warmup,
-                                "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                                "load_average_at_start": load_start,
+                                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                                "seconds": round(time.time() - t_start, 1),
                                 "note": "losses are compared with the fp32, 1-thread row step by step "
                                         "(relative change); the 2-thread rows need an idle 2-core machine"})
     print("wrote", a.out)

@@ -23,8 +23,8 @@ def check_precision(value):
 
 
 def autocast(precision, device_type="cpu"):
-    """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that an enclosing autocast
-    (bench/train_speed.py wraps whole end-to-end training calls) stays in force."""
+    """bf16 autocast for ``precision == "bf16"``; for "fp32" no context at all, so that a caller's enclosing
+    autocast stays in force."""
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
