@@ -13,8 +13,9 @@ each file's tensor table (``gguf`` package), not assumed: K-quants need rows tha
 so llama-quantize falls back to other types for most tensors of Q4_K_M and Q2_K.
 
 Perplexity: each GGUF loaded back with transformers (dequantized to float32) and scored by
-``dbllm_lab.ppl.perplexity`` (WikiText-2 test, seqlen 512: dev = windows 1-40, held-out = 41-589). It is the slow
-part, so every finished format is cached in build/llama.cpp/ppl_cache.json and a rerun skips it.
+``dbllm_lab.ppl.perplexity`` (WikiText-2 test, seqlen 512: dev = windows 1-40, held-out = 41-589); F32 and the
+embedded Q4_1 file hold FP's weights and are not scored again (``NO_PPL``). It is the slow part, so every
+finished format is cached in build/llama.cpp/ppl_cache.json and a rerun skips it.
 
 ``bench/generate_cpu.py`` can time llama.cpp next to its own paths with ``llamacpp_rows(threads_list, tokens)``.
 """
@@ -32,6 +33,9 @@ from llamacpp_build import DEST, run_checked, binary, build, export_fp, source_d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "llamacpp.json")
 FORMATS = ("F16", "Q4_0", "Q4_K_M", "Q2_K")
+# formats whose perplexity is FP's (ppl_fp.json, dbllm_recipes.json's fp row): not scored again
+NO_PPL = {"Q4_1-embedded": "the FP model itself (its dequantized weights are FP): see ppl_fp.json",
+          "F32": "the conversion source, FP's weights in f32: see ppl_fp.json"}
 
 
 def gguf_path(fmt, dest=DEST):
@@ -219,8 +223,8 @@ def main():
                 row[f"decode_tok_s_t{r['threads']}_sd"] = r["decode_tokens_per_s_sd"]
         row.update(decoder_types=" ".join(f"{k}:{v}" for k, v in bits["decoder_types"].items()),
                    embedding_type=bits["embedding_type"])
-        if fmt == "Q4_1-embedded":
-            row["ppl_note"] = "the FP model itself (its dequantized weights are FP): see ppl_fp.json / the F32 row"
+        if fmt in NO_PPL:
+            row["ppl_note"] = NO_PPL[fmt]
         elif not args.no_ppl:
             ppl = format_ppl(fmt, args.windows, args.data_dir)
             row.update(ppl_dev=ppl["ppl_dev"], ppl_heldout=ppl["ppl_heldout"],
