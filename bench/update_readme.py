@@ -40,7 +40,7 @@ def render(path, columns, having=None):
     if having and not rows:
         raise ValueError(f"{path}: no row has {having!r}; the table would be empty")
     return (markdown_table(rows, cols) +
-            f"\n<sub>From `{path}` ({where}; machine: {machine}; {m.get('date', '')}).</sub>\n")
+            f"\n<sub>From `{path}` ({where + '; ' if where else ''}machine: {machine}; {m.get('date', '')}).</sub>\n")
 
 
 def update(text):
