@@ -132,10 +132,99 @@ def readme_prose_claims():
     ]
 
 
-def test_readme_prose_numbers_match_the_result_files():
-    """The numbers in the README's prose are recomputed from the committed rows: a changed or missing row fails."""
+def _signed(x):
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def findings_claims():
+    """(what, text) for the runner-seed numbers of docs/findings.md §1-§3 and its open questions."""
+    table, recipes = _named("dbllm_table.json", "method"), _named("dbllm_recipes.json", "method")
+    t = {k: _row(table, k) for k in [f"{n} s{s}" for n in ("best", "best-bf16", "best+bf16-text", "best-uniform",
+                                                             "best+dad", "best+kd") for s in (0, 1, 2)]}
+    r = {k: _row(recipes, k) for k in ("fp (Q4_1 dequantized)", "best", "best-bf16", "best+bf16-text", "best-uniform",
+                                       "best+dad", "best+kd")}
+    mean = {k: v["ppl_heldout_mean"] for k, v in r.items()}
+    fp_held = mean["fp (Q4_1 dequantized)"]
+    dev = {"best": r["best"]["ppl_dev"], "fp": r["fp (Q4_1 dequantized)"]["ppl_dev"]}
+
+    def f(name, field, digits=2):
+        return f"{t[name][field]:.{digits}f}"
+
+    def held(*names):
+        return ", ".join(f(n, "ppl_heldout") for n in names)
+
+    def summary(name):
+        return f"{r[name]['ppl_heldout_mean']:.2f} ± {r[name]['ppl_heldout_sd']:.2f}"
+
+    def parts(name):
+        return (f"({f(name, 'generation_cpu_minutes')} text, {f(name, 'init_cpu_minutes')} init, "
+                f"{f(name, 'stage1_cpu_minutes')} stage 1)")
+
+    def pair(a, b, s):
+        return _signed(t[f"{a} s{s}"]["ppl_heldout"] - t[f"{b} s{s}"]["ppl_heldout"])
+
+    bf16_text = [f"best+bf16-text s{s}" for s in (1, 2, 0)]
+    return [
+        ("§1 best seeds", f"Seed 0 ends at {f('best s0', 'ppl_dev')} dev and **{f('best s0', 'ppl_heldout')} held "
+                          "out**; "
+                          f"seed 1 at {f('best s1', 'ppl_dev')} and {f('best s1', 'ppl_heldout')}; seed 2 at "
+                          f"{f('best s2', 'ppl_dev')} and {f('best s2', 'ppl_heldout')}"),
+        ("§1 best mean", f"**{summary('best')} ({r['best']['heldout_over_fp']:.2f}× FP)**: above the 3× bar "
+                         f"({3 * fp_held:.2f})"),
+        ("§1 best s0 budget", f"seed 0 cost **{f('best s0', 'total_cpu_minutes')} CPU-minutes** {parts('best s0')}"),
+        ("§1 best s0 load", f"(1-min load mean {f('best s0', 'load_average_mean')}, max "
+                            f"{f('best s0', 'load_average_max')})"),
+        ("§1 best s1 budget", f"Seed 1 cost {f('best s1', 'total_cpu_minutes')} CPU-minutes {parts('best s1')}"),
+        ("§1 best s2 budget", f"seed 2 {f('best s2', 'total_cpu_minutes')} ({f('best s2', 'generation_cpu_minutes')}, "
+                              f"{f('best s2', 'init_cpu_minutes')}, {f('best s2', 'stage1_cpu_minutes')})"),
+        ("§1 bf16 stage 1", f"stage 1 costs {f('best-bf16 s1', 'stage1_cpu_minutes')} and "
+                            f"{f('best-bf16 s2', 'stage1_cpu_minutes')} CPU-minutes against fp32's "
+                            f"{f('best s1', 'stage1_cpu_minutes')} and {f('best s2', 'stage1_cpu_minutes')}"),
+        ("§1 bf16 budgets", f"**{f('best-bf16 s0', 'total_cpu_minutes')}, {f('best-bf16 s1', 'total_cpu_minutes')} "
+                            f"and {f('best-bf16 s2', 'total_cpu_minutes')} CPU-minutes (mean "
+                            f"{r['best-bf16']['total_cpu_minutes_mean']:.2f})**"),
+        ("§1 bf16 quality", f"Held out {held('best-bf16 s0', 'best-bf16 s1')} and "
+                            f"{f('best-bf16 s2', 'ppl_heldout')}: mean **{summary('best-bf16')} "
+                            f"({r['best-bf16']['heldout_over_fp']:.2f}× FP)**"),
+        ("§1 bf16 pairs", f"bf16 − fp32 is {pair('best-bf16', 'best', 1)} (seed 1) and "
+                          f"{pair('best-bf16', 'best', 2)} (seed 2)"),
+        ("§1 bf16 text budgets", ", ".join(f(n, "total_cpu_minutes") for n in bf16_text[:2]) + " and "
+         + f(bf16_text[2], "total_cpu_minutes") + " CPU-minutes with the text (seeds 1, 2, 0; mean "
+         f"{r['best+bf16-text']['total_cpu_minutes_mean']:.2f})"),
+        ("§1 bf16 text quality", f"Held out {held('best+bf16-text s0', 'best+bf16-text s1')} and "
+                                 f"{f('best+bf16-text s2', 'ppl_heldout')}: mean **{summary('best+bf16-text')} "
+                                 f"({r['best+bf16-text']['heldout_over_fp']:.2f}× FP)**"),
+        *[(f"§2 seed {s}", f"| {held(f'best s{s}', f'best+dad s{s}', f'best+kd s{s}').replace(', ', ' | ')} | "
+                           f"{pair('best+dad', 'best+kd', s)} |") for s in (0, 1, 2)],
+        ("§2 means", f"the means are {mean['best']:.2f} for stage 1 alone, {summary('best+dad')} with DAD and "
+                     f"{summary('best+kd')} with KD"),
+        ("§2 costs", f"(`best+dad s0` costs {f('best+dad s0', 'total_cpu_minutes')} in all on the Xeon, `best+dad s1` "
+                     f"{f('best+dad s1', 'total_cpu_minutes')} on the EPYC)"),
+        ("§2 DAD - KD", f"the means differ by {abs(mean['best+kd'] - mean['best+dad']):.2f}"),
+        ("§3 FDB", f"give {held('best s0', 'best s1', 'best s2')} (mean **{summary('best')}**)"),
+        ("§3 uniform", f"gives {held('best-uniform s0', 'best-uniform s1', 'best-uniform s2')} (mean "
+                       f"**{summary('best-uniform')}**)"),
+        ("§3 pairs", "uniform − FDB is " + ", ".join(pair("best-uniform", "best", s) for s in (0, 1))
+         + f" and {pair('best-uniform', 'best', 2)}"),
+        ("§3 lead", f"lead of the means, {mean['best-uniform'] - mean['best']:.2f},"),
+        ("open question FDB", f"put FDB {mean['best-uniform'] - mean['best']:.2f} held-out PPL ahead"),
+        ("§3 costs", f"stage 1 cost {f('best s0', 'stage1_cpu_minutes')} CPU-minutes for FDB and "
+                     f"{f('best-uniform s0', 'stage1_cpu_minutes')} for the uniform grid "
+                     f"({f('best-uniform s0', 'total_cpu_minutes')} with the text)"),
+        ("dev optimism", f"{mean['best']:.2f} / {dev['best']:.2f} = {mean['best'] / dev['best']:.3f}, where FP's "
+                         f"own is {fp_held:.2f} / {dev['fp']:.2f} = {fp_held / dev['fp']:.3f}"),
+    ]
+
+
+PAGE_CLAIMS = {"README.md": readme_prose_claims, "docs/findings.md": findings_claims}
+
+
+def test_prose_numbers_match_the_result_files():
+    """The numbers the README's and the findings' prose quote are recomputed from the committed rows: a changed or
+    missing row fails."""
     import re
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = re.sub(r"\s+", " ", f.read())
-    missing = [(what, claim) for what, claim in readme_prose_claims() if claim not in text]
-    assert not missing, "README prose differs from the result files:\n" + "\n".join(f"  {w}: {c!r}" for w, c in missing)
+    for page, claims in PAGE_CLAIMS.items():
+        with open(os.path.join(ROOT, page)) as f:
+            text = re.sub(r"\s+", " ", f.read())
+        missing = [(what, claim) for what, claim in claims() if claim not in text]
+        assert not missing, f"{page} differs from the result files:\n" + "\n".join(f"  {w}: {c!r}" for w, c in missing)
