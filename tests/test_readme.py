@@ -216,12 +216,28 @@ def findings_claims():
     ]
 
 
-PAGE_CLAIMS = {"README.md": readme_prose_claims, "docs/findings.md": findings_claims}
+def results_claims():
+    """(what, text) for the paragraph of docs/results.md that says which run drew the committed figures."""
+    import json
+    with open(os.path.join(ROOT, "figures", "RUN.json")) as f:
+        run = json.load(f)
+    load = run["load_during_run"]["loadavg_1min"]
+    student = _row(_named("dbllm_table.json", "method"), "best s0")
+    assert run["trained_student"] == {"path": "build/models/best", "trained_now": False}, run["trained_student"]
+    return [("the full run", f"`{run['command']}` at commit {run['commit'][:7]} with a clean tree"),
+            ("its cost", f"{run['wall_minutes']} wall minutes and {run['cpu_minutes']} CPU-minutes for the "
+                         f"{len(run['notebooks'])} notebooks"),
+            ("its load", f"1-min load median {load['median']:.2f} (its own two threads; max {load['max']:.2f})"),
+            ("its student", f"Training it cost {student['total_cpu_minutes']:.2f} CPU-minutes, text included, and "
+                            f"{student['wall_minutes']} wall minutes on one thread")]
+
+
+PAGE_CLAIMS = {"README.md": readme_prose_claims, "docs/findings.md": findings_claims, "docs/results.md": results_claims}
 
 
 def test_prose_numbers_match_the_result_files():
-    """The numbers the README's and the findings' prose quote are recomputed from the committed rows: a changed or
-    missing row fails."""
+    """The numbers the prose of the README, the findings and the results page quote are recomputed from the committed
+    rows: a changed or missing row fails."""
     import re
     for page, claims in PAGE_CLAIMS.items():
         with open(os.path.join(ROOT, page)) as f:
