@@ -15,6 +15,7 @@ generation settings, so notebooks and benchmarks reuse them.
 ``corpus_samples`` is the option of training on real text instead (never the split you evaluate on).
 """
 import copy
+import hashlib
 import json
 import os
 import re
@@ -211,6 +212,13 @@ def teacher_text(model, tokenizer, samples, tokens, seed=0, set_size=128, cache_
     return torch.cat([generate_samples(model, tokenizer, set_size, tokens, seed=seed * SEED_STRIDE + k,
                                        cache_dir=cache_dir, precision=precision, progress=progress)
                       for k in range(sets)])[:samples]
+
+
+def text_digest(tokens):
+    """sha256 of the token ids (int64, little-endian, row by row): texts written on two machines are the same text
+    exactly when their digests agree (``run_recipe`` records it in every row as ``text_sha256``)."""
+    data = tokens.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False)
+    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def _set_paths(cache_dir, model, samples, tokens, seed, set_size, precision):

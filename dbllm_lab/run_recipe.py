@@ -10,7 +10,7 @@ import os
 import time
 
 from .blockwise import BlockwiseConfig
-from .datafree import DEFAULT_CACHE, teacher_text, text_cpu_minutes, text_is_cached
+from .datafree import DEFAULT_CACHE, teacher_text, text_cpu_minutes, text_digest, text_is_cached
 from .quantize import METHODS
 from .recipes import recipe
 from .runtime import check_precision
@@ -62,7 +62,8 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
                                     config=cfg, out_dir=out_dir, stage1_dir=stage1_dir, init=r["init"], group_size=group_size,
                                     calib_windows=calib, device=device, progress=progress,
                                     e2e_data=data[:e2e_samples] if e2e_samples else None)
-    info.update(generation_cpu_minutes=generation, text_from_cache=cached, group_size=group_size,
+    info.update(generation_cpu_minutes=generation, text_from_cache=cached, text_sha256=text_digest(data),
+                group_size=group_size,
                 total_cpu_minutes=None if generation is None else
                 round(generation + info["init_cpu_minutes"] + info["train_cpu_minutes"], 2))
     return student, info

@@ -164,6 +164,15 @@ def test_device_runner_end_to_end_on_the_cpu(tmp_path):
     fp, q = rows["fp"]["ppl"], rows["quick s0"]["ppl"]
     assert math.isfinite(q) and q > 2 * fp, (fp, q)
     assert rows["quick s0"]["train_wall_seconds"] > 0 and rows["quick s0"]["gpu_peak_gib"] is None
+    from dbllm_lab.datafree import DEFAULT_CACHE, teacher_text, text_digest
+    from dbllm_lab.model import load_model
+    from dbllm_lab.recipes import recipe
+    from dbllm_lab.run_recipe import text_options
+    teacher, tok = load_model(None)
+    t = recipe("quick")["text"]  # the row names the text it trained on
+    text = teacher_text(teacher, tok, t["samples"], t["tokens"], progress=False,
+                        **text_options(t, 0, DEFAULT_CACHE))
+    assert rows["quick s0"]["text_sha256"] == text_digest(text)
 
 
 def test_run_specs_have_one_parser_and_clear_errors(capsys, tmp_path):

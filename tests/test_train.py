@@ -1,7 +1,9 @@
 """Trainer (dbllm_lab.train): what trains, exact resume, configuration checks; data-free generation."""
 import copy
+import hashlib
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -9,7 +11,6 @@ import torch
 from dbllm_lab.datafree import corpus_samples, generate_samples
 from dbllm_lab.model import tiny_llama
 from dbllm_lab.layers import fdb_layers, trainable_parameters
-from dbllm_lab.quantize import quantize_model
 from dbllm_lab.runtime import cosine_lr
 from dbllm_lab.train import TrainConfig, build_student, config_from_dict, to_windows, train
 
@@ -78,6 +79,14 @@ def test_generate_samples_cached_seeded_and_batch_independent(tmp_path):
     assert not text_is_cached(m, 5, 12, seed=1, set_size=3, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="seed=1000"):
         teacher_text(m, None, 5, 12, seed=1000, cache_dir=None)
+    from dbllm_lab.datafree import text_digest  # the text read back from the cache is the text written
+    again = teacher_text(m, None, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), progress=False)
+    by_hand = hashlib.sha256(struct.pack("<60q", *t.flatten().tolist())).hexdigest()  # 5 x 12 int64, little-endian
+    assert text_digest(again) == text_digest(t) == by_hand
+    assert text_digest(t.to(torch.int32)) == text_digest(t) and text_digest(t.t().contiguous().t()) == text_digest(t)
+    flipped = t.clone()
+    flipped[4, 11] = (flipped[4, 11] + 1) % 128
+    assert text_digest(flipped) != text_digest(t)
     with pytest.raises(ValueError, match="seqlen"):
         generate_samples(m, None, n=2, seqlen=1, cache_dir=None)
 
