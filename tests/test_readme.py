@@ -79,6 +79,9 @@ def readme_prose_claims():
            for x in _results("generate_cpu.json")["rows"] if x.get("engine") != "hf"}
     gpu_kern = next(x for x in _results("kernel_nvidia_h200.json")["rows"]
                     if x["shape"] == "4096x4096" and x["batch"] == 1)
+    kx = _results("kernel_cpu_xeon.json")["rows"][0]
+    dx = {(x["model"], x.get("lm_head"), x["threads"]): x["decode_tokens_per_s"]
+          for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"}
     exact, int8 = (_results(f"kernel_ppl/best-quarter-s1_cpu-{p}.json")["ppl"] for p in ("exact", "int8"))
     q2k = _row(_named("llamacpp.json", "format"), "Q2_K")
 
@@ -125,7 +128,13 @@ def readme_prose_claims():
                    f"{dec[('llama.cpp F16', None, 2)]:.0f}"),
         ("llama.cpp Q2_K", f"\"Q2_K\", {dec[('llama.cpp Q2_K', None, 2)]:.0f}, which is really "
                            f"{q2k['bits_per_decoder_weight']:.2f} bits per decoder weight"),
-        ("Q2_K against best", f"({q2k['ppl_dev']:.1f} on dev against `best`'s {r['best']['ppl_dev']:.1f}"),
+        ("Q2_K against best", f"({q2k['ppl_heldout']:.1f} held out against `best`'s "
+                              f"{r['best']['ppl_heldout_mean']:.1f}"),
+        ("Xeon kernel", f"the same layer takes {kx['int8_ms']:.2f} ms against {kx['fp32_ms']:.2f} ms for torch fp32 "
+                        f"({kx['int8_speedup_vs_fp32']:.1f}×), {kx['int8_fraction_of_byte_limit']:.2f} of the byte "
+                        f"limit, where dense fp32 itself reaches {kx['fp32_fraction_of_byte_limit']:.2f} of it"),
+        ("Xeon decode", f"the packed student makes {dx[('packed cpu', 'int8', 2)]:.0f} tok/s against llama.cpp's Q4_0 "
+                        f"{dx[('llama.cpp Q4_0', None, 2)]:.0f} and \"Q2_K\" {dx[('llama.cpp Q2_K', None, 2)]:.0f}"),
         ("GPU training", f"in {_row(gpu, 'best s0')['train_wall_seconds']:.0f} s"),
         ("GPU kernel", f"{gpu_kern['speedup_vs_fp16']:.2f}× cuBLAS fp16 at 4096×4096, batch 1, about "
                        f"{100 * gpu_kern['kernel_fraction_of_copy_GBps']:.0f}% of the copy bandwidth"),
@@ -146,6 +155,12 @@ def findings_claims():
     mean = {k: v["ppl_heldout_mean"] for k, v in r.items()}
     fp_held = mean["fp (Q4_1 dequantized)"]
     dev = {"best": r["best"]["ppl_dev"], "fp": r["fp (Q4_1 dequantized)"]["ppl_dev"]}
+    ll = _named("llamacpp.json", "format")
+    kx = _results("kernel_cpu_xeon.json")["rows"][0]
+    gx = [x for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"]
+    dx = {(x["model"], x["lm_head"], x["threads"]) if x.get("lm_head") else (x["model"], x["threads"]):
+          x["decode_tokens_per_s"] for x in gx}
+    sx = {(x["model"], x["threads"]): x.get("decode_tokens_per_s_sd") for x in gx}
 
     def f(name, field, digits=2):
         return f"{t[name][field]:.{digits}f}"
@@ -211,6 +226,17 @@ def findings_claims():
         ("§3 costs", f"stage 1 cost {f('best s0', 'stage1_cpu_minutes')} CPU-minutes for FDB and "
                      f"{f('best-uniform s0', 'stage1_cpu_minutes')} for the uniform grid "
                      f"({f('best-uniform s0', 'total_cpu_minutes')} with the text)"),
+        ("llama.cpp held out", f"Q2_K's ({ll['Q2_K']['ppl_heldout']:.2f} held out against `best`'s {mean['best']:.2f}, "
+                               f"`llamacpp.json`; Q4_0 {ll['Q4_0']['ppl_heldout']:.2f}, Q4_K_M "
+                               f"{ll['Q4_K_M']['ppl_heldout']:.2f}, FP {fp_held:.2f})"),
+        ("Xeon kernel", f"The layer: {kx['int8_ms']:.2f} ms against {kx['fp32_ms']:.2f} ms for torch fp32 "
+                        f"({kx['int8_speedup_vs_fp32']:.2f}×) and {kx['bf16_ms']:.2f} ms for bf16, "
+                        f"{kx['int8_fraction_of_byte_limit']:.2f} of the byte limit; dense fp32 reaches "
+                        f"{kx['fp32_fraction_of_byte_limit']:.2f} of it"),
+        ("Xeon decode", f"{dx[('packed cpu', 'int8', 2)]:.1f} tok/s with the int8 head against llama.cpp's Q4_0 "
+                        f"{dx[('llama.cpp Q4_0', 2)]:.1f} and Q2_K {dx[('llama.cpp Q2_K', 2)]:.1f} (± "
+                        f"{sx[('llama.cpp Q2_K', 2)]:.1f}); at 1 thread {dx[('packed cpu', 'int8', 1)]:.1f} against "
+                        f"{dx[('llama.cpp Q4_0', 1)]:.1f} and {dx[('llama.cpp Q2_K', 1)]:.1f}"),
         ("dev optimism", f"{mean['best']:.2f} / {dev['best']:.2f} = {mean['best'] / dev['best']:.3f}, where FP's "
                          f"own is {fp_held:.2f} / {dev['fp']:.2f} = {fp_held / dev['fp']:.3f}"),
     ]
@@ -224,7 +250,21 @@ def results_claims():
     load = run["load_during_run"]["loadavg_1min"]
     student = _row(_named("dbllm_table.json", "method"), "best s0")
     assert run["trained_student"] == {"path": "build/models/best", "trained_now": False}, run["trained_student"]
-    return [("the full run", f"`{run['command']}` at commit {run['commit'][:7]} with a clean tree"),
+    llama, kx = _results("llamacpp.json"), _results("kernel_cpu_xeon.json")["rows"][0]
+    q2k = _row(_named("llamacpp.json", "format"), "Q2_K")
+    recipes = _named("dbllm_recipes.json", "method")
+    fp_held = _row(recipes, "fp (Q4_1 dequantized)")["ppl_heldout_mean"]
+    gen = _results("generate_cpu_xeon.json")["settings"]
+    return [("llama.cpp load", f"(the decode-only rerun's 1-min load: {llama['settings']['load_avg_before'][0]:.2f} "
+                               f"before, {llama['settings']['load_avg_after_decode'][0]:.2f} after)"),
+            ("Q2_K against FP", f"Its Q2_K is {q2k['ppl_heldout'] / fp_held:.2f}× FP's held-out perplexity, where "
+                                f"the 2.5-bit `best` is {_row(recipes, 'best')['heldout_over_fp']:.2f}×"),
+            ("Xeon kernel", f"Dense fp32 reaches {kx['fp32_fraction_of_byte_limit']:.2f} of the measured stream on "
+                            "this CPU, so torch's GEMV is near the byte limit here and the integer path's "
+                            f"{kx['int8_speedup_vs_fp32']:.1f}× over it is half of the "
+                            f"{kx['byte_limit_vs_fp32']:.1f}×"),
+            ("Xeon decode load", f"alone (1-min load {gen['loadavg_before'][0]:.1f} before it)"),
+            ("the full run", f"`{run['command']}` at commit {run['commit'][:7]} with a clean tree"),
             ("its cost", f"{run['wall_minutes']} wall minutes and {run['cpu_minutes']} CPU-minutes for the "
                          f"{len(run['notebooks'])} notebooks"),
             ("its load", f"1-min load median {load['median']:.2f} (its own two threads; max {load['max']:.2f})"),
