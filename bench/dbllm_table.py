@@ -5,8 +5,8 @@ function ``dbllm-lab train --recipe`` calls, so a row and a user's run are one c
 generated inside the row and counted in its budget. Every row is measured on the whole WikiText-2 test split in
 one pass (``ppl.perplexity``): **dev** PPL on windows 1-40 (where recipes are compared and chosen), **held-out** PPL
 on windows 41-589 (where results are reported) and the full split; plus the head-class bias statistic on the first
-``--bias-windows`` dev windows (method.md §7). A row is named ``"{recipe} s{seed}"``; rows already in the JSON are
-kept, and a killed run resumes from its checkpoints under ``build/runs/{recipe}-s{seed}``.
+``--bias-windows`` dev windows (method.md §7). A row is named ``run_recipe.run_name`` ("best s1"); rows already in
+the JSON are kept, and a killed run resumes from its checkpoints under ``run_recipe.run_path`` (build/runs/best-s1).
 
 Rows measured before the runner existed stay in the JSON as data, with their settings and notes
 (``settings.rows``, ``settings.row_notes``); ``complete_rows`` gives every row ``ppl_dev`` and, where its full-split
