@@ -6,6 +6,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import update_readme  # noqa: E402
+from dbllm_lab import views  # noqa: E402  (load / row: a missing row is a KeyError naming it)
 
 
 def test_readme_and_results_page_match_the_result_files():
@@ -54,26 +55,20 @@ def _results(name):
         return json.load(f)
 
 
-def _named(name, *keys):
-    """{row name: row} of a results file, each row named by its first field of ``keys`` that it has."""
-    return {next((r[k] for k in keys if k in r), None): r for r in _results(name)["rows"]}
-
-
-def _row(rows, key):
-    """A named row; a missing one fails the claim that quotes it (it never makes the claim vanish)."""
-    assert key in rows, f"row {key!r} is missing from the results file the README quotes"
-    return rows[key]
+def _llama():
+    """{format: row} of llama.cpp's results (its rows are named by ``format``, not ``method``)."""
+    return {r["format"]: r for r in _results("llamacpp.json")["rows"]}
 
 
 def readme_prose_claims():
     """(what, the text the README must contain) for every number its prose quotes, computed from the result files."""
-    table, recipes = _named("dbllm_table.json", "method"), _named("dbllm_recipes.json", "method")
-    t = {k: _row(table, k) for k in [f"{n} s{s}" for n in ("best", "best+dad", "best+kd") for s in (0, 1, 2)]
+    table, recipes = views.load("dbllm_table.json"), views.load("dbllm_recipes.json")
+    t = {k: views.row(table, k) for k in [f"{n} s{s}" for n in ("best", "best+dad", "best+kd") for s in (0, 1, 2)]
          + ["best-bf16 s1"]}
-    r = {k: _row(recipes, k) for k in ("best", "best-bf16", "best+bf16-text", "best-uniform")}
+    r = {k: views.row(recipes, k) for k in ("best", "best-bf16", "best+bf16-text", "best-uniform")}
     trained = [x["total_cpu_minutes"] for x in table.values()
                if x.get("recipe") in ("best", "best-bf16", "best+bf16-text")]
-    gpu = _named("train_nvidia_h200.json", "method")
+    gpu = views.load("train_nvidia_h200.json")
     kern = _results("kernel_cpu.json")["rows"][0]  # the 4096 x 4096 layer at batch 1
     dec = {(x["model"], x.get("lm_head"), x["threads"]): x["decode_tokens_per_s"]  # lean loop and llama.cpp rows
            for x in _results("generate_cpu.json")["rows"] if x.get("engine") != "hf"}
@@ -83,7 +78,7 @@ def readme_prose_claims():
     dx = {(x["model"], x.get("lm_head"), x["threads"]): x["decode_tokens_per_s"]
           for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"}
     exact, int8 = (_results(f"kernel_ppl/best-quarter-s1_cpu-{p}.json")["ppl"] for p in ("exact", "int8"))
-    q2k = _row(_named("llamacpp.json", "format"), "Q2_K")
+    q2k = views.row(_llama(), "Q2_K")
 
     def held(name):
         return f"{t[name]['ppl_heldout']:.2f}"
@@ -111,8 +106,8 @@ def readme_prose_claims():
         ("end to end, seed 0", f"seed 0 {held('best s0')} → {held('best+dad s0')} (DAD), {held('best+kd s0')} (KD)"),
         ("end to end, seed 1", f"seed 1 {held('best s1')} → {held('best+dad s1')}, {held('best+kd s1')}"),
         ("end to end, seed 2", f"seed 2 {held('best s2')} → {held('best+dad s2')}, {held('best+kd s2')}"),
-        ("end to end, GPU", " → ".join(f"{_row(gpu, k)['ppl_heldout']:.2f}" for k in ("best s0", "best+dad s0"))
-         + f", {_row(gpu, 'best+kd s0')['ppl_heldout']:.2f}"),
+        ("end to end, GPU", " → ".join(f"{views.row(gpu, k)['ppl_heldout']:.2f}" for k in ("best s0", "best+dad s0"))
+         + f", {views.row(gpu, 'best+kd s0')['ppl_heldout']:.2f}"),
         ("FDB vs uniform", f"`best` averages {r['best']['ppl_heldout_mean']:.2f} ± {r['best']['ppl_heldout_sd']:.2f} "
                            f"over three seeds and `best-uniform` {r['best-uniform']['ppl_heldout_mean']:.2f} ± "
                            f"{r['best-uniform']['ppl_heldout_sd']:.2f}"),
@@ -135,7 +130,7 @@ def readme_prose_claims():
                         f"limit, where dense fp32 itself reaches {kx['fp32_fraction_of_byte_limit']:.2f} of it"),
         ("Xeon decode", f"the packed student makes {dx[('packed cpu', 'int8', 2)]:.0f} tok/s against llama.cpp's Q4_0 "
                         f"{dx[('llama.cpp Q4_0', None, 2)]:.0f} and \"Q2_K\" {dx[('llama.cpp Q2_K', None, 2)]:.0f}"),
-        ("GPU training", f"in {_row(gpu, 'best s0')['train_wall_seconds']:.0f} s"),
+        ("GPU training", f"in {views.row(gpu, 'best s0')['train_wall_seconds']:.0f} s"),
         ("GPU kernel", f"{gpu_kern['speedup_vs_fp16']:.2f}× cuBLAS fp16 at 4096×4096, batch 1, about "
                        f"{100 * gpu_kern['kernel_fraction_of_copy_GBps']:.0f}% of the copy bandwidth"),
     ]
@@ -147,15 +142,15 @@ def _signed(x):
 
 def findings_claims():
     """(what, text) for the runner-seed numbers of docs/findings.md §1-§3 and its open questions."""
-    table, recipes = _named("dbllm_table.json", "method"), _named("dbllm_recipes.json", "method")
-    t = {k: _row(table, k) for k in [f"{n} s{s}" for n in ("best", "best-bf16", "best+bf16-text", "best-uniform",
+    table, recipes = views.load("dbllm_table.json"), views.load("dbllm_recipes.json")
+    t = {k: views.row(table, k) for k in [f"{n} s{s}" for n in ("best", "best-bf16", "best+bf16-text", "best-uniform",
                                                              "best+dad", "best+kd") for s in (0, 1, 2)]}
-    r = {k: _row(recipes, k) for k in ("fp (Q4_1 dequantized)", "best", "best-bf16", "best+bf16-text", "best-uniform",
-                                       "best+dad", "best+kd")}
+    r = {k: views.row(recipes, k) for k in ("fp (Q4_1 dequantized)", "best", "best-bf16", "best+bf16-text",
+                                            "best-uniform", "best+dad", "best+kd")}
     mean = {k: v["ppl_heldout_mean"] for k, v in r.items()}
     fp_held = mean["fp (Q4_1 dequantized)"]
     dev = {"best": r["best"]["ppl_dev"], "fp": r["fp (Q4_1 dequantized)"]["ppl_dev"]}
-    ll = _named("llamacpp.json", "format")
+    ll = _llama()
     kx = _results("kernel_cpu_xeon.json")["rows"][0]
     gx = [x for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"]
     dx = {(x["model"], x["lm_head"], x["threads"]) if x.get("lm_head") else (x["model"], x["threads"]):
@@ -248,17 +243,17 @@ def results_claims():
     with open(os.path.join(ROOT, "figures", "RUN.json")) as f:
         run = json.load(f)
     load = run["load_during_run"]["loadavg_1min"]
-    student = _row(_named("dbllm_table.json", "method"), "best s0")
+    student = views.row(views.load("dbllm_table.json"), "best s0")
     assert run["trained_student"] == {"path": "build/models/best", "trained_now": False}, run["trained_student"]
     llama, kx = _results("llamacpp.json"), _results("kernel_cpu_xeon.json")["rows"][0]
-    q2k = _row(_named("llamacpp.json", "format"), "Q2_K")
-    recipes = _named("dbllm_recipes.json", "method")
-    fp_held = _row(recipes, "fp (Q4_1 dequantized)")["ppl_heldout_mean"]
+    q2k = views.row(_llama(), "Q2_K")
+    recipes = views.load("dbllm_recipes.json")
+    fp_held = views.row(recipes, "fp (Q4_1 dequantized)")["ppl_heldout_mean"]
     gen = _results("generate_cpu_xeon.json")["settings"]
     return [("llama.cpp load", f"(the decode-only rerun's 1-min load: {llama['settings']['load_avg_before'][0]:.2f} "
                                f"before, {llama['settings']['load_avg_after_decode'][0]:.2f} after)"),
             ("Q2_K against FP", f"Its Q2_K is {q2k['ppl_heldout'] / fp_held:.2f}× FP's held-out perplexity, where "
-                                f"the 2.5-bit `best` is {_row(recipes, 'best')['heldout_over_fp']:.2f}×"),
+                                f"the 2.5-bit `best` is {views.row(recipes, 'best')['heldout_over_fp']:.2f}×"),
             ("Xeon kernel", f"Dense fp32 reaches {kx['fp32_fraction_of_byte_limit']:.2f} of the measured stream on "
                             "this CPU, so torch's GEMV is near the byte limit here and the integer path's "
                             f"{kx['int8_speedup_vs_fp32']:.1f}× over it is half of the "
