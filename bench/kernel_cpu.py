@@ -9,9 +9,11 @@ SmolLM2-135M (576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536 down); FDB bi
 of Gaussian weights for the LLaMA shapes and of the embedded model's layer-0 weights for its shapes.
 
 Methods, timed side by side in one run (fp32 activations, fp16 scales for the packed ones):
-  * ``int8``: the integer path, candidate (b): ``PackedDualBinaryLinear(backend='cpu-int8')`` forward, what
-    backend 'cpu' runs for 1-4 rows (int8 activations, AVX2 byte-shuffle lookups where the CPU has AVX2);
-  * ``int8_call`` / ``expand_call`` / ``exact_call``: the library calls alone (no Python layer): the lookup path,
+  * ``int8``: the integer path: ``PackedDualBinaryLinear(backend='cpu-int8')`` forward, what backend 'cpu' runs
+    for 1-4 rows (int8 activations; the "vnni" layout and AVX-512 VNNI where the CPU has it, else the "lut" layout
+    and AVX2 byte-shuffle lookups, candidate (b));
+  * ``int8_call`` / ``int8_lut_call`` / ``expand_call`` / ``exact_call``: the library calls alone (no Python
+    layer): the integer path in this CPU's layout, in the "lut" layout (only where that is not this CPU's),
     candidate (a) (bits expanded to bytes, vpmaddubsw; AVX2 only) and the exact fp32 path;
   * ``exact``: ``PackedDualBinaryLinear(backend='cpu-exact')`` forward;
   * ``fp32`` / ``bf16``: torch ``F.linear`` with the dense ``w_hat`` in that dtype (activations too);
@@ -94,6 +96,8 @@ def bench_shape(shape, batches, planes, args):
     packed_bytes = layer.packed_bytes()
     layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(packed_bytes, rotate) - 1)]
     int8_weights = [m.int8_weights() for m in layers]
+    lut_weights = [] if int8_weights[0].layout == "lut" else \
+        [cpu_kernel.repack_int8(m.p1, m.p2, m.a1, m.a2, g, "lut") for m in layers]
     exact_layers = [copy.copy(m) for m in layers]  # the same buffers on backend 'cpu-exact'
     for m in exact_layers:
         m.backend = "cpu-exact"
@@ -110,9 +114,7 @@ def bench_shape(shape, batches, planes, args):
             int8_ref = cpu_kernel.int8_matmul_reference(x, layer.p1, layer.p2, layer.a1, layer.a2, g)
             y_int8 = layer(x)
             fns = {"int8": [lambda m=m: m(x) for m in layers],
-                   "int8_call": [lambda p=p: lib.dbl_matmul_int8_lut(
-                       x.data_ptr(), M, p.w1.data_ptr(), p.w2.data_ptr(), p.s1.data_ptr(), p.s2.data_ptr(), half,
-                       out.data_ptr(), N, Kin, g, threads, 0) for p in int8_weights],
+                   "int8_call": [lambda p=p: int8_call(lib, x, M, p, out, threads) for p in int8_weights],
                    "exact_call": [lambda m=m: lib.dbl_matmul(
                        x.data_ptr(), M, m.p1.data_ptr(), m.p2.data_ptr(), m.a1.data_ptr(), m.a2.data_ptr(), half,
                        out.data_ptr(), N, Kin, g, threads) for m in layers],
@@ -120,7 +122,9 @@ def bench_shape(shape, batches, planes, args):
                    "fp32": [lambda w=w: F.linear(x, w) for w in w32s],
                    "bf16": [lambda w=w: F.linear(xb, w) for w in w16s],
                    "stream": [stream_buf.sum]}
-            if lib.dbl_int8_isa():
+            if lut_weights:
+                fns["int8_lut_call"] = [lambda p=p: int8_call(lib, x, M, p, out, threads) for p in lut_weights]
+            if lib.dbl_int8_isa() & 1:
                 fns["expand_call"] = [lambda m=m: lib.dbl_matmul_int8_expand(
                     x.data_ptr(), M, m.p1.data_ptr(), m.p2.data_ptr(), m.a1.data_ptr(), m.a2.data_ptr(), half,
                     out.data_ptr(), N, Kin, g, threads) for m in layers]
@@ -129,9 +133,10 @@ def bench_shape(shape, batches, planes, args):
         io = (M * Kin + M * N) * 4
         weight_bytes = {"fp32": N * Kin * 4, "bf16": N * Kin * 2, "packed": packed_bytes}
         row = {"shape": f"{N}x{Kin}", "out": N, "in": Kin, "batch": M, **{f"{k}_ms": v for k, v in ms.items()}}
-        for k, wb in (("int8", "packed"), ("int8_call", "packed"), ("exact", "packed"), ("fp32", "fp32"),
-                      ("bf16", "bf16")):
-            row[f"{k}_weight_GBps"] = weight_bytes[wb] / ms[k] / 1e6
+        for k, wb in (("int8", "packed"), ("int8_call", "packed"), ("int8_lut_call", "packed"), ("exact", "packed"),
+                      ("fp32", "fp32"), ("bf16", "bf16")):
+            if k in ms:
+                row[f"{k}_weight_GBps"] = weight_bytes[wb] / ms[k] / 1e6
         row.update({
             "stream_GBps": stream_GBps,
             "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"], "int8_speedup_vs_bf16": ms["bf16"] / ms["int8"],
@@ -139,6 +144,8 @@ def bench_shape(shape, batches, planes, args):
             "byte_limit_vs_fp32": (weight_bytes["fp32"] + io) / (packed_bytes + io),
             "int8_fraction_of_byte_limit": packed_bytes / ms["int8"] / 1e6 / stream_GBps,
             "int8_call_fraction_of_byte_limit": packed_bytes / ms["int8_call"] / 1e6 / stream_GBps,
+            **({"int8_lut_call_fraction_of_byte_limit": packed_bytes / ms["int8_lut_call"] / 1e6 / stream_GBps,
+                "int8_call_speedup_vs_lut_call": ms["int8_lut_call"] / ms["int8_call"]} if lut_weights else {}),
             "fp32_fraction_of_byte_limit": weight_bytes["fp32"] / ms["fp32"] / 1e6 / stream_GBps,
             "packed_MiB": packed_bytes / 2**20, "fp32_MiB": weight_bytes["fp32"] / 2**20,
             "copies": {"packed": len(layers), "fp32": len(w32s), "bf16": len(w16s)}, **how,
@@ -147,6 +154,12 @@ def bench_shape(shape, batches, planes, args):
             "int8_rms_rel_err_vs_exact": _rel(y_int8, exact_ref, "rms")})
         rows.append(row)
     return rows
+
+
+def int8_call(lib, x, M, packed, out, threads):
+    """The library's integer path on ``packed`` (``cpu_kernel.Int8Weights``, its layout), no Python layer."""
+    lib.dbl_matmul_int8(x.data_ptr(), M, *packed.ptrs, out.data_ptr(), packed.N, packed.K, packed.group_size, threads,
+                        cpu_kernel.INT8_LAYOUTS.index(packed.layout), 0)
 
 
 def _exact_reference(x, layer, g):
@@ -263,7 +276,7 @@ def main():
     write_results(args.out, rows, settings, columns=COLUMNS)
 
 
-COLUMNS = ["shape", "batch", "int8_ms", "int8_call_ms", "expand_call_ms", "exact_ms", "fp32_ms", "bf16_ms",
+COLUMNS = ["shape", "batch", "int8_ms", "int8_call_ms", "int8_lut_call_ms", "expand_call_ms", "exact_ms", "fp32_ms", "bf16_ms",
            "int8_speedup_vs_fp32", "int8_speedup_vs_bf16", "stream_GBps", "int8_fraction_of_byte_limit",
            "int8_rms_rel_err_vs_exact"]  # the markdown table beside the JSON
 

@@ -27,13 +27,14 @@ static inline float scale(const void* a, int64_t i, int half) {
 }
 
 // Building blocks shared by the matmul entry points and the lean decoder's one-call step (cpu_kernel_decode.cpp).
-// cpu_kernel_int8.cpp, the lookup path: one activation row's int8 codes q (K), group factors d (K/g) and lookup
-// tables tab (K * 8 bytes); rows 32 rb .. of y = W x from the repacked layout (cpu_kernel.repack_int8)
+// cpu_kernel_int8.cpp, the integer path: one activation row's int8 codes q (K), group factors d (K/g) and, for the
+// "lut" layout (0), lookup tables tab (K * 8 bytes; null for the "vnni" layout, 1); rows 32 rb .. of y = W x from
+// the repacked layout (cpu_kernel.repack_int8); int8_simd says whether the layout's SIMD code runs here
 void int8_prepare_row(const float* x, int64_t K, int64_t g, int8_t* q, float* d, uint8_t* tab);
-int int8_use_avx2(int portable);
-void int8_lut_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half,
-                    const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int avx2,
-                    float* y);
+int int8_simd(int portable, int layout);
+void int8_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half, const int8_t* q,
+                const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int layout, int simd,
+                float* y);
 // cpu_kernel_head.cpp, int8 weight rows: rows 4 b .. of y = s * (w x), one activation row x
 int int8_rows_use_avx2(int portable);
 void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N, int64_t K, int64_t b, int avx2,

@@ -32,19 +32,30 @@ Integer path (``int8_matmul_cpu``; backend 'cpu' for 1-4 rows, 'cpu-int8' at any
     llama.cpp's Q8 blocks): d = max |x| / 127, q = rint(x / d) in [-127, 127] (``quantize_activations_int8``);
   * Sj = sum over the group of bj * q in integers (exact), then y = sum_grp d * fma(S1, a1, S2 * a2) in fp32, the
     operations in one fixed order, so every build gives the same bits (``int8_matmul_reference``: float64 torch).
-  * x86 with AVX2 (checked at run time, ``__builtin_cpu_supports``), candidate (b), T-MAC's lookup: per 4
-    activations the 16 subset sums, as int16 split into a low-byte and a high-byte 16-entry table (no table
-    requantization: exact). The planes are repacked (``repack_int8``) so one 32-byte vector holds byte c of 32
-    output rows: its low nibbles index quad 2c, its high nibbles quad 2c + 1. ``vpshufb`` on the two tables gives
-    32 lookups each and the byte unpacks join them into the int16 sums of the 32 rows: per 8 columns and plane 4
-    shuffles, 4 unpacks and 4 adds for 256 weight bits. Per group the int16 sums turn fp32 and are scaled.
+  * the planes are repacked once (``repack_int8``) into one of two layouts, both blocks of 32 output rows of the
+    same size as the checkpoint's planes; ``int8_layout()`` picks the one this CPU runs fastest.
+  * x86 with AVX-512 F/BW/VL and VNNI (checked at run time, ``__builtin_cpu_supports``), layout 'vnni': per 4
+    columns and 16 rows one 64-bit word, bit 4i + j = row i, column j, used as a byte mask. The 4 int8 activations
+    are broadcast to every 32-bit lane, a masked byte move keeps those under each row's bits, and ``vpdpbusd``
+    (ones x bytes) adds them into that row's lane: the row sums land in the lanes, no horizontal reduction; per
+    4 columns, plane and 16 rows one mask load, one masked move, one ``vpdpbusd`` (written in inline asm: GCC 12
+    copied the accumulator before every intrinsic call).
+  * x86 with AVX2, layout 'lut', candidate (b), T-MAC's lookup: per 4 activations the 16 subset sums, as int16
+    split into a low-byte and a high-byte 16-entry table (no table requantization: exact). One 32-byte vector holds
+    byte c of 32 output rows: its low nibbles index quad 2c, its high nibbles quad 2c + 1. ``vpshufb`` on the two
+    tables gives 32 lookups each and the byte unpacks join them into the int16 sums of the 32 rows: per 8 columns
+    and plane 4 shuffles, 4 unpacks and 4 adds for 256 weight bits. Per group the int16 sums turn fp32 and are
+    scaled.
+  * both SIMD loops prefetch each plane a page (4 KiB) ahead (``PREFETCH_BYTES``): from memory the hardware
+    prefetchers alone left the loops well short of the stream (``bench/results/kernel_cpu_xeon.json`` before and
+    after, findings §7).
   * candidate (a), kept for the benchmark (``variant='expand'``): each plane word expanded to 0/1 bytes
-    (broadcast, ``vpshufb``, and, min) then ``vpmaddubsw`` (0/1 unsigned x int8 signed) and ``vpmaddwd``; on
-    AVX-512 VNNI a mask move and one ``vpdpbusd`` would do 64 weights, not written: the machine this was built on
-    (AMD EPYC, Zen 2) has AVX2 only, so such code could not be run or tested here.
-  * other CPUs: a portable loop over the same layout and tables (scalar lookups), same bits.
-  Measured side by side (``bench/kernel_cpu.py``; its JSON in bench/results/): columns int8_call_ms (b),
-  expand_call_ms (a), exact_call_ms, and torch fp32 / bf16.
+    (broadcast, ``vpshufb``, and, min) then ``vpmaddubsw`` (0/1 unsigned x int8 signed) and ``vpmaddwd``.
+  * other CPUs, or a ``-portable`` variant: a portable loop over either layout (scalar lookups / bit tests), same
+    bits.
+  Measured side by side (``bench/kernel_cpu.py``; its JSON in bench/results/): columns int8_call_ms (this CPU's
+  layout), int8_lut_call_ms (the 'lut' layout where that is not this CPU's), expand_call_ms (a), exact_call_ms,
+  and torch fp32 / bf16.
 Rows are split over threads with OpenMP in chunks handed out dynamically; torch's own libgomp.
 
 Build: on first use the sources are compiled with the C++ compiler on PATH (``$CXX``, else ``c++``, ``g++``,
@@ -175,7 +186,7 @@ def load(generic=False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.dbl_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint]
         lib.dbl_matmul.restype = None
-        lib.dbl_matmul_int8_lut.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint, cint]
+        lib.dbl_matmul_int8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint, cint, cint]
         lib.dbl_matmul_int8_expand.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint]
         lib.dbl_fdb_round.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, cint]
         lib.dbl_fdb_round.restype = None
@@ -187,6 +198,7 @@ def load(generic=False):
         lib.dbl_add_rms_norm.restype = None
         lib.dbl_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
         lib.dbl_rope.restype = None
+        lib.dbl_matmul_int8.restype = ctypes.c_int
         lib.dbl_decode_step.argtypes = [ptr] * 10 + [i64, i64, ctypes.c_float, ctypes.c_float, ptr, cint]
         lib.flags, lib.path = flags + extra, path
         return lib
@@ -210,9 +222,13 @@ def available():
 
 
 def info(generic=False):
-    """What was built: ISA of the exact path and of the integer path, OpenMP, flags, library file, CPU."""
+    """What was built: ISA of the exact path and of the integer path (of its layout here), OpenMP, flags, library
+    file, CPU."""
     lib = load(generic)
-    return {"isa": "avx512" if lib.dbl_isa() else "portable", "int8_isa": "avx2" if lib.dbl_int8_isa() else "portable",
+    layout = int8_layout(generic)
+    simd = {"lut": "avx2", "vnni": "avx512-vnni"}[layout] if lib.dbl_int8_isa() & (2 if layout == "vnni" else 1) \
+        else "portable"
+    return {"isa": "avx512" if lib.dbl_isa() else "portable", "int8_isa": simd, "int8_layout": layout,
             "openmp": bool(lib.dbl_openmp()), "flags": " ".join(lib.flags), "library": lib.path, "cpu": cpu_model()}
 
 
@@ -270,14 +286,15 @@ def _run(lib, x, M, N, K, p1, p2, a1, a2, group_size, out=None, threads=None):
 
 # ---- integer path ------------------------------------------------------------------------------------------------
 INT8_MAX_GROUP = 256  # int16 sums inside a group: g / 4 lookups of at most 4 * 127 each stay below 2**15
-INT8_VARIANTS = ("lut", "lut-portable", "expand")
+INT8_LAYOUTS = ("lut", "vnni")  # the repacked planes' layouts (repack_int8); their numbers in the C++ code
+INT8_VARIANTS = ("lut", "lut-portable", "vnni", "vnni-portable", "expand")
 BLOCK_ROWS = 32
 _POS = [*range(8), *range(16, 24), *range(8, 16), *range(24, 32)]  # POS of cpu_kernel_int8.cpp (its own inverse)
 
 
 class Int8Weights(NamedTuple):
-    """Planes and scales in the layout the lookup path reads (``repack_int8``)."""
-    w1: torch.Tensor  # (ceil(N / 32), K / 8, 32) uint8
+    """Planes and scales in the layout the integer path reads (``repack_int8``)."""
+    w1: torch.Tensor  # (ceil(N / 32), K / 8, 32) uint8: the block's bytes in ``layout``'s order
     w2: torch.Tensor
     s1: torch.Tensor  # (ceil(N / 32), K / g, 32), the scales' dtype
     s2: torch.Tensor
@@ -285,6 +302,7 @@ class Int8Weights(NamedTuple):
     K: int
     group_size: int
     ptrs: tuple  # (w1, w2, s1, s2) data pointers and 1 for fp16 scales: what each call passes
+    layout: str = "lut"
 
 
 def check_int8_group(group_size):
@@ -293,11 +311,25 @@ def check_int8_group(group_size):
                          f"int16 group sums would overflow); use backend 'cpu-exact'")
 
 
-def repack_int8(p1, p2, a1, a2, group_size):
-    """The lookup path's layout of the packed planes: per block of 32 output rows and per byte c of the words (the
-    row's columns 8c .. 8c+7, bit i = column 8c + i, as ``packing`` stores them on a little-endian CPU), the 32
-    rows' bytes side by side, in the row order ``POS`` of cpu_kernel_int8.cpp; the scales per block as (K/g, 32).
-    Rows past N are zero. The same bytes as the checkpoint's, so a second copy (2.5 bits per weight)."""
+def int8_layout(generic=False):
+    """The layout this CPU's integer path runs fastest: 'vnni' where the AVX-512 VNNI code runs (checked at run
+    time), else 'lut' (AVX2 lookups, or the portable loop)."""
+    return "vnni" if load(generic).dbl_int8_isa() & 2 else "lut"
+
+
+def repack_int8(p1, p2, a1, a2, group_size, layout=None):
+    """The integer path's layout of the packed planes, per block of 32 output rows (rows past N are zero); the scales
+    per block as (K/g, 32). The same bytes as the checkpoint's, so a second copy (2.5 bits per weight).
+
+    ``layout`` (default ``int8_layout()``):
+      * 'lut': per byte c of the words (the row's columns 8c .. 8c+7, bit i = column 8c + i, as ``packing`` stores
+        them on a little-endian CPU), the 32 rows' bytes side by side, in the row order ``POS`` of
+        cpu_kernel_int8.cpp;
+      * 'vnni': per quad c of columns (4c .. 4c+3) and half h of the block (rows 16h .. 16h+15), one 64-bit word
+        whose bit 4i + j is row 16h + i, column 4c + j: one AVX-512 byte mask per 16 rows and 4 columns."""
+    layout = int8_layout() if layout is None else layout
+    if layout not in INT8_LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {INT8_LAYOUTS}")
     if sys.byteorder != "little":
         raise RuntimeError("the integer CPU path reads the packed int32 words as little-endian bytes")
     (N, KW), pad = p1.shape, -p1.shape[0] % BLOCK_ROWS
@@ -307,29 +339,40 @@ def repack_int8(p1, p2, a1, a2, group_size):
         return torch.cat([t.contiguous(), t.new_zeros(pad, t.shape[1])]) if pad else t.contiguous()
 
     def planes(p):
-        return rows_padded(p.view(torch.uint8)).view(NB, BLOCK_ROWS, KW * 4)[:, _POS].transpose(1, 2).contiguous()
+        if layout == "lut":
+            return rows_padded(p.view(torch.uint8)).view(NB, BLOCK_ROWS, KW * 4)[:, _POS].transpose(1, 2).contiguous()
+        bits = unpack_bits(rows_padded(p)).view(NB, 2, 16, KW * 8, 4)  # block, half, row i, quad c, column j
+        bits = bits.permute(0, 3, 1, 2, 4).reshape(NB, KW * 8, 2, 8, 8)  # ... half, the word's bytes, their bits
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+        return (bits.to(torch.int32) * weights).sum(-1).to(torch.uint8).view(NB, KW * 4, BLOCK_ROWS)
 
     def scales(a):
         return rows_padded(a).view(NB, BLOCK_ROWS, -1).transpose(1, 2).contiguous()
     w1, w2, s1, s2 = planes(p1), planes(p2), scales(a1), scales(a2)
     ptrs = (w1.data_ptr(), w2.data_ptr(), s1.data_ptr(), s2.data_ptr(), int(s1.dtype == torch.float16))
-    return Int8Weights(w1, w2, s1, s2, N, KW * 32, group_size, ptrs)
+    return Int8Weights(w1, w2, s1, s2, N, KW * 32, group_size, ptrs, layout)
 
 
-def int8_matmul_cpu(x, p1, p2, a1, a2, group_size, out=None, threads=None, variant="lut", packed=None,
+def int8_matmul_cpu(x, p1, p2, a1, a2, group_size, out=None, threads=None, variant=None, packed=None,
                     generic=False):
     """The integer path, ``int8_matmul_reference``'s result (module docstring): activations quantized to int8 per
-    group once per call, bit-plane group sums in integers, fp32 scaling. Operands as ``dual_binary_matmul_cpu``;
-    ``variant``: 'lut' (AVX2 byte-shuffle lookups where the CPU has AVX2, else the portable loop), 'lut-portable'
-    or 'expand' (candidate (a), AVX2 only; for the benchmark). ``packed``: ``repack_int8``'s result, else made here."""
+    group once per call, bit-plane group sums in integers, fp32 scaling. Operands as ``dual_binary_matmul_cpu``.
+    ``variant``: 'vnni' (AVX-512 VNNI where the CPU has it, else its portable loop), 'lut' (AVX2 byte-shuffle
+    lookups where the CPU has AVX2, else its portable loop), 'vnni-portable', 'lut-portable', or 'expand'
+    (candidate (a), AVX2 only; for the benchmark); default: ``int8_layout()``'s. Every variant gives the same bits.
+    ``packed``: ``repack_int8``'s result in the variant's layout, else made here."""
     M, N, K = check_cpu_inputs(x, p1, p2, a1, a2, group_size)
     check_int8_group(group_size)
+    variant = int8_layout(generic) if variant is None else variant
     if variant not in INT8_VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {INT8_VARIANTS}")
     lib = load(generic)
     if variant != "expand":
-        return _run_int8(lib, x, M, packed or repack_int8(p1, p2, a1, a2, group_size), out, threads,
-                         portable=variant == "lut-portable")
+        layout = variant.split("-")[0]
+        if packed is not None and packed.layout != layout:
+            raise ValueError(f"packed is in layout {packed.layout!r}; variant {variant!r} reads {layout!r}")
+        return _run_int8(lib, x, M, packed or repack_int8(p1, p2, a1, a2, group_size, layout), out, threads,
+                         portable=variant.endswith("-portable"))
     x32, out = _fp32_out(x, M, N, out)
     if M and N:
         rc = lib.dbl_matmul_int8_expand(x32.data_ptr(), M, p1.data_ptr(), p2.data_ptr(), a1.data_ptr(),
@@ -343,11 +386,12 @@ def int8_matmul_cpu(x, p1, p2, a1, a2, group_size, out=None, threads=None, varia
 
 
 def _run_int8(lib, x, M, packed, out=None, threads=None, portable=False):
-    """Launch the lookup path without validation (callers check)."""
+    """Launch the integer path on ``packed`` (its layout) without validation (callers check)."""
     x32, out = _fp32_out(x, M, packed.N, out)
     if M and packed.N:
-        rc = lib.dbl_matmul_int8_lut(x32.data_ptr(), M, *packed.ptrs, out.data_ptr(), packed.N, packed.K,
-                                     packed.group_size, threads or torch.get_num_threads(), int(portable))
+        rc = lib.dbl_matmul_int8(x32.data_ptr(), M, *packed.ptrs, out.data_ptr(), packed.N, packed.K,
+                                 packed.group_size, threads or torch.get_num_threads(),
+                                 INT8_LAYOUTS.index(packed.layout), int(portable))
         if rc:
             raise MemoryError(f"the integer CPU path could not allocate its buffers for {M} x {packed.K} activations")
     return _result(x, out, packed.N)

@@ -54,8 +54,8 @@ void dbl_rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t stride, con
 // Per layer, the pointer table of dbl_decode_step: the two norms' weights, then (w1, w2, s1, s2) of the repacked
 // integer-path layout (cpu_kernel.repack_int8) of q/k/v fused, o, gate/up fused and down
 enum { IN_NORM, POST_NORM, QKV, O = QKV + 4, GATE_UP = O + 4, DOWN = GATE_UP + 4, LAYER_PTRS = DOWN + 4 };
-// dims of dbl_decode_step
-enum { LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, GROUP, HALF, CACHE_LEN, VOCAB, NDIMS };
+// dims of dbl_decode_step (LAYOUT: the repacked planes' layout, 0 "lut" or 1 "vnni")
+enum { LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, GROUP, HALF, CACHE_LEN, VOCAB, LAYOUT, NDIMS };
 
 static inline float dot(const float* a, const float* b, int64_t n) {
     float s = 0.0f;
@@ -64,10 +64,14 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-// Block rb of y = W x for the matrix at p (4 pointers) and a prepared activation row (tab, d)
-static inline void mat_block(const void* const* p, int half, const uint8_t* tab, const float* d, int64_t N, int64_t K,
-                             int64_t g, int64_t rb, int avx2, float* y) {
-    int8_lut_block((const uint8_t*)p[0], (const uint8_t*)p[1], p[2], p[3], half, tab, d, N, K, g, rb, avx2, y);
+// The integer path's settings of one step: scales' dtype, layout, whether its SIMD code runs, group size
+struct Int8Path { int half, layout, simd; int64_t g; };
+
+// Block rb of y = W x for the matrix at p (4 pointers) and a prepared activation row (q, tab, d)
+static inline void mat_block(const void* const* p, const Int8Path& ip, const int8_t* q, const uint8_t* tab,
+                             const float* d, int64_t N, int64_t K, int64_t rb, float* y) {
+    int8_block((const uint8_t*)p[0], (const uint8_t*)p[1], p[2], p[3], ip.half, q, tab, d, N, K, ip.g, rb, ip.layout,
+               ip.simd, y);
 }
 
 // Query head hq of the new token at position pos over the cache (K, V: its KV head's (cache_len x D) rows) and the
@@ -105,7 +109,7 @@ extern "C" {
 // One decode step of a LLaMA model, token `token` at position `pos` (cache rows 0 .. pos - 1 filled): embedding row,
 // then per layer x = norm(h); q, k, v = W x; RoPE (cos / sin: the position's rows, rotate_half's sign baked into
 // sin); attention over the cache (GQA), whose row pos gets k and v; h += o(attn); x = norm(h); h += down(silu(gate x)
-// * up x); finally x = norm(h). Every projection runs the integer path (int8_prepare_row, int8_lut_block) on the
+// * up x); finally x = norm(h). Every projection runs the integer path (int8_prepare_row, int8_block) on the
 // repacked layout; norms and RoPE are dbl_add_rms_norm and dbl_rope, as the Python path calls them. out gets the
 // logits s * (codes x) when head_codes is not null (vocab values), else x (hidden values). kc, vc: (layers,
 // kv_heads, cache_len, head_dim). One parallel region: every thread keeps its own copy of the residual h and of the
@@ -116,7 +120,8 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
                     const float* sin, int64_t token, int64_t pos, float eps, float scaling, float* out, int threads) {
     const int64_t L = dims[LAYERS], E = dims[HIDDEN], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM],
                   I = dims[INTER], g = dims[GROUP], CL = dims[CACHE_LEN], NQKV = (H + 2 * KV) * D;
-    const int half = (int)dims[HALF], avx2 = int8_use_avx2(0), head_avx2 = int8_rows_use_avx2(0);
+    const int layout = (int)dims[LAYOUT], head_avx2 = int8_rows_use_avx2(0);
+    const Int8Path ip = {(int)dims[HALF], layout, int8_simd(0, layout), dims[GROUP]};
     int64_t kmax = E > H * D ? E : H * D;
     kmax = kmax > I ? kmax : I;
     // per thread, in floats: h (E), x (kmax), d (kmax), q and k rotated (D each), scores (pos + 1), then the bytes
@@ -134,15 +139,16 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
         float* me = locals;
 #endif
         float *h = me, *x = h + E, *d = x + kmax, *qr = d + kmax, *kr = qr + D, *scores = kr + D;
-        uint8_t* tab = (uint8_t*)(scores + pos + 1);
-        int8_t* q = (int8_t*)(tab + 8 * kmax);
+        uint8_t* tab_bytes = (uint8_t*)(scores + pos + 1);
+        int8_t* q = (int8_t*)(tab_bytes + 8 * kmax);
+        uint8_t* tab = layout == 0 ? tab_bytes : nullptr;  // the "vnni" layout needs no tables
         memcpy(h, embed + token * E, E * sizeof(float));
         dbl_add_rms_norm(h, nullptr, (const float*)layers[IN_NORM], eps, x, 1, E);
         for (int64_t l = 0; l < L; l++) {
             const void* const* P = layers + l * LAYER_PTRS;
             int8_prepare_row(x, E, g, q, d, tab);
 #pragma omp for schedule(dynamic, 2)
-            for (int64_t rb = 0; rb < (NQKV + 31) / 32; rb++) mat_block(P + QKV, half, tab, d, NQKV, E, g, rb, avx2, qkv);
+            for (int64_t rb = 0; rb < (NQKV + 31) / 32; rb++) mat_block(P + QKV, ip, q, tab, d, NQKV, E, rb, qkv);
             float *K = kc + l * KV * CL * D, *V = vc + l * KV * CL * D;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t hq = 0; hq < H; hq++) {
@@ -151,18 +157,18 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
             }
             int8_prepare_row(attn, H * D, g, q, d, tab);
 #pragma omp for schedule(dynamic, 2)
-            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + O, half, tab, d, E, H * D, g, rb, avx2, y);
+            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + O, ip, q, tab, d, E, H * D, rb, y);
             dbl_add_rms_norm(h, y, (const float*)P[POST_NORM], eps, x, 1, E);
             int8_prepare_row(x, E, g, q, d, tab);
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < I / 32; b++) {  // gate rows 32 b .. and the up rows beside them, then the product
-                mat_block(P + GATE_UP, half, tab, d, 2 * I, E, g, b, avx2, gu);
-                mat_block(P + GATE_UP, half, tab, d, 2 * I, E, g, b + I / 32, avx2, gu);
+                mat_block(P + GATE_UP, ip, q, tab, d, 2 * I, E, b, gu);
+                mat_block(P + GATE_UP, ip, q, tab, d, 2 * I, E, b + I / 32, gu);
                 for (int64_t r = 32 * b; r < 32 * b + 32; r++) act[r] = gu[r] / (1.0f + expf(-gu[r])) * gu[I + r];
             }
             int8_prepare_row(act, I, g, q, d, tab);
 #pragma omp for schedule(dynamic, 2)
-            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + DOWN, half, tab, d, E, I, g, rb, avx2, y);
+            for (int64_t rb = 0; rb < (E + 31) / 32; rb++) mat_block(P + DOWN, ip, q, tab, d, E, I, rb, y);
             const float* next = l + 1 < L ? (const float*)layers[(l + 1) * LAYER_PTRS + IN_NORM] : final_norm;
             dbl_add_rms_norm(h, y, next, eps, x, 1, E);
         }

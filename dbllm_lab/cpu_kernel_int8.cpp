@@ -1,5 +1,7 @@
 // dbllm_lab CPU kernel, integer path (backends "cpu" for 1-4 activation rows and "cpu-int8"): activations
 // quantized to int8 once per call, bit-plane group sums in integers, FDB scales applied per group in fp32.
+// Two layouts of the repacked planes (cpu_kernel.repack_int8), both blocks of 32 output rows: "lut" (AVX2 table
+// lookups) and "vnni" (AVX-512 VNNI byte dot products); each has a portable loop giving the same bits.
 // Formula, layouts and the measurements behind the choices: dbllm_lab/cpu_kernel.py's docstring.
 #include <math.h>
 #include <stdint.h>
@@ -10,7 +12,13 @@
 #include <immintrin.h>
 #define DBLLM_X86 1
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 #endif
+
+enum { LAYOUT_LUT = 0, LAYOUT_VNNI = 1 };  // cpu_kernel.INT8_LAYOUTS
+// Software prefetch distance of the SIMD loops, in bytes of each plane: a page ahead (from memory the hardware
+// prefetchers alone left both loops well short of the stream; 1-4 KiB ahead gave the same times on the Xeon)
+#define PREFETCH_BYTES 4096
 
 // Byte position, inside a 32-byte vector of the repacked layout, of row r of a block of 32 output rows. Rows
 // 8-15 and 16-23 swap places so that the AVX2 byte unpacks below give rows 0-15 and 16-31 in order.
@@ -70,6 +78,27 @@ static void lut_block_portable(const uint8_t* w1, const uint8_t* w2, const void*
     }
 }
 
+// Portable loop over one block of the "vnni" layout: per quad c of columns (4c .. 4c + 3) and half h of the rows
+// (16h .. 16h + 15) a 64-bit word whose bit 4i + j is row 16h + i, column 4c + j; words in (c, h) order. Integer
+// group sums, then the lookup paths' fp32 operations in their order (equal bits).
+static void vnni_block_portable(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int64_t so,
+                                int half, const int8_t* q, const float* d, int64_t K, int64_t g, float* out) {
+    for (int r = 0; r < 32; r++) {
+        float o = 0.0f;
+        for (int64_t gi = 0; gi < K / g; gi++) {
+            int32_t S1 = 0, S2 = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++) {
+                const int64_t bit = 64 * (2 * (k / 4) + r / 16) + 4 * (r % 16) + k % 4;
+                S1 += ((w1[bit >> 3] >> (bit & 7)) & 1) ? q[k] : 0;
+                S2 += ((w2[bit >> 3] >> (bit & 7)) & 1) ? q[k] : 0;
+            }
+            const int64_t i = so + gi * 32 + r;
+            o = fmaf(fmaf((float)S1, scale(s1, i, half), (float)S2 * scale(s2, i, half)), d[gi], o);
+        }
+        out[r] = o;
+    }
+}
+
 #ifdef DBLLM_X86
 AVX2_FN static inline __m256 scales8(const void* s, int64_t i, int half) {
     return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)s + i)))
@@ -100,6 +129,10 @@ AVX2_FN static void lut_block_avx2(const uint8_t* w1, const uint8_t* w2, const v
     for (int64_t gi = 0; gi < K / g; gi++) {
         __m256i p1a = _mm256_setzero_si256(), p1b = p1a, p2a = p1a, p2b = p1a;
         for (int64_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            if (!(c & 1)) {  // one line of each plane per 2 column bytes
+                _mm_prefetch((const char*)w1 + 32 * c + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char*)w2 + 32 * c + PREFETCH_BYTES, _MM_HINT_T0);
+            }
             const __m256i b1 = _mm256_loadu_si256((const __m256i*)(w1 + 32 * c));
             const __m256i b2 = _mm256_loadu_si256((const __m256i*)(w2 + 32 * c));
             const __m128i* t = (const __m128i*)(tab + 64 * c);
@@ -156,63 +189,134 @@ AVX2_FN static float expand_row_avx2(const uint32_t* p1, const uint32_t* p2, con
     }
     return o;
 }
+
+VNNI_FN static inline __m512 scales16(const void* s, int64_t i, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)s + i)))
+                : _mm512_loadu_ps((const float*)s + i);
+}
+
+// acc (16 int32 lanes, one per row) += the sums, per row, of the 4 activations x (the same 4 int8 in every lane)
+// under the row's 4 bits of the mask word: a masked byte move and one vpdpbusd (ones x bytes, 4 per lane)
+VNNI_FN static inline __m512i masked_sums(__m512i acc, uint64_t bits, __m512i x, __m512i ones) {
+    const __m512i b = _mm512_maskz_mov_epi8((__mmask64)bits, x);
+    // the intrinsic, _mm512_dpbusd_epi32(acc, ones, b), made GCC 12 copy every accumulator first (an extra
+    // vector move per vpdpbusd); in place:
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(ones), "v"(b));
+    return acc;
+}
+
+// AVX-512 VNNI path over one block of the "vnni" layout, vnni_block_portable's operands and result: the row
+// sums land in the lanes, so no horizontal reduction; per 4 columns, plane and 16 rows one mask load, one masked
+// move and one vpdpbusd. Two quads per step into separate accumulators (vpdpbusd's latency)
+VNNI_FN static void vnni_block(const uint64_t* w1, const uint64_t* w2, const void* s1, const void* s2, int64_t so,
+                               int half, const int8_t* q, const float* d, int64_t K, int64_t g, float* out) {
+    __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int64_t qpg = g / 4;  // quads per group, a multiple of 8
+    for (int64_t gi = 0; gi < K / g; gi++) {
+        __m512i e10 = _mm512_setzero_si512(), e11 = e10, e20 = e10, e21 = e10, f10 = e10, f11 = e10, f20 = e10,
+                f21 = e10;
+        for (int64_t c = gi * qpg; c < (gi + 1) * qpg; c += 2) {
+            int32_t xa, xb;
+            memcpy(&xa, q + 4 * c, 4);
+            memcpy(&xb, q + 4 * c + 4, 4);
+            const __m512i x0 = _mm512_set1_epi32(xa), x1 = _mm512_set1_epi32(xb);
+            const uint64_t *a = w1 + 2 * c, *b = w2 + 2 * c;
+            if (!(c & 3)) {  // one line of each plane per 4 quads
+                _mm_prefetch((const char*)a + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char*)b + PREFETCH_BYTES, _MM_HINT_T0);
+            }
+            e10 = masked_sums(e10, a[0], x0, ones); e11 = masked_sums(e11, a[1], x0, ones);
+            e20 = masked_sums(e20, b[0], x0, ones); e21 = masked_sums(e21, b[1], x0, ones);
+            f10 = masked_sums(f10, a[2], x1, ones); f11 = masked_sums(f11, a[3], x1, ones);
+            f20 = masked_sums(f20, b[2], x1, ones); f21 = masked_sums(f21, b[3], x1, ones);
+        }
+        const __m512 dv = _mm512_set1_ps(d[gi]);
+        const int64_t i = so + gi * 32;
+        const __m512 t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e10, f10)), scales16(s1, i, half),
+                                          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e20, f20)),
+                                                        scales16(s2, i, half)));
+        const __m512 t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e11, f11)),
+                                          scales16(s1, i + 16, half),
+                                          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(e21, f21)),
+                                                        scales16(s2, i + 16, half)));
+        o0 = _mm512_fmadd_ps(t0, dv, o0);
+        o1 = _mm512_fmadd_ps(t1, dv, o1);
+    }
+    _mm512_storeu_ps(out, o0);
+    _mm512_storeu_ps(out + 16, o1);
+}
 #endif
 
 extern "C" {
-// 1 when the AVX2 paths run here (checked at run time), else 0 (the portable lookup loop)
+// What runs here (checked at run time): 1 when the AVX2 paths can (AVX2, FMA, F16C), + 2 when the AVX-512 VNNI path
+// can (AVX-512 F, BW, VL, VNNI); 0 in a portable build or elsewhere (the portable loops)
 int dbl_int8_isa(void) {
 #ifdef DBLLM_X86
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return avx2 + 2 * vnni;
 #else
     return 0;
 #endif
 }
 }
 
-// One activation row prepared for the lookup path: its int8 codes q (K), group factors d (K/g) and tables tab
-// (K * 8 bytes)
+// One activation row prepared for the integer path: its int8 codes q (K), group factors d (K/g) and, for the "lut"
+// layout, tables tab (K * 8 bytes; null: none made)
 void int8_prepare_row(const float* x, int64_t K, int64_t g, int8_t* q, float* d, uint8_t* tab) {
     quantize_row(x, K, g, q, d);
-    build_tables(q, K, tab);
+    if (tab) build_tables(q, K, tab);
 }
 
-// 1 when the AVX2 lookup path runs here (unless portable), else 0
-int int8_use_avx2(int portable) { return !portable && dbl_int8_isa(); }
+// 1 when the SIMD path of `layout` runs here (unless portable), else 0 (its portable loop)
+int int8_simd(int portable, int layout) { return !portable && (dbl_int8_isa() & (layout == LAYOUT_VNNI ? 2 : 1)); }
 
-// Rows 32 rb .. min(N, 32 rb + 32) - 1 of y = W x for one prepared row (tab, d), from the repacked layout
-void int8_lut_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half,
-                    const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int avx2,
-                    float* y) {
+// Rows 32 rb .. min(N, 32 rb + 32) - 1 of y = W x for one prepared row (q, tab, d), from the repacked layout
+void int8_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2, int half, const int8_t* q,
+                const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int layout, int simd,
+                float* y) {
     float out[32];
     const int64_t rows = N - 32 * rb < 32 ? N - 32 * rb : 32, wo = rb * (K / 8) * 32, so = rb * (K / g) * 32;
+    if (layout == LAYOUT_VNNI) {
 #ifdef DBLLM_X86
-    if (avx2) lut_block_avx2(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
-    else
-#else
-    (void)avx2;
+        if (simd) vnni_block((const uint64_t*)(w1 + wo), (const uint64_t*)(w2 + wo), s1, s2, so, half, q, d, K, g, out);
+        else
 #endif
-    lut_block_portable(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
+        vnni_block_portable(w1 + wo, w2 + wo, s1, s2, so, half, q, d, K, g, out);
+    } else {
+#ifdef DBLLM_X86
+        if (simd) lut_block_avx2(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
+        else
+#endif
+        lut_block_portable(w1 + wo, w2 + wo, s1, s2, so, half, tab, d, K, g, out);
+    }
+    (void)simd;
     memcpy(y + 32 * rb, out, rows * sizeof(float));
 }
 
 extern "C" {
-// y (M x N, fp32) from the repacked layout (cpu_kernel.repack_int8): w1, w2 (ceil(N/32) x K/8 x 32 bytes), scales
-// s1, s2 (ceil(N/32) x K/g x 32, fp16 or fp32). portable = 1 forces the portable loop. Returns 0, or -1 when out of
-// memory. The weights of a block of 32 rows are read from memory once and reused from cache for every row of x.
-int dbl_matmul_int8_lut(const float* x, int64_t M, const uint8_t* w1, const uint8_t* w2, const void* s1,
-                        const void* s2, int half, float* y, int64_t N, int64_t K, int64_t g, int threads,
-                        int portable) {
+// y (M x N, fp32) from the repacked layout (cpu_kernel.repack_int8): w1, w2 (ceil(N/32) x K/8 x 32 bytes, `layout`
+// 0 "lut" or 1 "vnni"), scales s1, s2 (ceil(N/32) x K/g x 32, fp16 or fp32). portable = 1 forces the portable loop.
+// Returns 0, or -1 when out of memory. The weights of a block of 32 rows are read from memory once and reused from
+// cache for every row of x.
+int dbl_matmul_int8(const float* x, int64_t M, const uint8_t* w1, const uint8_t* w2, const void* s1, const void* s2,
+                    int half, float* y, int64_t N, int64_t K, int64_t g, int threads, int layout, int portable) {
     const int64_t G = K / g, NB = (N + 31) / 32;
+    const int lut = layout == LAYOUT_LUT;
     int8_t* q = (int8_t*)malloc(M * K);
     float* d = (float*)malloc(M * G * sizeof(float));
-    uint8_t* tab = (uint8_t*)malloc(M * K * 8);  // 32 bytes per 4 activations
-    if (!q || !d || !tab) { free(q); free(d); free(tab); return -1; }
-    for (int64_t m = 0; m < M; m++) int8_prepare_row(x + m * K, K, g, q + m * K, d + m * G, tab + m * K * 8);
-    const int avx2 = int8_use_avx2(portable);
+    uint8_t* tab = lut ? (uint8_t*)malloc(M * K * 8) : nullptr;  // 32 bytes per 4 activations
+    if (!q || !d || (lut && !tab)) { free(q); free(d); free(tab); return -1; }
+    for (int64_t m = 0; m < M; m++)
+        int8_prepare_row(x + m * K, K, g, q + m * K, d + m * G, lut ? tab + m * K * 8 : nullptr);
+    const int simd = int8_simd(portable, layout);
 #pragma omp parallel for schedule(dynamic, 2) num_threads(threads)
     for (int64_t rb = 0; rb < NB; rb++)
         for (int64_t m = 0; m < M; m++)
-            int8_lut_block(w1, w2, s1, s2, half, tab + m * K * 8, d + m * G, N, K, g, rb, avx2, y + m * N);
+            int8_block(w1, w2, s1, s2, half, q + m * K, lut ? tab + m * K * 8 : nullptr, d + m * G, N, K, g, rb,
+                       layout, simd, y + m * N);
     free(q); free(d); free(tab);
     return 0;
 }
@@ -222,7 +326,7 @@ int dbl_matmul_int8_lut(const float* x, int64_t M, const uint8_t* w1, const uint
 int dbl_matmul_int8_expand(const float* x, int64_t M, const int32_t* p1, const int32_t* p2, const void* a1,
                            const void* a2, int half, float* y, int64_t N, int64_t K, int64_t g, int threads) {
 #ifdef DBLLM_X86
-    if (!dbl_int8_isa()) return -2;
+    if (!(dbl_int8_isa() & 1)) return -2;
     const int64_t G = K / g;
     int8_t* q = (int8_t*)malloc(M * K);
     float* d = (float*)malloc(M * G * sizeof(float));

@@ -117,7 +117,8 @@ def _fused_int8(modules):
         return parts[0]
     w1, w2, s1, s2 = (torch.cat([getattr(p, f) for p in parts]) for f in ("w1", "w2", "s1", "s2"))
     ptrs = (w1.data_ptr(), w2.data_ptr(), s1.data_ptr(), s2.data_ptr(), int(s1.dtype == torch.float16))
-    return cpu_kernel.Int8Weights(w1, w2, s1, s2, sum(p.N for p in parts), parts[0].K, parts[0].group_size, ptrs)
+    return cpu_kernel.Int8Weights(w1, w2, s1, s2, sum(p.N for p in parts), parts[0].K, parts[0].group_size, ptrs,
+                                  parts[0].layout)
 
 
 class Norm:

@@ -28,8 +28,8 @@ def why_not(decoder):
     projections = [getattr(b, f) for b in decoder.blocks for f in LAYER_FIELDS]
     if any(p.path not in ("cpu", "cpu-int8") or p.int8 is None or p.bias is not None for p in projections):
         return "a projection is not a packed layer on the fused integer path without bias"
-    if len({(p.int8.group_size, p.int8.ptrs[4]) for p in projections}) != 1:
-        return "the projections' group sizes or scale dtypes differ"
+    if len({(p.int8.group_size, p.int8.ptrs[4], p.int8.layout) for p in projections}) != 1:
+        return "the projections' group sizes, scale dtypes or integer layouts differ"
     if any(type(b.act).__name__ not in SILU for b in decoder.blocks) or len({b.scaling for b in decoder.blocks}) != 1:
         return "an activation is not SiLU, or the attention scalings differ"
     if decoder.heads % decoder.kv_heads or not decoder.embed.weight.is_contiguous():
@@ -51,9 +51,9 @@ class NativeStep:
         self.int8_head = decoder.lm_head_kind == "int8"
         self.vocab = decoder.head.codes.shape[0] if self.int8_head else self.hidden
         fields = b0.qkv.int8
-        self.dims = (ctypes.c_int64 * 10)(len(decoder.blocks), self.hidden, decoder.heads, decoder.kv_heads,
+        self.dims = (ctypes.c_int64 * 11)(len(decoder.blocks), self.hidden, decoder.heads, decoder.kv_heads,
                                           decoder.head_dim, b0.down.int8.K, fields.group_size, fields.ptrs[4], 0,
-                                          self.vocab)
+                                          self.vocab, cpu_kernel.INT8_LAYOUTS.index(fields.layout))
         self.eps, self.scaling = float(decoder.norm.eps), float(b0.scaling)
 
     def __call__(self, token, pos):

@@ -138,8 +138,10 @@ def test_real_embedded_layer(embedded):
             close(x @ layer.dequantize().T, ref, f"dense M={M}", rtol=1e-4)
 
 
-INT8_BUILDS = [("lut", False), ("lut-portable", False), ("expand", False), ("lut", True)]
-INT8_IDS = ["avx2-lut", "portable-lut", "avx2-expand", "generic-build"]
+INT8_BUILDS = [("lut", False), ("lut-portable", False), ("vnni", False), ("vnni-portable", False),
+               ("expand", False), ("lut", True), ("vnni", True)]
+INT8_IDS = ["avx2-lut", "portable-lut", "avx512-vnni", "portable-vnni", "avx2-expand", "generic-build-lut",
+            "generic-build-vnni"]
 
 
 def int8_run(x, p1, p2, a1, a2, g, variant, generic, **kw):
@@ -153,7 +155,7 @@ def int8_run(x, p1, p2, a1, a2, g, variant, generic, **kw):
                                      (64, 128, 64)])
 def test_int8_matches_its_reference_on_ragged_shapes(N, Kin, g, variant, generic):
     """Batch 1-4 (the decode path) and above, out not a multiple of the 32-row blocks, every group size allowed;
-    every build gives the bits of the AVX2 lookup path."""
+    every build and layout gives the same bits (those of this CPU's default variant)."""
     for M in (1, 2, 3, 4, 5, 9, 17):
         for scale_dtype in (torch.float16, torch.float32):
             p1, p2, a1, a2 = make(N, Kin, g, scale_dtype, seed=M)
@@ -165,7 +167,7 @@ def test_int8_matches_its_reference_on_ragged_shapes(N, Kin, g, variant, generic
             assert y.data_ptr() == out.data_ptr()
             what = f"N={N} K={Kin} g={g} M={M} scales={scale_dtype} {variant} generic={generic}"
             close(y, ref, what, rtol=2e-6)
-            assert torch.equal(y, C.int8_matmul_cpu(x, p1, p2, a1, a2, g)), f"{what}: other bits than avx2-lut"
+            assert torch.equal(y, C.int8_matmul_cpu(x, p1, p2, a1, a2, g)), f"{what}: other bits than the default variant"
 
 
 @pytest.mark.parametrize("variant,generic", INT8_BUILDS, ids=INT8_IDS)
@@ -183,6 +185,32 @@ def test_int8_group_sums_are_exact(variant, generic):
         y = int8_run(x.float(), pack_bits(b1), pack_bits(b2), ones, 256 * ones, g, variant, generic)
         want = (x @ b1.long().T + 256 * (x @ b2.long().T)).float()
         assert torch.equal(y, want), f"M={M}: {(y - want).abs().max().item()} off, seed={SEED}"
+
+
+def test_int8_layouts_put_each_bit_where_documented():
+    """repack_int8's two layouts, read back bit by bit as their docstring (and the portable C++ loops) index them:
+    'lut' byte c of row POS[r] at [block, c, r]; 'vnni' bit 4i + j of word (c, h) = row 16h + i, column 4c + j.
+    Padding rows (N = 45 -> 64) are zero."""
+    N, Kin, g = 45, 96, 32
+    b = (torch.rand(2, N, Kin, generator=torch.Generator().manual_seed(SEED)) < 0.5).to(torch.uint8)
+    p1, p2 = pack_bits(b[0]), pack_bits(b[1])
+    a = torch.randn(N, Kin // g, generator=torch.Generator().manual_seed(SEED)).half()
+    full = torch.cat([b, b.new_zeros(2, 64 - N, Kin)], 1)  # the planes with the zero padding rows
+    lut, vnni = C.repack_int8(p1, p2, a, a, g, "lut"), C.repack_int8(p1, p2, a, a, g, "vnni")
+    assert lut.w1.shape == vnni.w1.shape == (2, Kin // 8, 32) and lut.layout == "lut" and vnni.layout == "vnni"
+    for plane, (wl, wv) in enumerate(((lut.w1, vnni.w1), (lut.w2, vnni.w2))):
+        lut_bits = (wl.view(2, Kin // 8, 32, 1).long() >> torch.arange(8)) & 1  # block, byte c, slot, bit
+        vnni_bits = (wv.reshape(2, -1, 1).long() >> torch.arange(8)) & 1  # block, byte, bit
+        for n in range(64):
+            rb, r = divmod(n, 32)
+            want = full[plane, n]
+            got_lut = lut_bits[rb, :, C._POS.index(r)].reshape(-1)  # columns 8c + i in order
+            k = torch.arange(Kin)
+            bit = 64 * (2 * (k // 4) + r // 16) + 4 * (r % 16) + k % 4
+            got_vnni = vnni_bits[rb].reshape(-1)[bit]
+            assert torch.equal(got_lut.to(torch.uint8), want), f"lut plane {plane + 1} row {n}"
+            assert torch.equal(got_vnni.to(torch.uint8), want), f"vnni plane {plane + 1} row {n}"
+    assert torch.equal(lut.s1, vnni.s1) and torch.equal(lut.s1[1, :, 13:], torch.zeros(Kin // g, 19).half())
 
 
 def test_int8_error_against_the_exact_path():
@@ -228,8 +256,12 @@ def test_int8_error_on_real_activations(embedded):
 def test_int8_bad_input():
     p1, p2, a1, a2 = make(16, 512, 64)
     x = torch.randn(2, 512)
-    with pytest.raises(ValueError, match="variant='vnni' is not one of"):
-        C.int8_matmul_cpu(x, p1, p2, a1, a2, 64, variant="vnni")
+    with pytest.raises(ValueError, match="variant='avx512' is not one of"):
+        C.int8_matmul_cpu(x, p1, p2, a1, a2, 64, variant="avx512")
+    with pytest.raises(ValueError, match="layout='vnni512' is not one of"):
+        C.repack_int8(p1, p2, a1, a2, 64, layout="vnni512")
+    with pytest.raises(ValueError, match="packed is in layout 'lut'; variant 'vnni' reads 'vnni'"):
+        C.int8_matmul_cpu(x, p1, p2, a1, a2, 64, variant="vnni", packed=C.repack_int8(p1, p2, a1, a2, 64, "lut"))
     p1, p2, a1, a2 = make(16, 512, 512)
     with pytest.raises(ValueError, match="group_size=512 is too large for the integer path"):
         C.int8_matmul_cpu(x, p1, p2, a1, a2, 512)

@@ -122,16 +122,19 @@ def python_path_twin(model, lm_head):
 
 
 @needs_kernel
-@pytest.mark.parametrize("lm_head", ["exact", "int8"])
-def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head):
+@pytest.mark.parametrize("lm_head,layout", [("exact", "lut"), ("int8", "lut"), ("int8", "vnni")])
+def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head, layout, monkeypatch):
     """The one-call C++ decode step (dbllm_lab.decode_step) against the Python path on the embedded SmolLM2 (GQA,
     cut to 6 blocks) packed on backend 'cpu': the same integer kernel on the same bits; attention and SiLU are C++
     loops in place of torch's, so a step's logits differ by fp32 reassociation (~3e-7 of max |logit|), unless an
     activation lies on an int8 rounding boundary: then one code differs by 1 and the difference (~3e-3) stays in the
     KV cache, less than the integer path's own distance from the exact fp32 forward of the same tokens. When the first
     flip comes depends on the machine (the last 2 of 12 steps on an AVX2 Zen 2, the last 6 on an AVX-512 Zen 4), so
-    only the prompt's logits are held to 1e-5. Same greedy tokens."""
+    only the prompt's logits are held to 1e-5. Same greedy tokens. Both integer layouts (each runs its SIMD code
+    where the CPU has it, else its portable loop)."""
+    from dbllm_lab import cpu_kernel
     from dbllm_lab.packed_linear import pack_model
+    monkeypatch.setattr(cpu_kernel, "int8_layout", lambda generic=False: layout)
     from dbllm_lab.quantize import quantize_model
     model, tok = embedded
     small = copy.deepcopy(model)
@@ -142,6 +145,7 @@ def test_native_step_is_the_python_path_on_the_embedded_model(embedded, lm_head)
     set_backend(small, "cpu")
     ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
     native, python = python_path_twin(small, lm_head)
+    assert native.blocks[0].qkv.int8.layout == layout
     tokens, logits = native.generate(ids, 12, return_logits=True)
     tokens_ref, logits_ref = python.generate(ids, 12, return_logits=True)
     assert tokens == tokens_ref
