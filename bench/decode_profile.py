@@ -15,7 +15,8 @@ Per model (the packed checkpoint on backend 'cpu', the FP32 model) and thread co
     one-call C++ step (``dbllm_lab.decode_step``) where it applies (``native_step``: the packed model);
     ``python_int8_head_ms``: the same loop with the int8 head and that step switched off (the Python path: one
     call per operation); ``lean_projections_ms``: the Python path's projection calls alone (q/k/v and gate/up fused
-    where packed), ``int8_head_ms``: the int8 head on one token, ``python_rest_ms`` = python_int8_head_ms -
+    where packed), ``int8_head_ms``: the int8 head on one token (``int8_head_avx2_ms``: on its AVX2 loop, where the
+    CPU has a faster one; ``cpu_kernel.INT8_ROWS_LOOPS``), ``python_rest_ms`` = python_int8_head_ms -
     projections - int8 head: the norms, RoPE, attention, SiLU * up and residuals as Python and torch calls.
 Components are timed apart, each as a loop of repeated calls (warm caches), so the parts are estimates that need
 not add up exactly. Perplexity (``--ppl-windows``, default the 40 dev windows of WikiText-2 test at seqlen 512): the
@@ -77,6 +78,7 @@ def lean_step_ms(model, ids, tokens, native):
 
 def profile(model, tok, label, tokens, reps):
     """The row of one model (module docstring)."""
+    from dbllm_lab import cpu_kernel
     from dbllm_lab.decode import Int8LMHead, LeanDecoder
     from dbllm_lab.generate import greedy_generate
     from dbllm_lab.model import quantizable_linears
@@ -95,6 +97,8 @@ def profile(model, tok, label, tokens, reps):
         head_ms = per_call_ms(lambda: head(h), reps * 4)
         int8_head = Int8LMHead(head.weight)
         int8_ms = per_call_ms(lambda: int8_head(h[0]), reps * 4)
+        int8_avx2_ms = per_call_ms(lambda: cpu_kernel.int8_rows_matmul_cpu(h[0], int8_head.codes, int8_head.scales,
+                                                                            loop="avx2"), reps * 4)
         decoder = LeanDecoder(model)
         native = decoder.native is not None
         calls = [(p, torch.randn(1, p.modules[0].in_features)) for b in decoder.blocks
@@ -108,7 +112,8 @@ def profile(model, tok, label, tokens, reps):
             "hf_generate_overhead_ms": per_token["hf"] - forward, "linear_calls": len(linears), "linear_ms": linear,
             "lm_head_ms": head_ms, "hf_rest_ms": forward - linear - head_ms,
             "lean_ms": per_token["lean"], "lean_projection_calls": len(calls), "lean_projections_ms": projections,
-            "lean_int8_head_ms": per_token["lean8"], "int8_head_ms": int8_ms, "native_step": native,
+            "lean_int8_head_ms": per_token["lean8"], "int8_head_ms": int8_ms, "int8_head_avx2_ms": int8_avx2_ms,
+            "native_step": native,
             "python_int8_head_ms": python_ms, "python_int8_head_tokens_per_s": 1e3 / python_ms,
             "python_rest_ms": python_ms - projections - int8_ms,
             "same_tokens_hf_lean": hf["token_ids"] == lean["token_ids"],
@@ -167,7 +172,7 @@ def main():
                   columns=["model", "threads", "hf_tokens_per_s", "lean_tokens_per_s", "lean_int8_head_tokens_per_s",
                            "hf_generate_overhead_ms", "hf_forward_ms", "linear_ms", "lm_head_ms", "hf_rest_ms",
                            "lean_ms", "native_step", "python_int8_head_tokens_per_s", "python_int8_head_ms",
-                           "lean_projections_ms", "python_rest_ms", "int8_head_ms"])
+                           "lean_projections_ms", "python_rest_ms", "int8_head_ms", "int8_head_avx2_ms"])
 
 
 if __name__ == "__main__":

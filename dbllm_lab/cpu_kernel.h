@@ -1,6 +1,9 @@
 // Shared helpers of the dbllm_lab CPU kernel sources (cpu_kernel.cpp: exact fp32 path and FDB rounding;
 // cpu_kernel_int8.cpp: integer path). Compiled and loaded by dbllm_lab/cpu_kernel.py.
 #pragma once
+// Software prefetch distance of the SIMD loops (integer path and int8 rows), in bytes ahead in each stream: a page
+// (from memory the hardware prefetchers alone left the loops well short of the stream; 1-4 KiB gave the same times)
+#define PREFETCH_BYTES 4096
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__)
@@ -36,8 +39,8 @@ void int8_block(const uint8_t* w1, const uint8_t* w2, const void* s1, const void
                 const uint8_t* tab, const float* d, int64_t N, int64_t K, int64_t g, int64_t rb, int layout, int simd,
                 float* y);
 // cpu_kernel_head.cpp, int8 weight rows: rows 4 b .. of y = s * (w x), one activation row x
-int int8_rows_use_avx2(int portable);
-void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N, int64_t K, int64_t b, int avx2,
+int int8_rows_isa(int cap);
+void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N, int64_t K, int64_t b, int isa,
                      float* y);
 // cpu_kernel_decode.cpp
 extern "C" void dbl_add_rms_norm(float* h, const float* delta, const float* w, float eps, float* out, int64_t rows,

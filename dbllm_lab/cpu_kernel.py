@@ -408,10 +408,16 @@ def quantize_rows_int8(w):
     return codes.to(torch.int8).contiguous(), s.contiguous()
 
 
-def int8_rows_matmul_cpu(x, codes, scales, threads=None, portable=False):
+INT8_ROWS_LOOPS = ("portable", "avx2", "avx512")  # cpu_kernel_head.cpp's loops, slowest first
+
+
+def int8_rows_matmul_cpu(x, codes, scales, threads=None, loop="avx512"):
     """y = x @ (scales[:, None] * codes).T with the int8 rows read as they are (``cpu_kernel_head.cpp``): x (..., K)
     fp32, codes (N, K) int8, scales (N,) fp32 -> (..., N) fp32. Activations stay fp32 (weight-only quantization).
-    ``portable`` forces the portable loop (same sums in another order)."""
+    ``loop``: the fastest of ``INT8_ROWS_LOOPS`` to use where the CPU has it (tests force the slower ones: the same
+    sums in other orders)."""
+    if loop not in INT8_ROWS_LOOPS:
+        raise ValueError(f"loop={loop!r} is not one of {INT8_ROWS_LOOPS}")
     if x.dtype != torch.float32 or codes.dtype != torch.int8 or scales.dtype != torch.float32:
         raise TypeError(f"int8_rows_matmul_cpu takes fp32 x, int8 codes and fp32 scales, got {x.dtype}, "
                         f"{codes.dtype}, {scales.dtype}")
@@ -425,7 +431,7 @@ def int8_rows_matmul_cpu(x, codes, scales, threads=None, portable=False):
     y = torch.empty(x2.shape[0], N, dtype=torch.float32)
     if x2.shape[0] and N:
         load().dbl_int8_rows_matmul(x2.data_ptr(), x2.shape[0], codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                                    N, K, threads or torch.get_num_threads(), int(portable))
+                                    N, K, threads or torch.get_num_threads(), INT8_ROWS_LOOPS.index(loop))
     return y.view(*x.shape[:-1], N)
 
 

@@ -120,7 +120,7 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
                     const float* sin, int64_t token, int64_t pos, float eps, float scaling, float* out, int threads) {
     const int64_t L = dims[LAYERS], E = dims[HIDDEN], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM],
                   I = dims[INTER], g = dims[GROUP], CL = dims[CACHE_LEN], NQKV = (H + 2 * KV) * D;
-    const int layout = (int)dims[LAYOUT], head_avx2 = int8_rows_use_avx2(0);
+    const int layout = (int)dims[LAYOUT], head_isa = int8_rows_isa(2);
     const Int8Path ip = {(int)dims[HALF], layout, int8_simd(0, layout), dims[GROUP]};
     int64_t kmax = E > H * D ? E : H * D;
     kmax = kmax > I ? kmax : I;
@@ -175,7 +175,7 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
         if (head_codes) {
 #pragma omp for schedule(dynamic, 64)
             for (int64_t b = 0; b < (dims[VOCAB] + 3) / 4; b++)
-                int8_rows_block(head_codes, head_scales, x, dims[VOCAB], E, b, head_avx2, out);
+                int8_rows_block(head_codes, head_scales, x, dims[VOCAB], E, b, head_isa, out);
         } else {
 #pragma omp single
             memcpy(out, x, E * sizeof(float));

@@ -16,9 +16,6 @@
 #endif
 
 enum { LAYOUT_LUT = 0, LAYOUT_VNNI = 1 };  // cpu_kernel.INT8_LAYOUTS
-// Software prefetch distance of the SIMD loops, in bytes of each plane: a page ahead (from memory the hardware
-// prefetchers alone left both loops well short of the stream; 1-4 KiB ahead gave the same times on the Xeon)
-#define PREFETCH_BYTES 4096
 
 // Byte position, inside a 32-byte vector of the repacked layout, of row r of a block of 32 output rows. Rows
 // 8-15 and 16-23 swap places so that the AVX2 byte unpacks below give rows 0-15 and 16-31 in order.

@@ -172,8 +172,8 @@ def test_native_step_grows_the_cache_and_falls_back(tiny):
 
 @needs_kernel
 def test_int8_head_is_its_dequantized_weight():
-    """The int8 rows kernel (AVX2 and portable) and the prefill path equal x @ (s * codes).T; the codes are within
-    half a step of the weight."""
+    """The int8 rows kernel (each of its loops, K = 72 not a multiple of their widths) and the prefill path equal
+    x @ (s * codes).T; the codes are within half a step of the weight."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(203, 72, generator=gen)
     w[5] = 0  # an all-zero row: scale 0, codes 0
@@ -184,8 +184,11 @@ def test_int8_head_is_its_dequantized_weight():
         x = torch.randn(rows, 72, generator=gen)
         ref = x @ deq.T
         assert torch.allclose(head(x), ref, atol=1e-5, rtol=1e-5)
-        assert torch.allclose(cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, portable=True), ref,
-                              atol=1e-5, rtol=1e-5)
+        for loop in cpu_kernel.INT8_ROWS_LOOPS:
+            assert torch.allclose(cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, loop=loop), ref,
+                                  atol=1e-5, rtol=1e-5), loop
+    with pytest.raises(ValueError, match="loop='avx1024' is not one of"):
+        cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, loop="avx1024")
 
 
 @needs_kernel
