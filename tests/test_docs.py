@@ -1,4 +1,5 @@
-"""Every number the README's result tables quote comes from a committed result file."""
+"""Every number the README, docs/findings.md and docs/results.md quote, in tables and in prose, comes from a
+committed result file (tables: bench/update_readme.py; prose: the claims lists below)."""
 import os
 import sys
 
