@@ -341,10 +341,11 @@ def repack_int8(p1, p2, a1, a2, group_size, layout=None):
     def planes(p):
         if layout == "lut":
             return rows_padded(p.view(torch.uint8)).view(NB, BLOCK_ROWS, KW * 4)[:, _POS].transpose(1, 2).contiguous()
-        bits = unpack_bits(rows_padded(p)).view(NB, 2, 16, KW * 8, 4)  # block, half, row i, quad c, column j
-        bits = bits.permute(0, 3, 1, 2, 4).reshape(NB, KW * 8, 2, 8, 8)  # ... half, the word's bytes, their bits
-        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
-        return (bits.to(torch.int32) * weights).sum(-1).to(torch.uint8).view(NB, KW * 4, BLOCK_ROWS)
+        # a row's 4 bits of quad c are a nibble of its byte c // 2; byte b of a word holds rows 2b and 2b + 1
+        rows = rows_padded(p).view(torch.uint8).view(NB, 2, 8, 2, KW * 4)  # block, half, b, row of the pair, byte
+        nibbles = torch.stack((rows & 15, rows >> 4), -1).view(NB, 2, 8, 2, KW * 8)  # ..., quad c
+        words = nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)  # block, half, b, quad c
+        return words.permute(0, 3, 1, 2).contiguous().view(NB, KW * 4, BLOCK_ROWS)
 
     def scales(a):
         return rows_padded(a).view(NB, BLOCK_ROWS, -1).transpose(1, 2).contiguous()
