@@ -246,6 +246,11 @@ def findings_claims():
                       f"{head2['int8_head_avx2_ms']:.3f} ms on its AVX2 loop (warm, repeated calls); a whole decode "
                       f"step with it takes {head2['lean_int8_head_ms']:.2f} ms. On `best` (seed 0) the int8 head moves "
                       f"dev PPL from {head_ppl['ppl_exact_head']:.2f} to {head_ppl['ppl_int8_head']:.2f}"),
+        ("Xeon head format", f"llama.cpp stores this model's tied embedding as {ll['Q4_0']['embedding_type']} in its "
+                             f"Q4_0 and Q2_K files" if ll["Q4_0"]["embedding_type"] == ll["Q2_K"]["embedding_type"]
+                             else "the two llama.cpp files' embedding types differ"),
+        ("Xeon drift", f"had Q4_0 at {ll['Q4_0']['decode_tok_s_t2']:.1f} (± {ll['Q4_0']['decode_tok_s_t2_sd']:.1f}) "
+                       "at 2 threads"),
         ("Xeon decode", f"{dx[('packed cpu', 'int8', 2)]:.1f} tok/s at 2 threads against llama.cpp's Q4_0 "
                         f"{dx[('llama.cpp Q4_0', 2)]:.1f} (± {sx[('llama.cpp Q4_0', 2)]:.1f}) and Q2_K "
                         f"{dx[('llama.cpp Q2_K', 2)]:.1f} (± {sx[('llama.cpp Q2_K', 2)]:.1f}); at 1 thread "
