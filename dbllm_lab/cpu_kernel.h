@@ -4,6 +4,10 @@
 // Software prefetch distance of the SIMD loops (integer path and int8 rows), in bytes ahead in each stream: a page
 // (from memory the hardware prefetchers alone left the loops well short of the stream; 1-4 KiB gave the same times)
 #define PREFETCH_BYTES 4096
+// Layouts of the integer path's repacked planes (cpu_kernel.INT8_LAYOUTS) and the int8-rows loops
+// (cpu_kernel.INT8_ROWS_LOOPS), as the Python side numbers them
+enum { LAYOUT_LUT = 0, LAYOUT_VNNI = 1 };
+enum { ROWS_PORTABLE = 0, ROWS_AVX2 = 1, ROWS_AVX512 = 2 };
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__)

@@ -120,7 +120,7 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
                     const float* sin, int64_t token, int64_t pos, float eps, float scaling, float* out, int threads) {
     const int64_t L = dims[LAYERS], E = dims[HIDDEN], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM],
                   I = dims[INTER], g = dims[GROUP], CL = dims[CACHE_LEN], NQKV = (H + 2 * KV) * D;
-    const int layout = (int)dims[LAYOUT], head_isa = int8_rows_isa(2);
+    const int layout = (int)dims[LAYOUT], head_isa = int8_rows_isa(ROWS_AVX512);
     const Int8Path ip = {(int)dims[HALF], layout, int8_simd(0, layout), dims[GROUP]};
     int64_t kmax = E > H * D ? E : H * D;
     kmax = kmax > I ? kmax : I;
@@ -141,7 +141,7 @@ int dbl_decode_step(const int64_t* dims, const void* const* layers, const float*
         float *h = me, *x = h + E, *d = x + kmax, *qr = d + kmax, *kr = qr + D, *scores = kr + D;
         uint8_t* tab_bytes = (uint8_t*)(scores + pos + 1);
         int8_t* q = (int8_t*)(tab_bytes + 8 * kmax);
-        uint8_t* tab = layout == 0 ? tab_bytes : nullptr;  // the "vnni" layout needs no tables
+        uint8_t* tab = layout == LAYOUT_LUT ? tab_bytes : nullptr;  // the "vnni" layout needs no tables
         memcpy(h, embed + token * E, E * sizeof(float));
         dbl_add_rms_norm(h, nullptr, (const float*)layers[IN_NORM], eps, x, 1, E);
         for (int64_t l = 0; l < L; l++) {

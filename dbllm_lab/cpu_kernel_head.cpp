@@ -64,11 +64,11 @@ __attribute__((target("avx512f,fma"))) static void rows4_avx512(const int8_t* w,
 }
 #endif
 
-// The loop that runs here, at most `cap`: 2 AVX-512, 1 AVX2, 0 portable (checked at run time)
+// The loop that runs here (ROWS_*, checked at run time), at most `cap`
 int int8_rows_isa(int cap) {
 #ifdef DBLLM_HEAD_X86
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const int level = avx2 ? 1 + (__builtin_cpu_supports("avx512f") != 0) : 0;
+    const int level = !avx2 ? ROWS_PORTABLE : __builtin_cpu_supports("avx512f") ? ROWS_AVX512 : ROWS_AVX2;
     return level < cap ? level : cap;
 #else
     (void)cap;
@@ -82,8 +82,8 @@ void int8_rows_block(const int8_t* w, const float* s, const float* x, int64_t N,
     const int64_t n0 = 4 * b, rows = N - n0 < 4 ? N - n0 : 4;
     float out[4];
 #ifdef DBLLM_HEAD_X86
-    if (isa == 2 && rows == 4) rows4_avx512(w + n0 * K, x, K, out);
-    else if (isa == 1 && rows == 4) rows4_avx2(w + n0 * K, x, K, out);
+    if (isa == ROWS_AVX512 && rows == 4) rows4_avx512(w + n0 * K, x, K, out);
+    else if (isa == ROWS_AVX2 && rows == 4) rows4_avx2(w + n0 * K, x, K, out);
     else
 #else
     (void)isa;

@@ -15,7 +15,6 @@
 #define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 #endif
 
-enum { LAYOUT_LUT = 0, LAYOUT_VNNI = 1 };  // cpu_kernel.INT8_LAYOUTS
 
 // Byte position, inside a 32-byte vector of the repacked layout, of row r of a block of 32 output rows. Rows
 // 8-15 and 16-23 swap places so that the AVX2 byte unpacks below give rows 0-15 and 16-31 in order.
