@@ -16,7 +16,7 @@ Per model (the packed checkpoint on backend 'cpu', the FP32 model) and thread co
     ``python_int8_head_ms``: the same loop with the int8 head and that step switched off (the Python path: one
     call per operation); ``lean_projections_ms``: the Python path's projection calls alone (q/k/v and gate/up fused
     where packed), ``int8_head_ms``: the int8 head on one token (``int8_head_avx2_ms``: on its AVX2 loop, where the
-    CPU has a faster one; ``cpu_kernel.INT8_ROWS_LOOPS``), ``python_rest_ms`` = python_int8_head_ms -
+    CPU has a faster one; ``decode.INT8_ROWS_LOOPS``), ``python_rest_ms`` = python_int8_head_ms -
     projections - int8 head: the norms, RoPE, attention, SiLU * up and residuals as Python and torch calls.
 Components are timed apart, each as a loop of repeated calls (warm caches), so the parts are estimates that need
 not add up exactly. Perplexity (``--ppl-windows``, default the 40 dev windows of WikiText-2 test at seqlen 512): the
@@ -78,8 +78,7 @@ def lean_step_ms(model, ids, tokens, native):
 
 def profile(model, tok, label, tokens, reps):
     """The row of one model (module docstring)."""
-    from dbllm_lab import cpu_kernel
-    from dbllm_lab.decode import Int8LMHead, LeanDecoder
+    from dbllm_lab.decode import Int8LMHead, LeanDecoder, int8_rows_matmul_cpu
     from dbllm_lab.generate import greedy_generate
     from dbllm_lab.model import quantizable_linears
     ids = tok(PROMPT, return_tensors="pt").input_ids
@@ -97,8 +96,8 @@ def profile(model, tok, label, tokens, reps):
         head_ms = per_call_ms(lambda: head(h), reps * 4)
         int8_head = Int8LMHead(head.weight)
         int8_ms = per_call_ms(lambda: int8_head(h[0]), reps * 4)
-        int8_avx2_ms = per_call_ms(lambda: cpu_kernel.int8_rows_matmul_cpu(h[0], int8_head.codes, int8_head.scales,
-                                                                            loop="avx2"), reps * 4)
+        int8_avx2_ms = per_call_ms(lambda: int8_rows_matmul_cpu(h[0], int8_head.codes, int8_head.scales, loop="avx2"),
+                                   reps * 4)
         decoder = LeanDecoder(model)
         native = decoder.native is not None
         calls = [(p, torch.randn(1, p.modules[0].in_features)) for b in decoder.blocks

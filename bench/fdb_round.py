@@ -1,4 +1,4 @@
-"""Speed of the FDB rounding: ``quant.fdb_round`` (its C++ form ``cpu_kernel.fdb_round_cpu`` where a compiler is
+"""Speed of the FDB rounding: ``quant.fdb_round`` (its C++ form ``quant.fdb_round_cpu`` where a compiler is
 available: ``settings.fdb_round_path``) against its torch form ``fdb_round_torch`` (sorted levels, three midpoint
 comparisons per weight) and the two forms that one replaced: the literal reference (distances to all four levels,
 argmin over (distance, |level|), gather) and the training-only form train.py used to swap in (midpoint thresholds,
@@ -117,7 +117,7 @@ def main():
             rows.append({**row, "n_weights": w.numel()})
             print(rows[-1], flush=True)
     write_results(args.out, rows, {"group_size": g, "repeats": args.repeats,
-                                   "fdb_round_path": "C++ (cpu_kernel.fdb_round_cpu)" if cpu_kernel.available()
+                                   "fdb_round_path": "C++ (quant.fdb_round_cpu)" if cpu_kernel.available()
                                    else f"torch (C++ unavailable: {cpu_kernel.why_unavailable()})",
                                    "timer": "best of repeats, "
                                    "forward + backward of the FDB layer weight, torch threads 1",

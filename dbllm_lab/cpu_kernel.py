@@ -1,7 +1,8 @@
 """CPU dual-bit-plane matmul straight from the packed words: a small C++ kernel (``cpu_kernel.cpp``,
 ``cpu_kernel_int8.cpp`` and ``cpu_kernel.h`` beside this file), compiled on first use. The same library holds the
-FDB rounding in C++ (``fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU) and a matmul with int8
-weight rows (``int8_rows_matmul_cpu``, ``cpu_kernel_head.cpp``: the lean decoder's optional int8 LM head) and the
+FDB rounding in C++ (``quant.fdb_round_cpu``, what training's ``quant.fdb_round`` calls on the CPU) and a matmul with
+int8 weight rows (``decode.int8_rows_matmul_cpu``, ``cpu_kernel_head.cpp``: the lean decoder's optional int8 LM head),
+whose Python wrappers live beside their users, and the
 lean decoder's fused residual-add + RMSNorm, in-place RoPE and one-call decode step (``cpu_kernel_decode.cpp``,
 called by ``decode.py`` and ``decode_step.py``).
 
@@ -398,44 +399,6 @@ def _run_int8(lib, x, M, packed, out=None, threads=None, portable=False):
     return _result(x, out, packed.N)
 
 
-# ---- int8 weight rows (the lean decoder's optional LM head) --------------------------------------------------------
-def quantize_rows_int8(w):
-    """w (N, K) float -> (codes (N, K) int8, scales (N,) fp32): symmetric per row, s = max |w| / 127,
-    codes = round(w / s) (ties to even) in [-127, 127]; an all-zero row gets s = 0 and zero codes."""
-    w = w.detach().float()
-    s = w.abs().amax(1) / 127
-    codes = torch.where(s[:, None] > 0, torch.round(w / s[:, None].clamp_min(torch.finfo(torch.float32).tiny)),
-                        torch.zeros_like(w)).clamp(-127, 127)
-    return codes.to(torch.int8).contiguous(), s.contiguous()
-
-
-INT8_ROWS_LOOPS = ("portable", "avx2", "avx512")  # cpu_kernel_head.cpp's loops, slowest first
-
-
-def int8_rows_matmul_cpu(x, codes, scales, threads=None, loop="avx512"):
-    """y = x @ (scales[:, None] * codes).T with the int8 rows read as they are (``cpu_kernel_head.cpp``): x (..., K)
-    fp32, codes (N, K) int8, scales (N,) fp32 -> (..., N) fp32. Activations stay fp32 (weight-only quantization).
-    ``loop``: the fastest of ``INT8_ROWS_LOOPS`` to use where the CPU has it (tests force the slower ones: the same
-    sums in other orders)."""
-    if loop not in INT8_ROWS_LOOPS:
-        raise ValueError(f"loop={loop!r} is not one of {INT8_ROWS_LOOPS}")
-    if x.dtype != torch.float32 or codes.dtype != torch.int8 or scales.dtype != torch.float32:
-        raise TypeError(f"int8_rows_matmul_cpu takes fp32 x, int8 codes and fp32 scales, got {x.dtype}, "
-                        f"{codes.dtype}, {scales.dtype}")
-    N, K = codes.shape
-    if x.shape[-1] != K or tuple(scales.shape) != (N,):
-        raise ValueError(f"x has {x.shape[-1]} features and scales shape {tuple(scales.shape)}; codes (N, K) = "
-                         f"{(N, K)} need K features and (N,) scales")
-    if not (codes.is_contiguous() and scales.is_contiguous()):
-        raise ValueError("codes and scales must be contiguous")
-    x2 = x.reshape(-1, K).contiguous()
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    if x2.shape[0] and N:
-        load().dbl_int8_rows_matmul(x2.data_ptr(), x2.shape[0], codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                                    N, K, threads or torch.get_num_threads(), INT8_ROWS_LOOPS.index(loop))
-    return y.view(*x.shape[:-1], N)
-
-
 def quantize_activations_int8(x, group_size):
     """The integer path's activation rule in torch: x (M, K) -> codes q (M, K/g, g) (integers, as fp32) and factors
     d (M, K/g): d = max |x| / 127 per group, q = round(x / d) (ties to even) clamped to [-127, 127], 0 where d = 0."""
@@ -457,44 +420,3 @@ def int8_matmul_reference(x, p1, p2, a1, a2, group_size):
         b = unpack_bits(p).view(N, G, group_size).double()
         y += (torch.einsum("mgk,ngk->mng", q.double(), b) * a.double() * d.double()[:, None, :]).sum(-1)
     return y.float().view(*x.shape[:-1], N)
-
-
-def fdb_round_cpu(w, a1, a2, dequantize=False, threads=1):
-    """``quant.fdb_round_torch``'s rule in C++, bit for bit (``tests/test_cpu_kernel.py``): w (R, G, g), a1, a2
-    (R, G), fp32 CPU tensors -> (b1, b2) uint8 (R, G, g), and with ``dequantize`` also w_hat = a1 b1 + a2 b2
-    (fp32, equal to torch's). One pass over the weights, no temporaries: training recomputes every FDB layer's
-    binaries on every forward, and the torch form was a large share of a block's training step.
-
-    One thread by default: a call takes milliseconds, and on a machine whose other cores are busy an OpenMP team
-    spins at its closing barrier for a descheduled member: several times slower than one thread."""
-    R, G, g = w.shape
-    if w.dtype != torch.float32 or a1.dtype != torch.float32 or a2.dtype != torch.float32:
-        raise TypeError(f"fdb_round_cpu takes float32 tensors, got {w.dtype}, {a1.dtype}, {a2.dtype}")
-    if tuple(a1.shape) != (R, G) or tuple(a2.shape) != (R, G):
-        raise ValueError(f"a1, a2 must have shape {(R, G)}, got {tuple(a1.shape)}, {tuple(a2.shape)}")
-    w, a1, a2 = w.contiguous(), a1.contiguous(), a2.contiguous()
-    b1, b2 = torch.empty(w.shape, dtype=torch.uint8), torch.empty(w.shape, dtype=torch.uint8)
-    w_hat = torch.empty(w.shape, dtype=torch.float32) if dequantize else None
-    if w.numel():
-        load().dbl_fdb_round(w.data_ptr(), a1.data_ptr(), a2.data_ptr(), b1.data_ptr(), b2.data_ptr(),
-                             w_hat.data_ptr() if dequantize else None, R, G, g, threads)
-    return (b1, b2, w_hat) if dequantize else (b1, b2)
-
-
-def fdb_scale_grads_cpu(grad, b1, b2, threads=1):
-    """``quant.fdb_scale_grads`` in C++: grad (R, G, g) fp32 and the codes b1, b2 (R, G, g) uint8 -> the sums
-    over each group of grad * b1 and grad * b2, (R, G) fp32 each. Same sums as torch's, another summation
-    order (equal to rounding, ``tests/test_cpu_kernel.py``). One thread by default, as ``fdb_round_cpu``."""
-    R, G, g = grad.shape
-    if grad.dtype != torch.float32 or b1.dtype != torch.uint8 or b2.dtype != torch.uint8:
-        raise TypeError(f"fdb_scale_grads_cpu takes a float32 gradient and uint8 codes, got {grad.dtype}, "
-                        f"{b1.dtype}, {b2.dtype}")
-    if b1.shape != grad.shape or b2.shape != grad.shape:
-        raise ValueError(f"b1, b2 must have the gradient's shape {tuple(grad.shape)}, got {tuple(b1.shape)}, "
-                         f"{tuple(b2.shape)}")
-    grad, b1, b2 = grad.contiguous(), b1.contiguous(), b2.contiguous()
-    ga1, ga2 = torch.empty(R, G, dtype=torch.float32), torch.empty(R, G, dtype=torch.float32)
-    if grad.numel():
-        load().dbl_fdb_scale_grads(grad.data_ptr(), b1.data_ptr(), b2.data_ptr(), ga1.data_ptr(), ga2.data_ptr(),
-                                   R, G, g, threads)
-    return ga1, ga2

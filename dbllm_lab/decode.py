@@ -36,21 +36,59 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # rope tables that 
 LM_HEADS = ("exact", "int8")
 
 
+# ---- int8 weight rows (the optional LM head; C++: cpu_kernel_head.cpp) --------------------------------------------------------
+def quantize_rows_int8(w):
+    """w (N, K) float -> (codes (N, K) int8, scales (N,) fp32): symmetric per row, s = max |w| / 127,
+    codes = round(w / s) (ties to even) in [-127, 127]; an all-zero row gets s = 0 and zero codes."""
+    w = w.detach().float()
+    s = w.abs().amax(1) / 127
+    codes = torch.where(s[:, None] > 0, torch.round(w / s[:, None].clamp_min(torch.finfo(torch.float32).tiny)),
+                        torch.zeros_like(w)).clamp(-127, 127)
+    return codes.to(torch.int8).contiguous(), s.contiguous()
+
+
+INT8_ROWS_LOOPS = ("portable", "avx2", "avx512")  # cpu_kernel_head.cpp's loops, slowest first
+
+
+def int8_rows_matmul_cpu(x, codes, scales, threads=None, loop="avx512"):
+    """y = x @ (scales[:, None] * codes).T with the int8 rows read as they are (``cpu_kernel_head.cpp``): x (..., K)
+    fp32, codes (N, K) int8, scales (N,) fp32 -> (..., N) fp32. Activations stay fp32 (weight-only quantization).
+    ``loop``: the fastest of ``INT8_ROWS_LOOPS`` to use where the CPU has it (tests force the slower ones: the same
+    sums in other orders)."""
+    if loop not in INT8_ROWS_LOOPS:
+        raise ValueError(f"loop={loop!r} is not one of {INT8_ROWS_LOOPS}")
+    if x.dtype != torch.float32 or codes.dtype != torch.int8 or scales.dtype != torch.float32:
+        raise TypeError(f"int8_rows_matmul_cpu takes fp32 x, int8 codes and fp32 scales, got {x.dtype}, "
+                        f"{codes.dtype}, {scales.dtype}")
+    N, K = codes.shape
+    if x.shape[-1] != K or tuple(scales.shape) != (N,):
+        raise ValueError(f"x has {x.shape[-1]} features and scales shape {tuple(scales.shape)}; codes (N, K) = "
+                         f"{(N, K)} need K features and (N,) scales")
+    if not (codes.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("codes and scales must be contiguous")
+    x2 = x.reshape(-1, K).contiguous()
+    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    if x2.shape[0] and N:
+        cpu_kernel.load().dbl_int8_rows_matmul(x2.data_ptr(), x2.shape[0], codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                                    N, K, threads or torch.get_num_threads(), INT8_ROWS_LOOPS.index(loop))
+    return y.view(*x.shape[:-1], N)
+
+
 class Int8LMHead(nn.Module):
-    """An LM head stored as int8 rows, one fp32 scale per row (``cpu_kernel.quantize_rows_int8``): y = s * (codes x).
-    Up to ``INT8_MAX_ROWS`` rows of x run the C++ kernel (``cpu_kernel.int8_rows_matmul_cpu``); more rows (prefill,
+    """An LM head stored as int8 rows, one fp32 scale per row (``quantize_rows_int8``): y = s * (codes x).
+    Up to ``INT8_MAX_ROWS`` rows of x run the C++ kernel (``int8_rows_matmul_cpu``); more rows (prefill,
     perplexity) multiply by the dequantized weight, made for that call only. Output fp32."""
 
     def __init__(self, weight):
         super().__init__()
-        codes, scales = cpu_kernel.quantize_rows_int8(weight)
+        codes, scales = quantize_rows_int8(weight)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
 
     def forward(self, x):
         x = x.float()
         if x.reshape(-1, x.shape[-1]).shape[0] <= INT8_MAX_ROWS and cpu_kernel.available():
-            return cpu_kernel.int8_rows_matmul_cpu(x, self.codes, self.scales)
+            return int8_rows_matmul_cpu(x, self.codes, self.scales)
         return F.linear(x, self.codes.float() * self.scales[:, None])
 
 

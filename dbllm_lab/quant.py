@@ -202,14 +202,14 @@ def fdb_round(w, a1, a2, dequantize=False):
     w_hat = a1 * b1 + a2 * b2, in the scales' dtype.
 
     The rule is ``fdb_round_torch``. fp32 CPU weights (out, groups, g) with scales (out, groups, 1) go to its
-    C++ form ``cpu_kernel.fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available and
+    C++ form ``fdb_round_cpu`` (bit for bit the same, tested) where a compiler is available and
     ``FDB_ROUND_CPP`` is True (set it False to time or rule out the C++ form)."""
     if (FDB_ROUND_CPP and w.device.type == "cpu" and w.dim() == 3
             and w.dtype == a1.dtype == a2.dtype == torch.float32 and a1.shape == a2.shape == (*w.shape[:2], 1)
             and not (w.requires_grad or a1.requires_grad or a2.requires_grad)):
         from . import cpu_kernel
         if cpu_kernel.available():
-            return cpu_kernel.fdb_round_cpu(w, a1[..., 0], a2[..., 0], dequantize)
+            return fdb_round_cpu(w, a1[..., 0], a2[..., 0], dequantize)
     b1, b2 = fdb_round_torch(w, a1, a2)
     return (b1, b2, a1 * b1.to(a1.dtype) + a2 * b2.to(a2.dtype)) if dequantize else (b1, b2)
 
@@ -218,14 +218,57 @@ def fdb_scale_grads(grad, b1, b2):
     """Gradients of the scales through w_hat = a1 * b1 + a2 * b2 (method.md §1; the binaries are constants):
     dL/da1 = sum over the group of dL/dw_hat * b1, dL/da2 likewise with b2. ``grad``: (..., g) grouped as the
     codes b1, b2 of ``fdb_round``; returns two (...) tensors in grad's dtype. fp32 CPU (out, groups, g) goes to
-    ``cpu_kernel.fdb_scale_grads_cpu`` (one pass, the same sums in another order) under the same switch as
+    ``fdb_scale_grads_cpu`` (one pass, the same sums in another order) under the same switch as
     ``fdb_round``'s C++ form, ``FDB_ROUND_CPP``."""
     if (FDB_ROUND_CPP and grad.device.type == "cpu" and grad.dim() == 3 and grad.dtype == torch.float32
             and b1.dtype == b2.dtype == torch.uint8):
         from . import cpu_kernel
         if cpu_kernel.available():
-            return cpu_kernel.fdb_scale_grads_cpu(grad, b1, b2)
+            return fdb_scale_grads_cpu(grad, b1, b2)
     return (grad * b1.to(grad.dtype)).sum(-1), (grad * b2.to(grad.dtype)).sum(-1)
+
+
+def fdb_round_cpu(w, a1, a2, dequantize=False, threads=1):
+    """``quant.fdb_round_torch``'s rule in C++, bit for bit (``tests/test_cpu_kernel.py``): w (R, G, g), a1, a2
+    (R, G), fp32 CPU tensors -> (b1, b2) uint8 (R, G, g), and with ``dequantize`` also w_hat = a1 b1 + a2 b2
+    (fp32, equal to torch's). One pass over the weights, no temporaries: training recomputes every FDB layer's
+    binaries on every forward, and the torch form was a large share of a block's training step.
+
+    One thread by default: a call takes milliseconds, and on a machine whose other cores are busy an OpenMP team
+    spins at its closing barrier for a descheduled member: several times slower than one thread."""
+    from . import cpu_kernel
+    R, G, g = w.shape
+    if w.dtype != torch.float32 or a1.dtype != torch.float32 or a2.dtype != torch.float32:
+        raise TypeError(f"fdb_round_cpu takes float32 tensors, got {w.dtype}, {a1.dtype}, {a2.dtype}")
+    if tuple(a1.shape) != (R, G) or tuple(a2.shape) != (R, G):
+        raise ValueError(f"a1, a2 must have shape {(R, G)}, got {tuple(a1.shape)}, {tuple(a2.shape)}")
+    w, a1, a2 = w.contiguous(), a1.contiguous(), a2.contiguous()
+    b1, b2 = torch.empty(w.shape, dtype=torch.uint8), torch.empty(w.shape, dtype=torch.uint8)
+    w_hat = torch.empty(w.shape, dtype=torch.float32) if dequantize else None
+    if w.numel():
+        cpu_kernel.load().dbl_fdb_round(w.data_ptr(), a1.data_ptr(), a2.data_ptr(), b1.data_ptr(), b2.data_ptr(),
+                                        w_hat.data_ptr() if dequantize else None, R, G, g, threads)
+    return (b1, b2, w_hat) if dequantize else (b1, b2)
+
+
+def fdb_scale_grads_cpu(grad, b1, b2, threads=1):
+    """``quant.fdb_scale_grads`` in C++: grad (R, G, g) fp32 and the codes b1, b2 (R, G, g) uint8 -> the sums
+    over each group of grad * b1 and grad * b2, (R, G) fp32 each. Same sums as torch's, another summation
+    order (equal to rounding, ``tests/test_cpu_kernel.py``). One thread by default, as ``fdb_round_cpu``."""
+    from . import cpu_kernel
+    R, G, g = grad.shape
+    if grad.dtype != torch.float32 or b1.dtype != torch.uint8 or b2.dtype != torch.uint8:
+        raise TypeError(f"fdb_scale_grads_cpu takes a float32 gradient and uint8 codes, got {grad.dtype}, "
+                        f"{b1.dtype}, {b2.dtype}")
+    if b1.shape != grad.shape or b2.shape != grad.shape:
+        raise ValueError(f"b1, b2 must have the gradient's shape {tuple(grad.shape)}, got {tuple(b1.shape)}, "
+                         f"{tuple(b2.shape)}")
+    grad, b1, b2 = grad.contiguous(), b1.contiguous(), b2.contiguous()
+    ga1, ga2 = torch.empty(R, G, dtype=torch.float32), torch.empty(R, G, dtype=torch.float32)
+    if grad.numel():
+        cpu_kernel.load().dbl_fdb_scale_grads(grad.data_ptr(), b1.data_ptr(), b2.data_ptr(), ga1.data_ptr(),
+                                              ga2.data_ptr(), R, G, g, threads)
+    return ga1, ga2
 
 
 def fdb_round_torch(w, a1, a2):

@@ -22,6 +22,7 @@ import torch
 
 from dbllm_lab import cpu_kernel as C
 from dbllm_lab import kernel as K
+from dbllm_lab import quant as Q
 from dbllm_lab.packing import pack_bits
 from conftest import packed_checkpoints  # noqa: E402
 
@@ -348,8 +349,8 @@ def test_fdb_round_cpu_equals_the_torch_rule(R, G, g):
     want = fdb_round_torch(w, a1[..., None], a2[..., None])
     want_hat = a1[..., None] * want[0].float() + a2[..., None] * want[1].float()
     for threads in (1, 2):
-        assert all(torch.equal(x, y) for x, y in zip(C.fdb_round_cpu(w, a1, a2, threads=threads), want))
-        b1, b2, w_hat = C.fdb_round_cpu(w, a1, a2, dequantize=True, threads=threads)
+        assert all(torch.equal(x, y) for x, y in zip(Q.fdb_round_cpu(w, a1, a2, threads=threads), want))
+        b1, b2, w_hat = Q.fdb_round_cpu(w, a1, a2, dequantize=True, threads=threads)
         assert torch.equal(b1, want[0]) and torch.equal(b2, want[1])
         assert torch.equal(w_hat.view(torch.int32), want_hat.view(torch.int32))  # bits, signed zeros included
     got = fdb_round(w, a1[..., None], a2[..., None], dequantize=True)  # dispatches to the C++ form
@@ -359,9 +360,9 @@ def test_fdb_round_cpu_equals_the_torch_rule(R, G, g):
 def test_fdb_round_cpu_bad_input():
     w = torch.randn(2, 3, 4)
     with pytest.raises(TypeError, match="float32"):
-        C.fdb_round_cpu(w.double(), torch.ones(2, 3), torch.ones(2, 3))
+        Q.fdb_round_cpu(w.double(), torch.ones(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"\(2, 3\)"):
-        C.fdb_round_cpu(w, torch.ones(3, 2), torch.ones(3, 2))
+        Q.fdb_round_cpu(w, torch.ones(3, 2), torch.ones(3, 2))
 
 
 @pytest.mark.parametrize("R,G,g", [(1, 1, 1), (3, 5, 7), (64, 9, 64), (17, 2, 128)])
@@ -376,7 +377,7 @@ def test_fdb_scale_grads_cpu_equals_torch_sums(R, G, g):
     b1[0, 0] = 0
     want = ((grad * b1.float()).sum(-1), (grad * b2.float()).sum(-1))
     for threads in (1, 2):
-        got = C.fdb_scale_grads_cpu(grad, b1, b2, threads=threads)
+        got = Q.fdb_scale_grads_cpu(grad, b1, b2, threads=threads)
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * g ** 0.5)
         assert got[0][0, 0].item() == 0.0
@@ -387,11 +388,11 @@ def test_fdb_scale_grads_cpu_equals_torch_sums(R, G, g):
 def test_fdb_scale_grads_cpu_bad_input():
     g, b = torch.randn(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.uint8)
     with pytest.raises(TypeError, match="float32"):
-        C.fdb_scale_grads_cpu(g.double(), b, b)
+        Q.fdb_scale_grads_cpu(g.double(), b, b)
     with pytest.raises(TypeError, match="uint8"):
-        C.fdb_scale_grads_cpu(g, b.bool(), b)
+        Q.fdb_scale_grads_cpu(g, b.bool(), b)
     with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
-        C.fdb_scale_grads_cpu(g, b[:, :, :2], b)
+        Q.fdb_scale_grads_cpu(g, b[:, :, :2], b)
 
 
 def test_training_step_is_the_same_with_either_rounding(monkeypatch):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dbllm_lab import cpu_kernel
+from dbllm_lab import cpu_kernel, decode
 from dbllm_lab.decode import Int8LMHead, LeanDecoder
 from dbllm_lab.decode_step import why_not
 from dbllm_lab.generate import greedy_generate, set_backend
@@ -184,11 +184,11 @@ def test_int8_head_is_its_dequantized_weight():
         x = torch.randn(rows, 72, generator=gen)
         ref = x @ deq.T
         assert torch.allclose(head(x), ref, atol=1e-5, rtol=1e-5)
-        for loop in cpu_kernel.INT8_ROWS_LOOPS:
-            assert torch.allclose(cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, loop=loop), ref,
+        for loop in decode.INT8_ROWS_LOOPS:
+            assert torch.allclose(decode.int8_rows_matmul_cpu(x, head.codes, head.scales, loop=loop), ref,
                                   atol=1e-5, rtol=1e-5), loop
     with pytest.raises(ValueError, match="loop='avx1024' is not one of"):
-        cpu_kernel.int8_rows_matmul_cpu(x, head.codes, head.scales, loop="avx1024")
+        decode.int8_rows_matmul_cpu(x, head.codes, head.scales, loop="avx1024")
 
 
 @needs_kernel
