@@ -61,6 +61,21 @@ def _llama():
     return {r["format"]: r for r in _results("llamacpp.json")["rows"]}
 
 
+def _xeon_decode():
+    """({(model, lm_head or None, threads): decode tok/s}, {same key: sd or None}) of generate_cpu_xeon.json's lean
+    and llama.cpp rows (llama.cpp's carry no lm_head)."""
+    rows = [x for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"]
+    key = [(x["model"], None if x["model"].startswith("llama.cpp") else x["lm_head"], x["threads"]) for x in rows]
+    return ({k: x["decode_tokens_per_s"] for k, x in zip(key, rows)},
+            {k: x.get("decode_tokens_per_s_sd") for k, x in zip(key, rows)})
+
+
+def _xeon_layout_claim(text):
+    """``text`` when the Xeon kernel file ran the 'vnni' layout, else a claim no page makes."""
+    vnni = _results("kernel_cpu_xeon.json")["settings"]["kernel"]["int8_layout"] == "vnni"
+    return text if vnni else "the Xeon's kernel file does not record the vnni layout"
+
+
 def readme_prose_claims():
     """(what, the text the README must contain) for every number its prose quotes, computed from the result files."""
     table, recipes = views.load("dbllm_table.json"), views.load("dbllm_recipes.json")
@@ -76,8 +91,7 @@ def readme_prose_claims():
     gpu_kern = next(x for x in _results("kernel_nvidia_h200.json")["rows"]
                     if x["shape"] == "4096x4096" and x["batch"] == 1)
     kx = _results("kernel_cpu_xeon.json")["rows"][0]
-    dx = {(x["model"], x.get("lm_head"), x["threads"]): x["decode_tokens_per_s"]
-          for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"}
+    dx = _xeon_decode()[0]
     exact, int8 = (_results(f"kernel_ppl/best-quarter-s1_cpu-{p}.json")["ppl"] for p in ("exact", "int8"))
     q2k = views.row(_llama(), "Q2_K")
 
@@ -157,10 +171,7 @@ def findings_claims():
     dev = {"best": r["best"]["ppl_dev"], "fp": r["fp (Q4_1 dequantized)"]["ppl_dev"]}
     ll = _llama()
     kx = _results("kernel_cpu_xeon.json")["rows"][0]
-    gx = [x for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"]
-    dx = {(x["model"], x["lm_head"], x["threads"]) if x.get("lm_head") else (x["model"], x["threads"]):
-          x["decode_tokens_per_s"] for x in gx}
-    sx = {(x["model"], x["threads"]): x.get("decode_tokens_per_s_sd") for x in gx}
+    dx, sx = _xeon_decode()
     profile = _results("decode_profile_xeon.json")
     head2 = next(x for x in profile["rows"] if x["model"] == "packed cpu" and x["threads"] == 2)
     head_ppl = profile["settings"]["int8_head_perplexity_packed_model"]
@@ -239,9 +250,7 @@ def findings_claims():
                         f"{kx['int8_call_ms']:.3f} ms, {kx['int8_call_fraction_of_byte_limit']:.2f} of the byte limit, "
                         f"against {kx['int8_lut_call_ms']:.3f} ms ({kx['int8_lut_call_fraction_of_byte_limit']:.2f}) "
                         f"for the AVX2 lookup layout in the same run ({kx['int8_call_speedup_vs_lut_call']:.2f}×)"),
-        ("Xeon layout", "the integer path's second layout, 'vnni'"
-                        if _results("kernel_cpu_xeon.json")["settings"]["kernel"]["int8_layout"] == "vnni"
-                        else "the Xeon's kernel file does not record the vnni layout"),
+        ("Xeon layout", _xeon_layout_claim("the integer path's second layout, 'vnni'")),
         ("Xeon head", f"At 2 threads it takes {head2['int8_head_ms']:.3f} ms per token against "
                       f"{head2['int8_head_avx2_ms']:.3f} ms on its AVX2 loop (warm, repeated calls); a whole decode "
                       f"step with it takes {head2['lean_int8_head_ms']:.2f} ms. On `best` (seed 0) the int8 head moves "
@@ -252,10 +261,10 @@ def findings_claims():
         ("Xeon drift", f"had Q4_0 at {ll['Q4_0']['decode_tok_s_t2']:.1f} (± {ll['Q4_0']['decode_tok_s_t2_sd']:.1f}) "
                        "at 2 threads"),
         ("Xeon decode", f"{dx[('packed cpu', 'int8', 2)]:.1f} tok/s at 2 threads against llama.cpp's Q4_0 "
-                        f"{dx[('llama.cpp Q4_0', 2)]:.1f} (± {sx[('llama.cpp Q4_0', 2)]:.1f}) and Q2_K "
-                        f"{dx[('llama.cpp Q2_K', 2)]:.1f} (± {sx[('llama.cpp Q2_K', 2)]:.1f}); at 1 thread "
-                        f"{dx[('packed cpu', 'int8', 1)]:.1f} against {dx[('llama.cpp Q4_0', 1)]:.1f} and "
-                        f"{dx[('llama.cpp Q2_K', 1)]:.1f}. With the exact fp32 head {dx[('packed cpu', 'exact', 2)]:.1f} "
+                        f"{dx[('llama.cpp Q4_0', None, 2)]:.1f} (± {sx[('llama.cpp Q4_0', None, 2)]:.1f}) and Q2_K "
+                        f"{dx[('llama.cpp Q2_K', None, 2)]:.1f} (± {sx[('llama.cpp Q2_K', None, 2)]:.1f}); at 1 thread "
+                        f"{dx[('packed cpu', 'int8', 1)]:.1f} against {dx[('llama.cpp Q4_0', None, 1)]:.1f} and "
+                        f"{dx[('llama.cpp Q2_K', None, 1)]:.1f}. With the exact fp32 head {dx[('packed cpu', 'exact', 2)]:.1f} "
                         "at 2 threads"),
         ("dev optimism", f"{mean['best']:.2f} / {dev['best']:.2f} = {mean['best'] / dev['best']:.3f}, where FP's "
                          f"own is {fp_held:.2f} / {dev['fp']:.2f} = {fp_held / dev['fp']:.3f}"),
@@ -275,8 +284,7 @@ def results_claims():
     recipes = views.load("dbllm_recipes.json")
     fp_held = views.row(recipes, "fp (Q4_1 dequantized)")["ppl_heldout_mean"]
     gen = _results("generate_cpu_xeon.json")["settings"]
-    dx = {(x["model"], x.get("lm_head") if not x["model"].startswith("llama") else None, x["threads"]):
-          x["decode_tokens_per_s"] for x in _results("generate_cpu_xeon.json")["rows"] if x.get("engine") != "hf"}
+    dx = _xeon_decode()[0]
     return [("llama.cpp load", f"(the decode-only rerun's 1-min load: {llama['settings']['load_avg_before'][0]:.2f} "
                                f"before, {llama['settings']['load_avg_after_decode'][0]:.2f} after)"),
             ("Q2_K against FP", f"Its Q2_K is {q2k['ppl_heldout'] / fp_held:.2f}× FP's held-out perplexity, where "
@@ -287,9 +295,8 @@ def results_claims():
                             f"{kx['int8_speedup_vs_fp32'] / kx['byte_limit_vs_fp32']:.2f} of the "
                             f"{kx['byte_limit_vs_fp32']:.1f}× the bytes allow, and the kernel call alone reaches "
                             f"{kx['int8_call_fraction_of_byte_limit']:.2f} of the byte limit"),
-            ("Xeon layout", "integer path runs its AVX-512 VNNI layout (`settings.kernel.int8_layout`)"
-                            if _results("kernel_cpu_xeon.json")["settings"]["kernel"]["int8_layout"] == "vnni"
-                            else "the Xeon's kernel file does not record the vnni layout"),
+            ("Xeon layout", _xeon_layout_claim("integer path runs its AVX-512 VNNI layout "
+                                               "(`settings.kernel.int8_layout`)")),
             ("Xeon decode load", f"alone (1-min load {gen['loadavg_before'][0]:.1f} before it"),
             ("Xeon decode order", "Here the packed student with the int8 head decodes faster than llama.cpp's Q4_0 and "
                                   "\"Q2_K\" at both thread counts; with the exact fp32 head it is slower than both"
