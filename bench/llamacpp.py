@@ -104,25 +104,33 @@ def tensor_bits(path):
             "decoder_params": dec_n, "file_MiB": os.path.getsize(path) / 2**20}
 
 
-def parse_llama_bench(text):
-    """Token-generation tokens/s from ``llama-bench -o json`` output: {mean, sd, samples, n_gen, threads}."""
-    runs = [r for r in json.loads(text) if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0]
+def parse_llama_bench(text, test="tg"):
+    """Tokens/s of the one test of kind ``test`` in ``llama-bench -o json`` output, "tg" (token generation: n_gen > 0,
+    n_prompt 0) or "pp" (prompt processing: n_prompt > 0, n_gen 0): {mean, sd, samples, n_gen or n_prompt, threads}."""
+    if test not in ("tg", "pp"):
+        raise ValueError(f"test={test!r} is not 'tg' or 'pp'")
+    size = "n_gen" if test == "tg" else "n_prompt"
+    other = "n_prompt" if test == "tg" else "n_gen"
+    runs = [r for r in json.loads(text) if r.get(size, 0) > 0 and r.get(other, 0) == 0]
     if len(runs) != 1:
-        raise ValueError(f"expected one token-generation test in llama-bench's JSON, found {len(runs)}")
+        what = "token-generation" if test == "tg" else "prompt-processing"
+        raise ValueError(f"expected one {what} test in llama-bench's JSON, found {len(runs)}")
     r = runs[0]
     return {"mean": float(r["avg_ts"]), "sd": float(r["stddev_ts"]), "samples": [float(x) for x in r["samples_ts"]],
-            "n_gen": int(r["n_gen"]), "threads": int(r["n_threads"])}
+            size: int(r[size]), "threads": int(r["n_threads"])}
 
 
-def decode_tokens_per_s(gguf, threads, tokens=64, repetitions=5, dest=DEST):
-    """Decode speed of one GGUF file: ``llama-bench -m FILE -p 0 -n TOKENS -t THREADS -r REPS -o json``."""
+def llama_bench(gguf, threads, test="tg", tokens=64, repetitions=5, extra=(), dest=DEST):
+    """Tokens/s of one GGUF file: ``llama-bench -m FILE -p 0 -n TOKENS`` ("tg", decode) or ``-p TOKENS -n 0`` ("pp",
+    prompt processing), ``-t THREADS -r REPS -o json`` and any ``extra`` flags."""
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads={threads!r} must be a positive integer")
     if not os.path.isfile(gguf):
         raise FileNotFoundError(f"GGUF file {gguf!r} does not exist; make it with make_ggufs()")
-    p = run_checked([binary("llama-bench", dest), "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads),
-              "-r", str(repetitions), "-o", "json"])
-    return parse_llama_bench(p.stdout)
+    p, n = (0, tokens) if test == "tg" else (tokens, 0)
+    out = run_checked([binary("llama-bench", dest), "-m", gguf, "-p", str(p), "-n", str(n), "-t", str(threads),
+                       "-r", str(repetitions), "-o", "json", *extra])
+    return parse_llama_bench(out.stdout, test)
 
 
 def llamacpp_rows(threads_list=(2, 1), tokens=64, formats=FORMATS, dest=DEST, repetitions=5):
@@ -136,7 +144,7 @@ def llamacpp_rows(threads_list=(2, 1), tokens=64, formats=FORMATS, dest=DEST, re
         bits = tensor_bits(paths[fmt])
         for threads in threads_list:
             load = os.getloadavg()[0]
-            tg = decode_tokens_per_s(paths[fmt], threads, tokens, repetitions, dest)
+            tg = llama_bench(paths[fmt], threads, "tg", tokens, repetitions, dest=dest)
             rows.append({"model": f"llama.cpp {fmt}", "engine": f"llama.cpp {info['llama_cpp_commit']}",
                          "format": fmt, "threads": threads, "decode_tokens_per_s": tg["mean"],
                          "decode_tokens_per_s_sd": tg["sd"], "new_tokens": tokens, "repetitions": repetitions,

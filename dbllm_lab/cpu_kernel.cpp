@@ -188,6 +188,31 @@ void dbl_fdb_scale_grads(const float* grad, const uint8_t* b1, const uint8_t* b2
         }
 }
 
+// w (N x K) = a1 * b1 + a2 * b2 from the packed planes (method.md §1; kernel.dequantize's values), written as
+// fp32 (out_bf16 = 0) or as bf16 rounded to nearest even from the fp32 value (out_bf16 = 1): the weight of the
+// prefill path (dense GEMM above cpu_kernel.DENSE_MIN_ROWS rows), which lives only for one call
+void dbl_dequantize(const int32_t* p1, const int32_t* p2, const void* a1, const void* a2, int scales_half,
+                    void* out, int out_bf16, int64_t N, int64_t K, int64_t g, int threads) {
+    const int64_t KW = K / 32, G = K / g, wpg = g / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        float w[32];
+        for (int64_t wi = 0; wi < KW; wi++) {
+            const float s1 = scale(a1, n * G + wi / wpg, scales_half), s2 = scale(a2, n * G + wi / wpg, scales_half);
+            const uint32_t w1 = (uint32_t)p1[n * KW + wi], w2 = (uint32_t)p2[n * KW + wi];
+#pragma omp simd
+            for (int j = 0; j < 32; j++) w[j] = s1 * (float)((w1 >> j) & 1u) + s2 * (float)((w2 >> j) & 1u);
+            if (!out_bf16) { memcpy((float*)out + n * K + wi * 32, w, sizeof w); continue; }
+            uint16_t* o = (uint16_t*)out + n * K + wi * 32;
+#pragma omp simd
+            for (int j = 0; j < 32; j++) {  // finite values: round to nearest even on the dropped 16 bits
+                uint32_t u; memcpy(&u, &w[j], 4);
+                o[j] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+}
+
 int dbl_isa(void) {
 #ifdef DBLLM_AVX512
     return 1;

@@ -57,6 +57,8 @@ Integer path (``int8_matmul_cpu``; backend 'cpu' for 1-4 rows, 'cpu-int8' at any
   Measured side by side (``bench/kernel_cpu.py``; its JSON in bench/results/): columns int8_call_ms (this CPU's
   layout), int8_lut_call_ms (the 'lut' layout where that is not this CPU's), expand_call_ms (a), exact_call_ms,
   and torch fp32 / bf16.
+Prefill path (``dequantize_cpu``; backend 'cpu' from ``packed_linear.DENSE_MIN_ROWS`` rows): at that batch a GEMM
+is compute-bound, so ``w_hat`` is written dense (fp32 or bf16, one layer, for one call) and torch's GEMM multiplies.
 Rows are split over threads with OpenMP in chunks handed out dynamically; torch's own libgomp.
 
 Build: on first use the sources are compiled with the C++ compiler on PATH (``$CXX``, else ``c++``, ``g++``,
@@ -187,6 +189,8 @@ def load(generic=False):
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.dbl_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint]
         lib.dbl_matmul.restype = None
+        lib.dbl_dequantize.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, cint, i64, i64, i64, cint]
+        lib.dbl_dequantize.restype = None
         lib.dbl_matmul_int8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint, cint, cint]
         lib.dbl_matmul_int8_expand.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, cint]
         lib.dbl_fdb_round.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, cint]
@@ -283,6 +287,23 @@ def _run(lib, x, M, N, K, p1, p2, a1, a2, group_size, out=None, threads=None):
                        int(a1.dtype == torch.float16), out.data_ptr(), N, K, group_size,
                        threads or torch.get_num_threads())
     return _result(x, out, N)
+
+
+def dequantize_cpu(p1, p2, a1, a2, group_size, dtype=torch.float32, threads=None):
+    """Dense (N, K) ``w_hat = a1 * b1 + a2 * b2`` from the packed planes in C++ (``dbl_dequantize``): the values of
+    ``kernel.dequantize`` (bit for bit in fp32; bf16 rounds each fp32 value to nearest even; fp16 is cast from fp32
+    by torch). The prefill path's weight: ``PackedDualBinaryLinear`` multiplies it with ``F.linear`` from
+    ``DENSE_MIN_ROWS`` activation rows on, and drops it after the call."""
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"dtype={dtype} is not one of {ACT_DTYPES}")
+    N, K = p1.shape[0], p1.shape[1] * 32
+    check_cpu_inputs(torch.empty(0, K), p1, p2, a1, a2, group_size)
+    w = torch.empty(N, K, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    if N and K:
+        load().dbl_dequantize(p1.data_ptr(), p2.data_ptr(), a1.data_ptr(), a2.data_ptr(), int(a1.dtype == torch.float16),
+                              w.data_ptr(), int(dtype == torch.bfloat16), N, K, group_size,
+                              threads or torch.get_num_threads())
+    return w.to(dtype)
 
 
 # ---- integer path ------------------------------------------------------------------------------------------------

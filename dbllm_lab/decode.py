@@ -120,8 +120,7 @@ class Projections:
         if self.int8 is not None and (self.path == "cpu-int8" or rows <= INT8_MAX_ROWS):
             y = cpu_kernel._run_int8(lib, x, rows, self.int8)  # all the layers in one launch
         else:
-            y = torch.cat([cpu_kernel._run(lib, x, rows, m.out_features, m.in_features, m.p1, m.p2,
-                                           m.a1, m.a2, m.group_size) for m in self.modules], dim=-1)
+            y = torch.cat([m.matmul_cpu(x, self.path) for m in self.modules], dim=-1)  # exact or prefill path
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -7,12 +7,15 @@ Buffers: ``p1``, ``p2`` (out, in // 32) int32 words (``dbllm_lab.packing`` layou
 optional ``bias``. Storage is 2 + 2 * 16 / g bits per weight (2.5 at g = 64).
 
 Forward runs one of these paths, chosen by the ``backend`` switch (constructor argument or attribute; the
-packed model never holds a dense weight on any path):
+packed model keeps no dense weight on any path):
   * ``'triton'``: the Triton kernels of ``dbllm_lab.kernel`` (GEMV for <= 8 rows, GEMM above), on CUDA (on CPU
     tensors only under TRITON_INTERPRET=1, for tests);
   * ``'cpu'``: the C++ kernel of ``dbllm_lab.cpu_kernel``, compiled on first use: its integer path for 1 to
     ``INT8_MAX_ROWS`` activation rows (decoding; int8 activations per group, integer bit-plane sums, fp32
-    scaling), its exact fp32 path for more rows (prefill) and for groups over ``cpu_kernel.INT8_MAX_GROUP``;
+    scaling), its exact fp32 path for more rows and for groups over ``cpu_kernel.INT8_MAX_GROUP``, and from
+    ``DENSE_MIN_ROWS`` rows on (prefill, perplexity) the prefill path: ``w_hat`` dequantized in C++ into the
+    activations' dtype for that call only (``cpu_kernel.dequantize_cpu``, one layer's dense weight at a time), then
+    torch's GEMM (``F.linear``), faster at that batch than the kernel that reads the planes (``bench/prefill_cpu.py``);
   * ``'cpu-exact'``: the C++ kernel's exact fp32 path at every batch size (the reference of the integer path);
   * ``'cpu-int8'``: the integer path at every batch size (to measure its accuracy, e.g. perplexity);
   * ``'torch'``: dequantize into a temporary dense ``w_hat`` on every call, then ``F.linear`` (slow; the fallback
@@ -36,6 +39,7 @@ from .packing import WORD_BITS, pack_bits
 BACKENDS = KERNEL_BACKENDS + ("cpu-exact", "cpu-int8")  # the layer's backends (module docstring)
 CPU_PATHS = ("cpu", "cpu-exact", "cpu-int8")
 INT8_MAX_ROWS = 4  # 'cpu' runs the integer path up to this many activation rows
+DENSE_MIN_ROWS = 128  # and dequantize + F.linear from this many on (bench/prefill_cpu.py)
 
 
 class PackedDualBinaryLinear(nn.Module):
@@ -135,14 +139,14 @@ class PackedDualBinaryLinear(nn.Module):
         if path == "triton":
             y = dual_binary_matmul(x, self.p1, self.p2, self.a1, self.a2, self.group_size, backend="triton")
         elif path in CPU_PATHS:
-            y = self._forward_cpu(x, path)
+            y = self.matmul_cpu(x, path)
         else:  # dense w_hat lives only for this call
             y = F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
-    def _forward_cpu(self, x, path):
+    def matmul_cpu(self, x, path):
         """The C++ kernel: the integer path ('cpu-int8'; 'cpu' up to INT8_MAX_ROWS rows) or the exact fp32 path."""
         if x.dtype not in cpu_kernel.ACT_DTYPES:
             raise TypeError(f"input has dtype {x.dtype}; the CPU kernel takes float32, float16 or bfloat16")
@@ -151,6 +155,8 @@ class PackedDualBinaryLinear(nn.Module):
         if path == "cpu-int8" or (path == "cpu" and M <= INT8_MAX_ROWS
                                   and self.group_size <= cpu_kernel.INT8_MAX_GROUP):
             y = cpu_kernel._run_int8(lib, x2, M, self.int8_weights())
+        elif path == "cpu" and M >= DENSE_MIN_ROWS:  # prefill: w_hat for this call, then torch's GEMM
+            y = F.linear(x2, cpu_kernel.dequantize_cpu(self.p1, self.p2, self.a1, self.a2, self.group_size, x2.dtype))
         else:
             y = cpu_kernel._run(lib, x2, M, self.out_features, self.in_features, self.p1.contiguous(),
                                 self.p2.contiguous(), self.a1.contiguous(), self.a2.contiguous(), self.group_size)

@@ -60,6 +60,27 @@ def test_matches_reference_on_ragged_shapes(N, Kin, g, generic):
             close(y, ref, f"N={N} K={Kin} g={g} M={M} scales={scale_dtype} generic={generic}")
 
 
+@pytest.mark.parametrize("N,Kin,g", [(1, 32, 32), (45, 192, 64), (130, 256, 128)])
+def test_dequantize_cpu_is_the_reference_bit_for_bit(N, Kin, g):
+    """The prefill path's weight: kernel.dequantize's fp32 values exactly (either scale dtype, either sign, -0 kept),
+    and in bf16 / fp16 those values rounded to nearest even, as torch casts them; threads change nothing."""
+    for scale_dtype in (torch.float16, torch.float32):
+        p1, p2, a1, a2 = make(N, Kin, g, scale_dtype)
+        ref = K.dequantize(p1, p2, a1, a2, g)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for threads in (1, 2):
+                w = C.dequantize_cpu(p1, p2, a1, a2, g, dtype, threads=threads)
+                assert w.dtype == dtype and w.shape == (N, Kin)
+                bits = torch.int32 if dtype == torch.float32 else torch.int16
+                assert torch.equal(w.view(bits), ref.to(dtype).view(bits)), \
+                    f"N={N} K={Kin} g={g} scales={scale_dtype} {dtype} threads={threads}"
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not one of"):
+        C.dequantize_cpu(p1, p2, a1, a2, g, torch.int8)
+    p1, p2, a1, a2 = make(4, 64, 32)
+    with pytest.raises(ValueError, match="p1 is not contiguous"):
+        C.dequantize_cpu(p1.t().contiguous().t(), p2, a1, a2, 32)
+
+
 @pytest.mark.parametrize("generic", BUILDS, ids=["native", "portable"])
 def test_activation_dtypes_leading_dims_and_threads(generic):
     p1, p2, a1, a2 = make(40, 128, 64)

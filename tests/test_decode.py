@@ -93,6 +93,22 @@ def test_packed_tiny_matches_hf(tiny, backend):
 
 
 @needs_kernel
+def test_packed_tiny_long_prompt_runs_the_prefill_path(tiny, monkeypatch):
+    """A prompt of DENSE_MIN_ROWS tokens: on 'cpu' the lean decoder's projections take each layer's prefill path
+    (dequantize + F.linear), as HF's forward does; logits as HF's, greedy steps after it on the integer path."""
+    from dbllm_lab import cpu_kernel
+    from dbllm_lab.packed_linear import DENSE_MIN_ROWS
+    model = packed_tiny(tiny)
+    set_backend(model, "cpu")
+    calls, dequantize = [], cpu_kernel.dequantize_cpu
+    monkeypatch.setattr(cpu_kernel, "dequantize_cpu", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
+    ids = torch.arange(3, 3 + DENSE_MIN_ROWS) % model.config.vocab_size
+    LeanDecoder(model).forward(ids, 0)
+    assert len(calls) == 14  # every packed layer once
+    assert_matches_hf(model, ids, 4, 1e-5, int8_steps=True)
+
+
+@needs_kernel
 def test_embedded_two_blocks_fp_and_packed_match_hf(embedded):
     """The embedded SmolLM2 (GQA 9 / 3 heads, head_dim 64, tied 49,152-row head) cut to 2 blocks: FP, then packed
     on backend 'cpu' (fused integer path for the steps)."""

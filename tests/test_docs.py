@@ -70,6 +70,26 @@ def _xeon_decode():
             {k: x.get("decode_tokens_per_s_sd") for k, x in zip(key, rows)})
 
 
+def _prefill():
+    """(rows keyed (model, engine or 'llama.cpp', threads, tokens), settings) of prefill_cpu.json."""
+    doc = _results("prefill_cpu.json")
+    key = [(x["model"], "llama.cpp" if x["model"].startswith("llama.cpp") else x["engine"], x["threads"], x["tokens"])
+           for x in doc["rows"]]
+    return dict(zip(key, doc["rows"])), doc["settings"]
+
+
+def _same_dev_ppl(settings):
+    """The prefill path's and the exact kernel's dev PPL to 4 decimals, asserted equal."""
+    ppl = settings["dev_ppl"]
+    assert f"{ppl['cpu']['ppl']:.4f}" == f"{ppl['cpu-exact']['ppl']:.4f}", ppl
+    return f"{ppl['cpu']['ppl']:.4f}"
+
+
+def _prefill_ms(rows, model, engine="lean"):
+    """'492 ms': a 512-token prompt at 2 threads, from ``_prefill()``'s rows."""
+    return f"{rows[(model, engine, 2, 512)]['prefill_ms']:.0f} ms"
+
+
 def _xeon_layout_claim(text):
     """``text`` when the Xeon kernel file ran the 'vnni' layout, else a claim no page makes."""
     vnni = _results("kernel_cpu_xeon.json")["settings"]["kernel"]["int8_layout"] == "vnni"
@@ -94,6 +114,7 @@ def readme_prose_claims():
     dx = _xeon_decode()[0]
     exact, int8 = (_results(f"kernel_ppl/best-quarter-s1_cpu-{p}.json")["ppl"] for p in ("exact", "int8"))
     q2k = views.row(_llama(), "Q2_K")
+    pf, pst = _prefill()
 
     def held(name):
         return f"{t[name]['ppl_heldout']:.2f}"
@@ -149,6 +170,12 @@ def readme_prose_claims():
                         f"llama.cpp's Q4_0 {dx[('llama.cpp Q4_0', None, 1)]:.0f} and \"Q2_K\" "
                         f"{dx[('llama.cpp Q2_K', None, 1)]:.0f}, and {dx[('packed cpu', 'int8', 2)]:.0f} at 2 threads "
                         f"against {dx[('llama.cpp Q4_0', None, 2)]:.0f} and {dx[('llama.cpp Q2_K', None, 2)]:.0f}"),
+        ("prefill", f"a 512-token prompt takes {_prefill_ms(pf, 'packed cpu')} at 2 threads "
+                    f"({pf[('packed cpu', 'lean', 2, 512)]['prefill_tokens_per_s']:.0f} tok/s) against "
+                    f"{_prefill_ms(pf, 'packed cpu-exact')} on the kernel that reads the planes, "
+                    f"{_prefill_ms(pf, 'fp')} for the dense fp32 model and "
+                    f"{_prefill_ms(pf, 'llama.cpp Q4_0', 'llama.cpp')} for llama.cpp's Q4_0"),
+        ("prefill PPL", f"dev PPL is unchanged ({_same_dev_ppl(pst)} on both paths)"),
         ("GPU training", f"in {views.row(gpu, 'best s0')['train_wall_seconds']:.0f} s"),
         ("GPU kernel", f"{gpu_kern['speedup_vs_fp16']:.2f}× cuBLAS fp16 at 4096×4096, batch 1, about "
                        f"{100 * gpu_kern['kernel_fraction_of_copy_GBps']:.0f}% of the copy bandwidth"),
@@ -311,15 +338,47 @@ def results_claims():
                             f"{student['wall_minutes']} wall minutes on one thread")]
 
 
-PAGE_CLAIMS = {"README.md": readme_prose_claims, "docs/findings.md": findings_claims, "docs/results.md": results_claims}
+def prefill_claims():
+    """(what, text) of findings §7's prompt bullet, then (the last) results.md's prefill paragraph (prefill_cpu.json)."""
+    p, st = _prefill()
+    sweep = {(x["shape"], x["rows"]): x["prefill_speedup"] for x in st["layer_sweep"]}
+    shapes, dense = sorted({s for s, _ in sweep}), st["dense_min_rows"]
+    small = [sweep[(s, dense)] for s in shapes if s != "4096x4096"]
+    ppl = st["dev_ppl"]
+    crashed = all(x["repack_1_exit"] == "-11" for k, x in p.items() if k[0] in ("llama.cpp Q4_0", "llama.cpp Q2_K"))
+    slower_below_32 = all(v < 1 for (s, m), v in sweep.items() if m < 32)
+    faster_from = all(v > 1 for (s, m), v in sweep.items() if m >= dense)
+    return [
+        ("dense rows", f"from `DENSE_MIN_ROWS` = {dense} rows on"),
+        ("the sweep", f"faster on every measured shape ({sweep[('4096x4096', dense)]:.2f}× at 4096×4096, "
+                      f"{min(small):.2f}–{max(small):.2f}× on SmolLM2's), at {dense // 2} it loses on 4096×4096 "
+                      f"({sweep[('4096x4096', dense // 2)]:.2f}×)" if faster_from else "the sweep's order changed"),
+        ("512 tokens", f"**{_prefill_ms(p, 'packed cpu')} against {_prefill_ms(p, 'packed cpu-exact')} before "
+                       f"({p[('packed cpu-exact', 'lean', 2, 512)]['prefill_ms'] / p[('packed cpu', 'lean', 2, 512)]['prefill_ms']:.2f}×)**, "
+                       f"the dense fp32 model {_prefill_ms(p, 'fp')}, bf16 {_prefill_ms(p, 'fp-bf16')} (AMX), "
+                       f"llama.cpp Q4_0 {_prefill_ms(p, 'llama.cpp Q4_0', 'llama.cpp')} and \"Q2_K\" "
+                       f"{_prefill_ms(p, 'llama.cpp Q2_K', 'llama.cpp')}"),
+        ("perplexity", f"the {ppl['cpu']['windows']} dev windows take {ppl['cpu']['seconds']:.1f} s against "
+                       f"{ppl['cpu-exact']['seconds']:.1f} s, and dev PPL is {_same_dev_ppl(st)} on both paths (logits "
+                       f"within {max(st['prefill_path_max_rel_logit_change'].values()):.1e} of the exact path"),
+        ("llama.cpp repack", "prompt processing then crashes on this virtual machine (SIGSEGV, `repack_1_exit`"
+                             if crashed else "llama.cpp's repack no longer crashes"),
+        ("the sweep, results.md", "the prefill path is slower below 32 rows on every shape and faster from "
+                                  f"{dense} on" if slower_below_32 and faster_from else "the sweep's order changed"),
+    ]
+
+
+PAGE_CLAIMS = {"README.md": (readme_prose_claims,),
+               "docs/findings.md": (findings_claims, lambda: prefill_claims()[:-1]),
+               "docs/results.md": (results_claims, lambda: prefill_claims()[-1:])}
 
 
 def test_prose_numbers_match_the_result_files():
     """The numbers the prose of the README, the findings and the results page quote are recomputed from the committed
     rows: a changed or missing row fails."""
     import re
-    for page, claims in PAGE_CLAIMS.items():
+    for page, claim_lists in PAGE_CLAIMS.items():
         with open(os.path.join(ROOT, page)) as f:
             text = re.sub(r"\s+", " ", f.read())
-        missing = [(what, claim) for what, claim in claims() if claim not in text]
+        missing = [(what, claim) for claims in claim_lists for what, claim in claims() if claim not in text]
         assert not missing, f"{page} differs from the result files:\n" + "\n".join(f"  {w}: {c!r}" for w, c in missing)

@@ -16,8 +16,20 @@ def test_parse_llama_bench_reads_token_generation():
                         "samples_ts": [100.0, 103.0]}])
     assert llamacpp.parse_llama_bench(text) == {"mean": 101.5, "sd": 1.25, "samples": [100.0, 103.0],
                                                 "n_gen": 64, "threads": 2}
-    with pytest.raises(ValueError, match="found 0"):
+    with pytest.raises(ValueError, match="one token-generation test in llama-bench's JSON, found 0"):
         llamacpp.parse_llama_bench(json.dumps([{"n_prompt": 512, "n_gen": 0}]))
+
+
+def test_parse_llama_bench_reads_prompt_processing():
+    runs = [{"n_prompt": 512, "n_gen": 0, "n_threads": 1, "avg_ts": 640.0, "stddev_ts": 7.0, "samples_ts": [633, 647]},
+            {"n_prompt": 0, "n_gen": 64, "n_threads": 1, "avg_ts": 99.0, "stddev_ts": 1.0, "samples_ts": [98, 100]}]
+    assert llamacpp.parse_llama_bench(json.dumps(runs), "pp") == {"mean": 640.0, "sd": 7.0, "samples": [633.0, 647.0],
+                                                                 "n_prompt": 512, "threads": 1}
+    assert llamacpp.parse_llama_bench(json.dumps(runs), "tg")["n_gen"] == 64
+    with pytest.raises(ValueError, match="one prompt-processing test in llama-bench's JSON, found 2"):
+        llamacpp.parse_llama_bench(json.dumps([runs[0], runs[0]]), "pp")
+    with pytest.raises(ValueError, match="test='pg' is not 'tg' or 'pp'"):
+        llamacpp.parse_llama_bench(json.dumps(runs), "pg")
 
 
 def test_tensor_bits_from_a_tiny_gguf(tmp_path):

@@ -18,7 +18,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from dbllm_lab import cpu_kernel  # noqa: E402
 from dbllm_lab import kernel as K  # noqa: E402
-from dbllm_lab.packed_linear import PackedDualBinaryLinear, pack_model  # noqa: E402
+from dbllm_lab.packed_linear import DENSE_MIN_ROWS, PackedDualBinaryLinear, pack_model  # noqa: E402
 from conftest import packed_checkpoints  # noqa: E402
 
 SEED = int(os.environ.get("DBLLM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
@@ -85,12 +85,21 @@ def test_cpu_backends_run_their_paths():
         f = cpu_kernel.int8_matmul_reference if kind == "int8" else K.dual_binary_matmul_reference
         return f(x.reshape(-1, 256), lin.p1, lin.p2, lin.a1, lin.a2, g).view(*x.shape[:-1], 40)
 
-    for backend, rows, kind in (("cpu", 1, "int8"), ("cpu", 4, "int8"), ("cpu", 5, "exact"), ("cpu-int8", 9, "int8"),
-                                ("cpu-exact", 1, "exact"), ("auto", 2, "int8")):
+    dense = DENSE_MIN_ROWS
+    for backend, rows, kind in (("cpu", 1, "int8"), ("cpu", 4, "int8"), ("cpu", 5, "exact"), ("cpu", dense - 1, "exact"),
+                                ("cpu", dense, "prefill"), ("cpu-int8", 9, "int8"), ("cpu-exact", 1, "exact"),
+                                ("cpu-exact", dense, "exact"), ("auto", 2, "int8")):
         lin.backend = backend
         x = torch.randn(1, rows, 256)
         with torch.no_grad():
-            torch.testing.assert_close(lin(x), want(x, kind), rtol=2e-6, atol=2e-6, msg=f"{backend} rows={rows}")
+            y = lin(x)
+            torch.testing.assert_close(y, want(x, kind), rtol=2e-6, atol=2e-6, msg=f"{backend} rows={rows}")
+            if kind != "int8":  # which of the two fp32 paths ran, bit for bit
+                x2 = x.reshape(rows, 256)
+                w = cpu_kernel.dequantize_cpu(lin.p1, lin.p2, lin.a1, lin.a2, g)
+                taken = F.linear(x2, w) if kind == "prefill" else \
+                    cpu_kernel.dual_binary_matmul_cpu(x2, lin.p1, lin.p2, lin.a1, lin.a2, g)
+                assert torch.equal(y.view(rows, 40), taken), f"{backend} rows={rows} did not run the {kind} path"
     lin.backend = "cpu"
     x = torch.randn(1, 256)
     with torch.no_grad():
