@@ -10,8 +10,10 @@ Rows (model, engine, threads, tokens; prompt: the first T tokens of WikiText-2 t
     through the LM head (what perplexity runs);
   * ``packed cpu``: backend 'cpu', which from ``DENSE_MIN_ROWS`` rows on takes the prefill path (each layer's
     ``w_hat`` dequantized in C++ for the call, then ``F.linear``); ``packed cpu-exact``: the exact fp32 kernel at
-    every batch (what 'cpu' ran above 4 rows before the prefill path); ``fp`` / ``fp-bf16``: the dense model
-    (dequantized Q4_1) in fp32 / bf16;
+    every batch (what 'cpu' ran above 4 rows before the prefill path); ``packed-bf16 cpu``: the packed model moved
+    to bf16 (``.to(torch.bfloat16)``: activations, norms and embedding in bf16, planes and fp16 scales unchanged; its
+    prefill path writes ``w_hat`` in bf16 for a bf16 GEMM); ``fp`` / ``fp-bf16``: the dense model (dequantized
+    Q4_1) in fp32 / bf16;
   * ``llama.cpp FMT``: ``llama-bench -p T -n 0 -t THREADS --repack 0``. Its default repacks Q4_0 / Q2_K weights
     into the AMX buffer; on the AMX Xeon of this project prompt processing then crashes (SIGSEGV; decoding runs),
     so ``repack_1_exit`` records that try and the rows are without the repack.
@@ -19,7 +21,8 @@ Timing: one warm-up, then ``--rounds`` rounds, each method once per round in tur
 alike); the median is reported, with the 1-min load average sampled every second. ``layer_sweep`` (settings): one
 packed layer of each SmolLM2 shape and 4096x4096 at batch M, exact kernel against the prefill path, medians of
 ``--rounds`` calls: the measurement behind ``DENSE_MIN_ROWS``. Also the prefill path's numerical change: max
-|logits(cpu) - logits(cpu-exact)| / max |logits| per T, and the dev PPL (``--ppl-windows``) of both.
+|logits(cpu) - logits(cpu-exact)| / max |logits| per T, and the dev PPL (``--ppl-windows``) of both and of the
+bf16 model.
 Writes bench/results/prefill_cpu.json.
 """
 import argparse
@@ -144,7 +147,9 @@ def main():
     from dbllm_lab.ppl import eval_windows, perplexity
     base, tok = load_model()
     packed = load_quantized(args.checkpoint, base_model=copy.deepcopy(base))
-    models = {"packed cpu": (packed, "cpu"), "packed cpu-exact": (packed, "cpu-exact"), "fp": (base, None),
+    packed_bf16 = copy.deepcopy(packed).to(torch.bfloat16)  # activations bf16; planes and fp16 scales unchanged
+    models = {"packed cpu": (packed, "cpu"), "packed cpu-exact": (packed, "cpu-exact"),
+              "packed-bf16 cpu": (packed_bf16, "cpu"), "fp": (base, None),
               "fp-bf16": (copy.deepcopy(base).to(torch.bfloat16), None)}
     window = eval_windows(base, tok, max_windows=1)[0]
     load_before, rows, check = os.getloadavg(), [], {}
@@ -165,10 +170,11 @@ def main():
         sweep = layer_sweep(args.rounds)
     ppl = {}
     if args.ppl_windows:
-        for b in ("cpu", "cpu-exact"):
-            r = perplexity(set_model(packed, b), tok, max_windows=args.ppl_windows, progress=False)
-            ppl[b] = {"ppl": r.ppl, "windows": r.windows, "seconds": r.seconds}
-            print(b, ppl[b], flush=True)
+        for key, model, b in (("cpu", packed, "cpu"), ("cpu-exact", packed, "cpu-exact"),
+                              ("bf16 cpu", packed_bf16, "cpu")):
+            r = perplexity(set_model(model, b), tok, max_windows=args.ppl_windows, progress=False)
+            ppl[key] = {"ppl": r.ppl, "windows": r.windows, "seconds": r.seconds}
+            print(key, ppl[key], flush=True)
     peers = [] if args.no_llamacpp else llamacpp_rows(args.tokens, args.threads, 5)
     for r in rows + peers:
         engine = r["engine"] if r["engine"] in ("lean", "hf") else "lean"

@@ -22,6 +22,8 @@ packed model keeps no dense weight on any path):
     when neither kernel can run, and a reference);
   * ``'auto'`` (default): 'triton' for CUDA inputs, 'cpu' for CPU inputs when the C++ kernel builds here,
     else 'torch' (with a warning naming the reason).
+Dtype casts (``model.to(torch.bfloat16)``, ``.half()``) reach the bias only: the planes and scales keep the packed
+format bit for bit (``_apply``), and a bf16 model's prefill path multiplies a bf16 ``w_hat``.
 The integer path reads the planes in its own layout (``cpu_kernel.repack_int8``), made on its first call and
 kept beside the buffers (same bytes again, 2.5 bits per weight; remade when a buffer changes).
 """
@@ -104,6 +106,15 @@ class PackedDualBinaryLinear(nn.Module):
             bias = getattr(layer, "bias", None)
             return cls.from_bitplanes(b1, b2, layer.a1, layer.a2, int(layer.group_size), bias=bias,
                                       scale_dtype=scale_dtype, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply``, except that the scales keep the packed format's dtype: ``model.to(torch.bfloat16)``
+        or ``.half()`` moves a1 / a2 (as integer bit views, which no dtype cast touches) but never rounds them."""
+        scales = {k: self._buffers[k] for k in ("a1", "a2")}
+        super()._apply(fn, recurse)
+        for k, t in scales.items():
+            self._buffers[k] = fn(t.view(torch.int16 if t.element_size() == 2 else torch.int32)).view(t.dtype)
+        return self
 
     # ---------------------------------------------------------------------------------------------------
     def dequantize(self, dtype=torch.float32):

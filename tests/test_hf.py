@@ -149,6 +149,26 @@ def test_generate_with_kv_cache_on_a_loaded_folder(tiny, tmp_path):
         assert torch.allclose(step, hf(ids).logits[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_from_pretrained_in_bf16_keeps_the_packed_format(tiny_folder):
+    """``dtype=torch.bfloat16`` makes the activations, norms and embedding bf16 and leaves every packed tensor as
+    stored (int32 planes, the folder's fp16 scales bit for bit). Its logits are the fp32 model's within 1e-2 of their
+    largest (measured 4.0e-3, bf16's rounding step; not ``.to(bfloat16)``'s bits: transformers keeps e.g. RoPE's
+    buffer in fp32)."""
+    from dbllm_lab.packed_linear import PackedDualBinaryLinear
+    hf = from_pretrained(str(tiny_folder), dtype=torch.bfloat16)
+    ref = load_quantized(str(tiny_folder))
+    packed = {n: m for n, m in hf.named_modules() if isinstance(m, PackedDualBinaryLinear)}
+    assert len(packed) == 14 and hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, m in packed.items():
+        r = ref.get_submodule(name)
+        for k in ("p1", "p2", "a1", "a2"):
+            assert getattr(m, k).dtype == getattr(r, k).dtype and torch.equal(getattr(m, k), getattr(r, k)), (name, k)
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y, y_ref = hf(x).logits.float(), ref(x).logits
+        assert (y - y_ref).abs().max() <= 1e-2 * y_ref.abs().max(), ((y - y_ref).abs().max(), y_ref.abs().max())
+
+
 def test_registration_is_idempotent_and_config_round_trips():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
     register()

@@ -128,6 +128,27 @@ def test_fp16_scales_and_dtypes():
         torch.testing.assert_close(y.float(), lin(x.float()), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_dtype_casts_leave_the_packed_format_alone(scale_dtype):
+    """``.to(torch.bfloat16)`` / ``.half()`` / ``.double()`` cast the bias and leave the planes and the scales bit for bit
+    (a scale is never rounded to the activations' dtype); a bf16 layer's prefill path multiplies a bf16 ``w_hat``."""
+    g = 64
+    b1, b2, a1, a2 = planes(24, 128, g)
+    lin = PackedDualBinaryLinear.from_bitplanes(b1, b2, a1, a2, g, bias=torch.randn(24), scale_dtype=scale_dtype)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(), lambda m: m.float()):
+        cast(lin)
+        for k in ("p1", "p2", "a1", "a2"):
+            t = getattr(lin, k)
+            assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
+    lin.to(torch.bfloat16)
+    assert lin.bias.dtype == torch.bfloat16
+    if cpu_kernel.available():
+        x = torch.randn(DENSE_MIN_ROWS, 128).bfloat16()
+        w = cpu_kernel.dequantize_cpu(lin.p1, lin.p2, lin.a1, lin.a2, g, torch.bfloat16)
+        assert torch.equal(lin(x), F.linear(x, w) + lin.bias)
+
+
 @pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("rows", [3, 12])
 def test_kernel_backend_matches_torch_backend(rows):
