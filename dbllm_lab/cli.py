@@ -21,7 +21,10 @@ from .quantize import METHODS
 def _model(args):
     if getattr(args, "checkpoint", None):
         from .checkpoint import load_quantized
-        model = load_quantized(args.checkpoint, base_model=args.model)
+        from .model import resolve_dtype
+        dtype = resolve_dtype(args.dtype)  # before loading: a bad value fails first
+        # --dtype casts all but the packed tensors (PackedDualBinaryLinear keeps its planes and scales)
+        model = load_quantized(args.checkpoint, base_model=args.model).to(dtype)
         if model.quant_header.get("tokenizer") and args.model is None:  # the folder carries its tokenizer
             from transformers import AutoTokenizer
             return model, AutoTokenizer.from_pretrained(args.checkpoint)

@@ -169,6 +169,20 @@ def test_from_pretrained_in_bf16_keeps_the_packed_format(tiny_folder):
         assert (y - y_ref).abs().max() <= 1e-2 * y_ref.abs().max(), ((y - y_ref).abs().max(), y_ref.abs().max())
 
 
+def test_cli_checkpoint_runs_in_the_dtype_asked(folder):
+    """``--dtype bfloat16`` with ``--checkpoint`` (eval-ppl, eval-zeroshot, generate): the model runs in bf16, the
+    packed tensors stay as stored; a bad dtype is refused by name."""
+    import argparse
+    from dbllm_lab.cli import _model
+    from dbllm_lab.packed_linear import PackedDualBinaryLinear
+    model, _ = _model(argparse.Namespace(checkpoint=folder, model=None, dtype="bfloat16"))
+    layers = [m for m in model.modules() if isinstance(m, PackedDualBinaryLinear)]
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and len(layers) == 210
+    assert all(m.a1.dtype == torch.float16 and m.p1.dtype == torch.int32 for m in layers)
+    with pytest.raises(ValueError, match="dtype='float8' is not supported"):
+        _model(argparse.Namespace(checkpoint=folder, model=None, dtype="float8"))
+
+
 def test_registration_is_idempotent_and_config_round_trips():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
     register()
