@@ -158,7 +158,9 @@ class PackedDualBinaryLinear(nn.Module):
         return y
 
     def matmul_cpu(self, x, path):
-        """The C++ kernel: the integer path ('cpu-int8'; 'cpu' up to INT8_MAX_ROWS rows) or the exact fp32 path."""
+        """``x @ w_hat.T`` (no bias) on a C++ path: for ``path`` 'cpu', the integer path up to ``INT8_MAX_ROWS``
+        rows, the exact fp32 kernel below ``DENSE_MIN_ROWS`` and the prefill path from there (``w_hat`` from
+        ``cpu_kernel.dequantize_cpu`` in x's dtype, then ``F.linear``); 'cpu-exact' / 'cpu-int8': that path always."""
         if x.dtype not in cpu_kernel.ACT_DTYPES:
             raise TypeError(f"input has dtype {x.dtype}; the CPU kernel takes float32, float16 or bfloat16")
         x2 = x.reshape(-1, self.in_features).contiguous()
