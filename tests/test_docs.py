@@ -340,6 +340,17 @@ def results_claims():
                             f"{student['wall_minutes']} wall minutes on one thread")]
 
 
+def xeon_decode_findings_claims():
+    """(what, text) of findings §7's Xeon decode sentence (generate_cpu_xeon.json's lean and llama.cpp rows)."""
+    dx, sd = _xeon_decode()
+    q4, q2 = ("llama.cpp Q4_0", None), ("llama.cpp Q2_K", None)
+    return [("Xeon decode", f"with the int8 head: {dx[('packed cpu', 'int8', 2)]:.1f} tok/s at 2 threads against "
+                            f"llama.cpp's Q4_0 {dx[(*q4, 2)]:.1f} (± {sd[(*q4, 2)]:.1f}) and Q2_K {dx[(*q2, 2)]:.1f} "
+                            f"(± {sd[(*q2, 2)]:.1f}); at 1 thread {dx[('packed cpu', 'int8', 1)]:.1f} against "
+                            f"{dx[(*q4, 1)]:.1f} and {dx[(*q2, 1)]:.1f}. With the exact fp32 head "
+                            f"{dx[('packed cpu', 'exact', 2)]:.1f} at 2 threads")]
+
+
 def prefill_claims():
     """(what, text) of findings §7's prompt bullet, then (the last) results.md's prefill paragraph (prefill_cpu.json)."""
     p, st = _prefill()
@@ -383,7 +394,7 @@ def transformers_claims():
 
 
 PAGE_CLAIMS = {"README.md": (readme_prose_claims,), "docs/transformers.md": (transformers_claims,),
-               "docs/findings.md": (findings_claims, lambda: prefill_claims()[:-1]),
+               "docs/findings.md": (findings_claims, xeon_decode_findings_claims, lambda: prefill_claims()[:-1]),
                "docs/results.md": (results_claims, lambda: prefill_claims()[-1:])}
 
 
