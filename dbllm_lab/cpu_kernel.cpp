@@ -87,6 +87,12 @@ static void gemm_rows(const Args& A, int64_t n0) {
 }
 #endif
 
+// the 32 weights of one word of each plane: w[j] = s1 * bit j of w1 + s2 * bit j of w2 (kernel.dequantize's values)
+static inline void dequantize_word(uint32_t w1, uint32_t w2, float s1, float s2, float* w) {
+#pragma omp simd
+    for (int j = 0; j < 32; j++) w[j] = s1 * (float)((w1 >> j) & 1u) + s2 * (float)((w2 >> j) & 1u);
+}
+
 // portable: unpack the 32 weights of a word, then a dot product with each activation row
 static void generic_row(const Args& A, int64_t n) {
     const int64_t KW = A.K / 32, G = A.K / A.g, wpg = A.g / 32;
@@ -96,9 +102,7 @@ static void generic_row(const Args& A, int64_t n) {
         float acc[16] = {0};
         for (int64_t wi = 0; wi < KW; wi++) {
             const float s1 = scale(A.a1, n * G + wi / wpg, A.half), s2 = scale(A.a2, n * G + wi / wpg, A.half);
-            const uint32_t w1 = A.p1[n * KW + wi], w2 = A.p2[n * KW + wi];
-#pragma omp simd
-            for (int j = 0; j < 32; j++) w[j] = s1 * (float)((w1 >> j) & 1u) + s2 * (float)((w2 >> j) & 1u);
+            dequantize_word(A.p1[n * KW + wi], A.p2[n * KW + wi], s1, s2, w);
             for (int64_t m = 0; m < mb; m++) {
                 const float* xm = A.x + (m0 + m) * A.K + wi * 32;
                 float s = 0.f;
@@ -199,9 +203,7 @@ void dbl_dequantize(const int32_t* p1, const int32_t* p2, const void* a1, const 
         float w[32];
         for (int64_t wi = 0; wi < KW; wi++) {
             const float s1 = scale(a1, n * G + wi / wpg, scales_half), s2 = scale(a2, n * G + wi / wpg, scales_half);
-            const uint32_t w1 = (uint32_t)p1[n * KW + wi], w2 = (uint32_t)p2[n * KW + wi];
-#pragma omp simd
-            for (int j = 0; j < 32; j++) w[j] = s1 * (float)((w1 >> j) & 1u) + s2 * (float)((w2 >> j) & 1u);
+            dequantize_word((uint32_t)p1[n * KW + wi], (uint32_t)p2[n * KW + wi], s1, s2, w);
             if (!out_bf16) { memcpy((float*)out + n * K + wi * 32, w, sizeof w); continue; }
             uint16_t* o = (uint16_t*)out + n * K + wi * 32;
 #pragma omp simd
