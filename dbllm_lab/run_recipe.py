@@ -54,7 +54,7 @@ def train_recipe(teacher, tokenizer, r, seed=0, out_dir=None, device="cpu", cach
     c0 = time.process_time()
     data = teacher_text(teacher, tokenizer, n_all, t["tokens"], progress=progress, **text)
     generation = round((time.process_time() - c0) / 60, 2)
-    if cached:  # what generating it cost when it was written (None where that was not recorded)
+    if cache_dir:  # every set's cost as recorded when it was written, now or before (None where not recorded)
         generation = text_cpu_minutes(teacher, n_all, t["tokens"], **text)
     group_size = METHODS[r["quant"]].group_size if group_size is None else group_size
     calib = data[:t["samples"]].reshape(-1, cfg.seqlen)[:16] if r["init"] == "gptq" else None
