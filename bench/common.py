@@ -3,6 +3,8 @@
 Every result table is one JSON file: {"machine": {...}, "settings": {...}, "rows": [{"method", "ppl",
 "bits_per_weight", ...}, ...]} plus a markdown rendering of the rows next to it (same name, .md).
 """
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -69,6 +71,20 @@ def write_results(path_json, rows, settings, columns=None):
     os.replace(md + ".tmp", md)
     print(f"wrote {path_json} and {md}")
     return doc
+
+
+@contextlib.contextmanager
+def results_lock(path_json):
+    """Hold an exclusive flock on the folder of ``path_json`` while a row is merged into it, so that runner
+    processes sharing one results file never drop each other's rows (read, merge, write under the lock)."""
+    folder = os.path.dirname(os.path.abspath(path_json))
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def load_results(path_json):

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import load_results, machine_info, write_results  # noqa: E402
+from bench.common import load_results, machine_info, results_lock, write_results  # noqa: E402
 from dbllm_lab.cpu_kernel import cpu_name, cpu_signature  # noqa: E402
 from dbllm_lab.bias import entropy_edges, head_class_bias, head_tokens, teacher_entropies  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
@@ -89,10 +89,12 @@ class Measure:
 
 
 def save_row(row, settings):
-    """Add or replace ``row`` (by name) in the JSON, re-reading it first: runner processes may share the file."""
-    rows = [r for r in load_results(OUT) if r["method"] != row["method"]]
-    rows = [row] + rows if row["method"] == "fp" else rows + [row]
-    write_results(OUT, complete_rows(rows), settings)
+    """Add or replace ``row`` (by name) in the JSON, re-reading it under ``results_lock``: runner processes (one
+    per seed, side by side) share the file."""
+    with results_lock(OUT):
+        rows = [r for r in load_results(OUT) if r["method"] != row["method"]]
+        rows = [row] + rows if row["method"] == "fp" else rows + [row]
+        write_results(OUT, complete_rows(rows), settings)
 
 
 def fp_row(measure, teacher, settings):

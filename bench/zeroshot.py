@@ -28,7 +28,6 @@ of chance; the CPU time of quantizing and of evaluating. The mean is over the fi
 """
 import argparse
 import copy
-import fcntl
 import json
 import os
 import resource
@@ -39,7 +38,7 @@ import lm_eval
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_calib_args, calib_note, calib_windows, load_results, write_results  # noqa: E402
+from common import add_calib_args, calib_note, calib_windows, load_results, results_lock, write_results  # noqa: E402
 
 from dbllm_lab import zeroshot  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
@@ -139,13 +138,9 @@ def table_notes(rows):
 
 
 def save_row(out, row, settings, order):
-    """Merge ``row`` into ``out`` under an exclusive lock on its folder (parallel invocations stay consistent).
-    A row of the same method holding other tasks only (an earlier part) is combined with it."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    """Merge ``row`` into ``out`` under ``results_lock`` (parallel invocations stay consistent). A row of the same
+    method holding other tasks only (an earlier part) is combined with it."""
+    with results_lock(out):
         existing = load_results(out)
         old = next((r for r in existing if r["method"] == row["method"]), None)
         if old and "raw" in old and not set(old["raw"]["tasks"]) & set(row["raw"]["tasks"]):
@@ -157,8 +152,6 @@ def save_row(out, row, settings, order):
             settings = {**settings, "limit": [json.loads(x) for x in sorted(limits)],
                         "docs_per_task": "differs by row: see the docs_per_task column"}
         write_results(out, rows, {**settings, **table_notes(rows)}, MD_COLUMNS)
-    finally:
-        os.close(fd)
 
 
 def parse_checkpoints(specs):

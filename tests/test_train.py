@@ -121,6 +121,24 @@ def test_bf16_text_is_written_by_a_bf16_copy_and_cached_apart(tmp_path):
         generate_samples(m, None, n=2, seqlen=4, cache_dir=None, precision="fp16")
 
 
+def test_budget_counts_every_text_set_cached_or_not(tmp_path):
+    """A recipe whose text is partly cached counts what every set cost when it was written, not only the sets
+    written in this call (run_recipe.train_recipe: the budget includes the text)."""
+    from dbllm_lab.run_recipe import train_recipe
+    m = tiny_llama(vocab_size=128, seed=2)
+    generate_samples(m, None, n=2, seqlen=16, seed=0, cache_dir=str(tmp_path), progress=False)  # set 0 only
+    (cost,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    rec = json.load(open(tmp_path / cost))
+    rec["cpu_seconds"] = 600.0  # as if set 0 had cost 10 CPU-minutes
+    json.dump(rec, open(tmp_path / cost, "w"))
+    r = {"quant": "fdb", "init": "clip", "stage": "blockwise", "text": {"samples": 4, "tokens": 16, "set_size": 2},
+         "blockwise": {"epochs": 1, "stats_samples": 2}, "e2e": {}}
+    _, info = train_recipe(m, None, r, seed=0, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path), progress=False)
+    costs = [json.load(open(tmp_path / f))["cpu_seconds"] for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert len(costs) == 2 and not info["text_from_cache"]
+    assert info["generation_cpu_minutes"] == round(sum(costs) / 60, 2) >= 10
+
+
 def test_corpus_option_refuses_the_test_split():
     with pytest.raises(ValueError, match="test split"):
         corpus_samples(None, 2, 8, dataset="wikitext2", split="test")
