@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import load_results, write_results  # noqa: E402
 from dbllm_lab.cpu_kernel import cpu_name, cpu_signature  # noqa: E402
-from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch, generation_model  # noqa: E402
+from dbllm_lab.datafree import GREEDY_TOKENS, TEMPERATURE, _generate_batch, cache_keyword, generation_model  # noqa: E402
 from dbllm_lab.model import load_model  # noqa: E402
 from dbllm_lab.timing import LoadSampler  # noqa: E402
 
@@ -37,10 +37,10 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dbllm
 @torch.no_grad()
 def concat_cache_batch(model, start, uniforms, greedy_tokens, temperature):
     """The replaced loop: default (concatenating) cache, full-vocabulary softmax and cumsum per sampled token."""
-    out, past, cur = [start[:, None]], None, start[:, None]
+    out, past, cur, key = [start[:, None]], None, start[:, None], cache_keyword(model)
     for j in range(uniforms.shape[1]):
-        res = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past, logits = res.past_key_values, res.logits[:, -1].float()
+        res = model(input_ids=cur, use_cache=True, **{key: past})
+        past, logits = res[key], res.logits[:, -1].float()
         if j < greedy_tokens:
             nxt = logits.argmax(-1)
         else:

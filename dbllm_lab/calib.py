@@ -43,8 +43,8 @@ def capture_block0_inputs(model, windows, batch_size=1):
                 pass
     finally:
         layers[0] = first
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
+    for name in ("cache", "past_key_values", "past_key_value"):  # the KV cache's names across transformers versions
+        kwargs.pop(name, None)
     kwargs["use_cache"] = False
     return inputs, kwargs
 

@@ -16,6 +16,7 @@ generation settings, so notebooks and benchmarks reuse them.
 """
 import copy
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -105,6 +106,12 @@ def sample_inverse_cdf(logits, uniforms, temperature=1.0):
     return (chunk * CDF_CHUNK + k).squeeze(1).clamp_max(vocab - 1)
 
 
+def cache_keyword(model):
+    """The keyword ``model``'s forward takes its KV cache by: "cache" since transformers renamed it (5.x),
+    "past_key_values" before; the old name still works there with a warning, until 5.40."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
     """Continue the (b,) start tokens to (b, 1 + uniforms.shape[1]) tokens with a preallocated KV cache."""
@@ -113,8 +120,9 @@ def _generate_batch(model, start, uniforms, greedy_tokens, temperature):
     cache.layers = [_PreallocatedLayer(steps + 1) for _ in range(len(decoder_layers(model)))]
     out = torch.empty(start.shape[0], steps + 1, dtype=torch.long, device=start.device)
     out[:, 0] = cur = start
+    kv = {cache_keyword(model): cache}
     for j in range(steps):
-        logits = model(input_ids=cur[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=cur[:, None], use_cache=True, logits_to_keep=1, **kv).logits
         logits = logits[:, -1].float()
         cur = logits.argmax(-1) if j < greedy_tokens else sample_inverse_cdf(logits, uniforms[:, j], temperature)
         out[:, j + 1] = cur

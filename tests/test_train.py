@@ -1,6 +1,7 @@
 """Trainer (dbllm_lab.train): what trains, exact resume, configuration checks; data-free generation."""
 import copy
 import hashlib
+import inspect
 import json
 import os
 import struct
@@ -119,6 +120,20 @@ def test_bf16_text_is_written_by_a_bf16_copy_and_cached_apart(tmp_path):
     assert text_cpu_minutes(m, 5, 12, seed=0, set_size=3, cache_dir=str(tmp_path), precision="bf16") >= 0
     with pytest.raises(ValueError, match=r"precision='fp16'.*\('fp32', 'bf16'\)"):
         generate_samples(m, None, n=2, seqlen=4, cache_dir=None, precision="fp16")
+
+
+def test_generation_passes_the_cache_by_the_models_own_keyword():
+    """The writer passes its KV cache by the keyword the installed transformers takes (no deprecation warning, which
+    would become an error when the old name goes) and writes the same tokens as the full forward."""
+    import warnings
+    from dbllm_lab.datafree import cache_keyword
+    m = tiny_llama(vocab_size=128, seed=2)
+    assert cache_keyword(m) in inspect.signature(m.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = generate_samples(m, None, n=2, seqlen=8, seed=0, cache_dir=None, progress=False)
+    with torch.no_grad():
+        assert torch.equal(m(a[:, :1]).logits[:, -1].argmax(-1), a[:, 1])
 
 
 def test_budget_counts_every_text_set_cached_or_not(tmp_path):
