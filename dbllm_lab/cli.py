@@ -190,23 +190,24 @@ def cmd_train(args):
 
 
 def cmd_recipes(args):
-    """Each recipe, its purpose and its last measured result (the rows of bench/results/dbllm_table.json)."""
-    import json
+    """Each recipe, its purpose and its measured result over seeds: held-out mean ± sd, dev, budget with the text
+    (the rows of bench/results/dbllm_recipes.json, which bench/dbllm_table.py writes)."""
     import os
-    from .paths import root
+    from .paths import bench_result
     from .recipes import RECIPES
-    path = os.path.join(root(), "bench", "results", "dbllm_table.json")
-    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    from .views import load
+    rows = load("dbllm_recipes.json") if os.path.isfile(bench_result("dbllm_recipes.json")) else {}
+    width = max(map(len, RECIPES))
     for name, r in RECIPES.items():
-        mine = [x for x in rows if x.get("recipe") == name and x.get("ppl_heldout")]
-        last = "not measured yet"
-        if mine:
-            x = mine[-1]
-            budget = "budget not recorded" if x["total_cpu_minutes"] is None else \
-                f"{x['total_cpu_minutes']:.1f} CPU-min incl. text"
-            last = (f"held-out PPL {x['ppl_heldout']:.1f} (dev {x['ppl_dev']:.1f}), seed {x['seed']}, {budget}; "
-                    f"{len(mine)} seed(s) measured")
-        print(f"{name:14s} {r['purpose']}\n{'':14s} last: {last}")
+        x = rows.get(name)
+        result = "not measured yet"
+        if x:
+            sd = "" if x["ppl_heldout_sd"] is None else f" ± {x['ppl_heldout_sd']:.2f}"
+            budget = ("budget not recorded" if x["total_cpu_minutes_mean"] is None
+                      else f"{x['total_cpu_minutes_mean']:.1f} CPU-min with the text")
+            result = (f"held out {x['ppl_heldout_mean']:.2f}{sd} ({x['heldout_over_fp']:.2f}x FP), dev "
+                      f"{x['ppl_dev']:.2f}, seeds {x['seeds']}; {budget}")
+        print(f"{name:{width}s}  {r['purpose']}\n{'':{width}s}  {result}")
     return RECIPES
 
 

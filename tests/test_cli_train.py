@@ -77,6 +77,13 @@ def test_recipes_command_lists_every_recipe(capsys):
     out = capsys.readouterr().out
     for name, r in RECIPES.items():
         assert f"{name} " in out and r["purpose"] in out
+    from dbllm_lab import views  # a measured recipe shows its mean over seeds, as the README's table does
+    best = views.row(views.load("dbllm_recipes.json"), "best")
+    assert (f"held out {best['ppl_heldout_mean']:.2f} ± {best['ppl_heldout_sd']:.2f} ({best['heldout_over_fp']:.2f}x "
+            f"FP), dev {best['ppl_dev']:.2f}, seeds 0,1,2; {best['total_cpu_minutes_mean']:.1f} CPU-min") in out
+    lines = out.splitlines()
+    paper = next(i for i, x in enumerate(lines) if x.startswith("paper "))
+    assert lines[paper + 1].strip() == "not measured yet"
 
 
 @pytest.mark.parametrize("argv,match", [(["--gamma", "1.5"], "gamma"), (["--gamma", "-0.1"], "gamma"),
