@@ -229,7 +229,7 @@ def plot(fig_dir="figures"):
     if len(df):
         df["first_sink_misfire_block"] = df["first_sink_misfire_block"].astype("Int64")
     fp = next(r for r in rows if r["method"] == "fp")
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     names = sorted(set(df.recipe), key=list(RECIPES).index) if len(df) else []  # recipes.py's order
     for i, name in enumerate(names):
         g = df[df.recipe == name]

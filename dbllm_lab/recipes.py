@@ -25,7 +25,7 @@ GENTLE_E2E = {"steps": 150, "seqlen": 512, "batch_size": 1, "lr": 1e-4, "lr_late
 
 RECIPES = {
     "best": {
-        "purpose": "the best measured 2-bit model: FDB W2g64, stage 1 alone on 512 x 512 teacher tokens (~90 CPU-min)",
+        "purpose": "the reference recipe the others vary: FDB W2g64, stage 1 alone on 512 x 512 teacher tokens",
         "quant": "fdb", "init": "clip", "stage": "blockwise",
         "text": BEST_TEXT, "blockwise": BEST_STAGE1, "e2e": {},
     },
@@ -40,7 +40,8 @@ RECIPES = {
         "text": {**BEST_TEXT, "precision": "bf16"}, "blockwise": BEST_STAGE1, "e2e": {},
     },
     "best-bf16-896": {
-        "purpose": "best with its text and stage 1 both in bf16, the CPU saved spent on 896 x 512 teacher tokens (1.75x)",
+        "purpose": "the best measured 2-bit model: best with its text and stage 1 in bf16, and 1.75x the text "
+                   "(896 x 512 teacher tokens) for the CPU that saves",
         "quant": "fdb", "init": "clip", "stage": "blockwise",
         "text": {**BEST_TEXT, "samples": 896, "precision": "bf16"}, "blockwise": {**BEST_STAGE1, "precision": "bf16"},
         "e2e": {},
