@@ -75,8 +75,8 @@ def write_results(path_json, rows, settings, columns=None):
 
 @contextlib.contextmanager
 def results_lock(path_json):
-    """Hold an exclusive flock on the folder of ``path_json`` while a row is merged into it, so that runner
-    processes sharing one results file never drop each other's rows (read, merge, write under the lock)."""
+    """Hold an exclusive lock on the folder of ``path_json`` while rows are merged into it (read, merge, write), so
+    that benchmark processes writing the same results file keep each other's rows."""
     folder = os.path.dirname(os.path.abspath(path_json))
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)

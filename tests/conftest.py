@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+import dbllm_lab.kernel  # noqa: F401  first, so its CPU rule (TRITON_INTERPRET=1 without a GPU) precedes any triton import
+
 
 def _data_dir():
     d = os.environ.get("DBLLM_DATA_DIR")

@@ -6,8 +6,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# bench modules are imported inside the tests: at collection they would import triton before test_kernel.py sets
-# TRITON_INTERPRET, and every Triton test after them would fail
+from bench import common, dbllm_table  # noqa: E402
 
 
 def _try_lock(folder, q):
@@ -30,7 +29,6 @@ def _other_process(folder):
 
 
 def test_results_lock_excludes_another_process_until_released(tmp_path):
-    from bench import common
     out = str(tmp_path / "results" / "table.json")
     with common.results_lock(out):
         assert os.path.isdir(tmp_path / "results")  # the folder is made if missing
@@ -39,13 +37,11 @@ def test_results_lock_excludes_another_process_until_released(tmp_path):
 
 
 def _save(out, i):
-    from bench import dbllm_table
     dbllm_table.OUT = out
     dbllm_table.save_row({"method": f"row {i}", "ppl": float(i)}, {"note": "test"})
 
 
 def test_parallel_save_row_keeps_every_row(tmp_path, monkeypatch, n=6):
-    from bench import common, dbllm_table
     out = str(tmp_path / "table.json")
     monkeypatch.setattr(dbllm_table, "OUT", out)  # this process's module is restored after the test
     _save(out, n)  # a row already there
